@@ -1,0 +1,1 @@
+"""Architecture configs (one frozen dataclass) and the per-family quirks that fill it."""

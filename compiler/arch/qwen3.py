@@ -1,0 +1,33 @@
+"""Qwen3: no projection biases, RMSNorm on each query and key head (q/k norm), explicit head_dim."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mobilize.compiler.arch import llama, qwen2
+from mobilize.compiler.arch.common import gguf_base, hf_base
+from mobilize.compiler.arch.config import FULL, DecoderConfig
+
+HF_MODEL_TYPES = ("qwen3",)
+gguf_fix = qwen2.gguf_fix
+
+
+def from_hf(d: dict[str, Any]) -> DecoderConfig:
+    d = {k: v for k, v in d.items() if k != "layer_types"}
+    return hf_base(d, "qwen3", qk_norm=True)
+
+
+def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
+    return gguf_base(meta, "qwen3", qk_norm=True)
+
+
+def tiny() -> DecoderConfig:
+    return DecoderConfig(family="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
+                         layer_types=(FULL,) * 2, qk_norm=True, tie_word_embeddings=True,
+                         max_position_embeddings=256)
+
+
+def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
+    return dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_sliding_window=False,
+                **llama._common_hf(cfg))

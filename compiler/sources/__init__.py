@@ -1,0 +1,1 @@
+"""Checkpoint sources: Hugging Face directories, GGUF files, aliases, random weights."""

@@ -1,0 +1,44 @@
+"""What every checkpoint source hands the loader: a config dict and lazily readable tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a checkpoint, read only when `load()` is called.
+
+    `shape` is in the source's row-major (numpy) order. `dtype` is the storage type as the file
+    names it (F32, BF16, Q4_K, ...); `load()` always returns float32 (or the integer type stored).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    load: Callable[[], np.ndarray]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A source opened for reading. `family` and `hf_config` decide the architecture config;
+    `gguf_metadata` is set for GGUF sources (the architecture reads its keys from there)."""
+
+    source: str
+    format: str  # "hf", "gguf" or "random"
+    family: str
+    tensors: dict[str, TensorRef]
+    hf_config: dict[str, Any] | None = None
+    gguf_metadata: dict[str, Any] | None = None
+    files: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        import os
+
+        return sum(os.path.getsize(f) for f in self.files)

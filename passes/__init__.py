@@ -1,0 +1,1 @@
+"""Graph passes over onnx-ir (cleanup, fusion, quantize, kv_cache): see issue 3."""

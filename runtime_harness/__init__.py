@@ -1,0 +1,1 @@
+"""Runners behind one protocol (reference, onnxruntime), generate loop, accuracy and perf."""

@@ -1,0 +1,57 @@
+"""The reference runner: transformers (PyTorch, fp32, eager attention) on the source checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class ReferenceRunner:
+    """Runs the original model through transformers' own loader: a HF directory or a GGUF file."""
+
+    def __init__(self, source: str | Path, gguf_file: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=torch.float32, attn_implementation="eager", **kwargs
+        ).eval()
+        self.reset()
+
+    @classmethod
+    def for_path(cls, path: str | Path) -> ReferenceRunner:
+        path = Path(path)
+        if path.is_file():
+            return cls(path.parent, gguf_file=path.name)
+        return cls(path)
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.length = 0
+
+    def _step(self, tokens: list[int]) -> np.ndarray:
+        torch = self.torch
+        n = len(tokens)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.tensor([tokens]),
+                attention_mask=torch.ones(1, self.length + n, dtype=torch.long),
+                position_ids=torch.arange(self.length, self.length + n)[None, :],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        self.cache = out.past_key_values
+        self.length += n
+        return out.logits[0].float().numpy()
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        self.reset()
+        return self._step(list(tokens))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._step([int(token)])[-1]

@@ -1,0 +1,1 @@
+"""Target writers (ONNX, TFLite) and platform presets."""

@@ -1,0 +1,89 @@
+"""Tiny real checkpoints on disk: Hugging Face directories written by transformers, GGUF files
+written by the `gguf` package the way llama.cpp's converter lays them out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mobilize.compiler.arch.common import permute_rotary
+from mobilize.compiler.arch.config import DecoderConfig, is_norm
+from mobilize.compiler.arch.registry import FAMILIES
+
+
+def write_tiny_hf(cfg: DecoderConfig, out: Path, seed: int = 0) -> Path:
+    """Random weights (norms included, so (1 + w) conventions are exercised) saved by transformers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = FAMILIES[cfg.family].to_hf(cfg)
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if cfg.norm_plus_one else 1.0))
+            else:
+                p.copy_(torch.randn_like(p) * 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+_GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+               "lm_head.weight": "output.weight"}
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+          "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "post_attention_layernorm": "ffn_norm"}
+_LAYER_GEMMA = _LAYER | {"pre_feedforward_layernorm": "ffn_norm", "post_attention_layernorm": "post_attention_norm",
+                         "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_tiny_gguf(cfg: DecoderConfig, hf_dir: Path, out: Path, quant: dict[str, str] | None = None) -> Path:
+    """Convert a tiny HF checkpoint to GGUF as llama.cpp does (q/k row order for llama, +1 on Gemma norms).
+    `quant` maps a GGUF tensor-name suffix to a ggml type name (e.g. {"ffn_up.weight": "Q8_0"})."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    arch = cfg.family if cfg.family != "mistral" else "llama"
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    table = _LAYER_GEMMA if cfg.family == "gemma3" else _LAYER
+    for name, t in tensors.items():
+        t = t.astype(np.float32)
+        if name in _GGUF_NAMES:
+            gname = _GGUF_NAMES[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            stem, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{table[stem]}.{kind}"
+        if cfg.family in ("llama", "mistral") and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            t = permute_rotary(t, cfg.num_heads if "attn_q" in gname else cfg.num_kv_heads)
+        if cfg.norm_plus_one and is_norm(name):
+            t = t + 1.0
+        qtype = next((q for suffix, q in (quant or {}).items() if gname.endswith(suffix)), None)
+        if qtype:
+            qt = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(gname, gguf.quants.quantize(t, qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
