@@ -1,0 +1,99 @@
+"""The `mobilize` command line. It only parses arguments and calls the driver; every error a user
+can cause becomes one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+
+from mobilize.compiler.errors import MobilizeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile open LLM checkpoints into packages for phones.")
+console = Console(stderr=True)
+
+SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
+
+
+@app.command()
+def inspect(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Family, sizes, parameter count, tensor types and bytes on disk of a checkpoint."""
+    from mobilize.compiler.inspect_source import inspect_source
+
+    with console.status("reading checkpoint"):
+        info = inspect_source(source, random_weights)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("source", f"{info['source']} ({info['format']})"),
+        ("family", info["family"]),
+        ("layers", f"{info['layers']}" + (f" ({info['sliding_window_layers']} sliding-window, window "
+                                          f"{info['sliding_window']})" if info["sliding_window_layers"] else "")),
+        ("hidden / intermediate", f"{info['hidden_size']} / {info['intermediate_size']}"),
+        ("heads / kv heads / head dim", f"{info['heads']} / {info['kv_heads']} / {info['head_dim']}"),
+        ("vocab", f"{info['vocab_size']}" + (" (tied head)" if info["tied_embeddings"] else "")),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
+        ("tensors", f"{info['tensors']}: " + ", ".join(f"{k} x{v}" for k, v in info["tensor_dtypes"].items())),
+        ("bytes on disk", f"{info['bytes_on_disk']:,}"),
+    ]
+    for key, value in rows:
+        print(f"{key:<28} {value}")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(None, "--out", "-o", help="Package directory (default: ./out/<name>-onnx-fp32)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
+) -> None:
+    """Export the plain fp32 ONNX decoder of SOURCE as a package directory (passes come in issue 3)."""
+    from mobilize.compiler.export import ExportOptions, export as run_export
+
+    name = Path(source).stem if Path(source).exists() else source
+    out = out or Path("out") / f"{name}-onnx-fp32"
+    with console.status("exporting") as status:
+        path = run_export(ExportOptions(source, out, random_weights, overwrite),
+                          phase=lambda p: status.update(f"exporting: {p}"))
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("mobilize: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except MobilizeError as e:
+        print(f"mobilize: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        print(f"mobilize: error: {what}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("mobilize: error: out of memory", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

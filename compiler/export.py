@@ -1,0 +1,72 @@
+"""The export driver: source -> loaded model -> plain graph -> package directory, written atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from mobilize.compiler import __version__
+from mobilize.compiler.builder import build_decoder
+from mobilize.compiler.checkpoint import load_model, open_checkpoint
+from mobilize.compiler.errors import MobilizeError
+from mobilize.targets.onnx_writer import save_onnx
+
+MANIFEST_SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    source: str
+    out: Path
+    random_weights: bool = False
+    overwrite: bool = False
+
+
+def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -> Path:
+    """Write the package; the destination appears only once every file is complete."""
+    out = opts.out.resolve()
+    if out.exists() and not opts.overwrite:
+        raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
+    phase("reading checkpoint")
+    model = load_model(open_checkpoint(opts.source, opts.random_weights))
+    phase("building graph")
+    graph = build_decoder(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        phase("writing model.onnx (weights streamed)")
+        save_onnx(graph, tmp)
+        phase("writing manifest")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "schema_version": MANIFEST_SCHEMA,
+            "mobilize_version": __version__,
+            "source": {"id": model.ckpt.source, "format": model.ckpt.format},
+            "architecture": dataclasses.asdict(model.config),
+            "format": "onnx",
+            "recipe": "fp32",
+            "kv_layout": "dynamic (past_key_values.{i}.key|value -> present.{i}.key|value)",
+            "files": files,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
