@@ -58,7 +58,7 @@ def export(
     random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
 ) -> None:
-    """Export the plain fp32 ONNX decoder of SOURCE as a package directory (passes come in issue 3)."""
+    """Export SOURCE as a package: the plain fp32 ONNX decoder (model.onnx + data) and a manifest."""
     from mobilize.compiler.export import ExportOptions, export as run_export
 
     name = Path(source).stem if Path(source).exists() else source

@@ -55,6 +55,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
