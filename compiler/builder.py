@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.tape import Tape
 
-from mobilize.compiler.arch.config import SLIDING, DecoderConfig, is_norm
+from mobilize.compiler.arch.config import SLIDING, is_norm
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.base import TensorRef
 
@@ -63,13 +63,16 @@ class _Builder:
     def build(self) -> ir.Model:
         cfg = self.cfg
         input_ids = ir.Value(name="input_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
-        attention_mask = ir.Value(name="attention_mask", type=ir.TensorType(INT64),
-                                  shape=ir.Shape(["batch", "total_seq"]))
+        attention_mask = ir.Value(
+            name="attention_mask", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "total_seq"])
+        )
         position_ids = ir.Value(name="position_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
         kv_shape = ir.Shape(["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim])
         pasts = [
-            (ir.Value(name=f"past_key_values.{i}.key", type=ir.TensorType(FLOAT), shape=kv_shape),
-             ir.Value(name=f"past_key_values.{i}.value", type=ir.TensorType(FLOAT), shape=kv_shape))
+            (
+                ir.Value(name=f"past_key_values.{i}.key", type=ir.TensorType(FLOAT), shape=kv_shape),
+                ir.Value(name=f"past_key_values.{i}.value", type=ir.TensorType(FLOAT), shape=kv_shape),
+            )
             for i in range(cfg.num_layers)
         ]
 
@@ -78,8 +81,10 @@ class _Builder:
             x = self.op("Mul", x, self.const(math.sqrt(cfg.hidden_size), np.float32))
 
         rope = {kind: self.rotary(position_ids, kind) for kind in sorted(set(cfg.layer_types))}
-        masks = {kind: self.attention_bias(input_ids, attention_mask, pasts[0][0], kind)
-                 for kind in sorted(set(cfg.layer_types))}
+        masks = {
+            kind: self.attention_bias(input_ids, attention_mask, pasts[0][0], kind)
+            for kind in sorted(set(cfg.layer_types))
+        }
 
         presents = []
         for i, kind in enumerate(cfg.layer_types):
@@ -99,8 +104,14 @@ class _Builder:
         logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", "seq", cfg.vocab_size])
 
         inputs = [input_ids, attention_mask, position_ids] + [v for pair in pasts for v in pair]
-        graph = ir.Graph(inputs, [logits, *presents], nodes=self.t.nodes, initializers=self.t.initializers,
-                         opset_imports={"": OPSET}, name=f"mobilize_{cfg.family}")
+        graph = ir.Graph(
+            inputs,
+            [logits, *presents],
+            nodes=self.t.nodes,
+            initializers=self.t.initializers,
+            opset_imports={"": OPSET},
+            name=f"mobilize_{cfg.family}",
+        )
         return ir.Model(graph, ir_version=10, producer_name="mobilize")
 
     def rotary(self, position_ids: ir.Value, kind: str) -> tuple[ir.Value, ir.Value]:
@@ -109,8 +120,10 @@ class _Builder:
         pos = self.op("Unsqueeze", self.op("Cast", position_ids, to=FLOAT), self.const([-1]))
         freqs = self.op("Mul", pos, self.const(inv_freq, np.float32))
         emb = self.op("Concat", freqs, freqs, axis=-1)
-        return (self.op("Unsqueeze", self.op("Cos", emb), self.const([1])),
-                self.op("Unsqueeze", self.op("Sin", emb), self.const([1])))
+        return (
+            self.op("Unsqueeze", self.op("Cos", emb), self.const([1])),
+            self.op("Unsqueeze", self.op("Sin", emb), self.const([1])),
+        )
 
     def attention_bias(self, input_ids, attention_mask, past_key, kind: str) -> ir.Value:
         """Additive mask [batch, 1, 1, seq, total]: causal, padding, and the sliding window."""
@@ -136,8 +149,9 @@ class _Builder:
         if cfg.sandwich_norm:
             attn = self.rms_norm(attn, p + "post_attention_layernorm.weight")
         x = self.op("Add", x, attn)
-        h = self.rms_norm(x, p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norm
-                                  else "post_attention_layernorm.weight"))
+        h = self.rms_norm(
+            x, p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norm else "post_attention_layernorm.weight")
+        )
         mlp = self.mlp(p + "mlp.", h)
         if cfg.sandwich_norm:
             mlp = self.rms_norm(mlp, p + "post_feedforward_layernorm.weight")

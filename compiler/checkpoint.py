@@ -101,7 +101,9 @@ def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) ->
         weight_map = None
     if not shard_names:
         pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-        hint = f" (found {', '.join(pickles)}: pickle files are never loaded; convert to safetensors)" if pickles else ""
+        hint = (
+            f" (found {', '.join(pickles)}: pickle files are never loaded; convert to safetensors)" if pickles else ""
+        )
         raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
     tensors: dict[str, TensorRef] = {}
     files = []
@@ -136,16 +138,30 @@ def config_of(ckpt: Checkpoint) -> DecoderConfig:
 
 # ---- tensor names ------------------------------------------------------------------------------
 
-_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
-_GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-               "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "ffn_norm": "post_attention_layernorm"}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
 # Gemma's four norms per layer: llama.cpp's ffn_norm is its pre-MLP norm.
-_GGUF_LAYER_GEMMA = _GGUF_LAYER | {"ffn_norm": "pre_feedforward_layernorm",
-                                   "post_attention_norm": "post_attention_layernorm",
-                                   "post_ffw_norm": "post_feedforward_layernorm"}
+_GGUF_LAYER_GEMMA = _GGUF_LAYER | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _GGUF_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Buffers some exporters save that carry nothing the config does not already say.
 _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")

@@ -14,8 +14,12 @@ from rich.console import Console
 
 from mobilize.compiler.errors import MobilizeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compile open LLM checkpoints into packages for phones.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compile open LLM checkpoints into packages for phones.",
+)
 console = Console(stderr=True)
 
 SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
@@ -38,8 +42,15 @@ def inspect(
     rows = [
         ("source", f"{info['source']} ({info['format']})"),
         ("family", info["family"]),
-        ("layers", f"{info['layers']}" + (f" ({info['sliding_window_layers']} sliding-window, window "
-                                          f"{info['sliding_window']})" if info["sliding_window_layers"] else "")),
+        (
+            "layers",
+            f"{info['layers']}"
+            + (
+                f" ({info['sliding_window_layers']} sliding-window, window {info['sliding_window']})"
+                if info["sliding_window_layers"]
+                else ""
+            ),
+        ),
         ("hidden / intermediate", f"{info['hidden_size']} / {info['intermediate_size']}"),
         ("heads / kv heads / head dim", f"{info['heads']} / {info['kv_heads']} / {info['head_dim']}"),
         ("vocab", f"{info['vocab_size']}" + (" (tied head)" if info["tied_embeddings"] else "")),
@@ -59,13 +70,15 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
 ) -> None:
     """Export SOURCE as a package: the plain fp32 ONNX decoder (model.onnx + data) and a manifest."""
-    from mobilize.compiler.export import ExportOptions, export as run_export
+    from mobilize.compiler.export import ExportOptions
+    from mobilize.compiler.export import export as run_export
 
     name = Path(source).stem if Path(source).exists() else source
     out = out or Path("out") / f"{name}-onnx-fp32"
     with console.status("exporting") as status:
-        path = run_export(ExportOptions(source, out, random_weights, overwrite),
-                          phase=lambda p: status.update(f"exporting: {p}"))
+        path = run_export(
+            ExportOptions(source, out, random_weights, overwrite), phase=lambda p: status.update(f"exporting: {p}")
+        )
     print(f"wrote {path}")
 
 

@@ -36,7 +36,7 @@ class OrtRunner:
             "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None, :],
             **self.cache,
         }
-        outputs = dict(zip(self.output_names, self.session.run(None, feeds)))
+        outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
         for name in self.past_names:
             self.cache[name] = outputs[name.replace("past_key_values.", "present.")]
         self.length += n

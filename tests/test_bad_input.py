@@ -13,8 +13,9 @@ import pytest
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_inspect_json_tiny(tiny_hf):
@@ -49,8 +50,9 @@ def test_export_package_runs(tiny_hf, tmp_path):
         data = (out / name).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
     prompt = [5, 6, 7, 8]
-    np.testing.assert_allclose(OrtRunner(out / "model.onnx").prefill(prompt),
-                               ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4)
+    np.testing.assert_allclose(
+        OrtRunner(out / "model.onnx").prefill(prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4
+    )
     again = _cli("export", str(tiny_hf("qwen2")), "--out", str(out))
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert _cli("export", str(tiny_hf("qwen2")), "--out", str(out), "--overwrite").returncode == 0
@@ -61,6 +63,9 @@ def test_passes_and_targets_never_import_torch():
     for folder in ("passes", "targets"):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                )
                 assert not any(n.split(".")[0] in ("torch", "transformers") for n in names), path

@@ -139,12 +139,20 @@ def test_alias_from_local_hub_cache(tiny_hf, tmp_path, monkeypatch):
     assert model.ckpt.source == "smollm-135m"
 
 
-@pytest.mark.parametrize("alias", ["llama-7b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b",
-                                   "smollm-135m", "gemma3-270m"])
+@pytest.mark.parametrize(
+    "alias", ["llama-7b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b", "smollm-135m", "gemma3-270m"]
+)
 def test_random_weights_real_shapes(alias):
     model = load_model(open_checkpoint(alias, random_weights=True))
-    expected = {"llama-7b": 6.74e9, "llama-3.2-1b": 1.24e9, "qwen2.5-0.5b": 0.494e9, "qwen3-0.6b": 0.596e9,
-                "mistral-7b": 7.24e9, "smollm-135m": 0.135e9, "gemma3-270m": 0.268e9}[alias]
+    expected = {
+        "llama-7b": 6.74e9,
+        "llama-3.2-1b": 1.24e9,
+        "qwen2.5-0.5b": 0.494e9,
+        "qwen3-0.6b": 0.596e9,
+        "mistral-7b": 7.24e9,
+        "smollm-135m": 0.135e9,
+        "gemma3-270m": 0.268e9,
+    }[alias]
     assert math.isclose(model.config.num_params, expected, rel_tol=0.01), model.config.num_params
     small = min(model.weights.values(), key=lambda r: math.prod(r.shape) if "norm" not in r.name else 1e18)
     a, b = small.load(), small.load()

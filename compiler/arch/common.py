@@ -113,9 +113,7 @@ def _f32(x: float) -> float:
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs -> rotate-half halves)."""
     out_dim = w.shape[0]
-    return (
-        w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -43,8 +43,15 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                      "num_kv_heads", "head_dim"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             v = getattr(self, field)
             if not isinstance(v, int) or v <= 0:
                 problems.append(f"{field}={v!r} must be a positive integer")
@@ -127,8 +134,11 @@ def layer_weight_names(cfg: DecoderConfig, i: int) -> dict[str, tuple[int, ...]]
         p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
     }
     if cfg.attention_bias:
-        shapes |= {p + "self_attn.q_proj.bias": (cfg.q_size,), p + "self_attn.k_proj.bias": (cfg.kv_size,),
-                   p + "self_attn.v_proj.bias": (cfg.kv_size,)}
+        shapes |= {
+            p + "self_attn.q_proj.bias": (cfg.q_size,),
+            p + "self_attn.k_proj.bias": (cfg.kv_size,),
+            p + "self_attn.v_proj.bias": (cfg.kv_size,),
+        }
     if cfg.qk_norm:
         shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
     if cfg.sandwich_norm:

@@ -11,8 +11,14 @@ from mobilize.compiler.arch.common import gguf_base, hf_base
 from mobilize.compiler.arch.config import FULL, SLIDING, DecoderConfig, is_norm
 
 HF_MODEL_TYPES = ("gemma3_text",)
-_QUIRKS = dict(qk_norm=True, sandwich_norm=True, norm_plus_one=True, scale_embeddings=True,
-               hidden_act="gelu_tanh", tie_word_embeddings=True)
+_QUIRKS = dict(
+    qk_norm=True,
+    sandwich_norm=True,
+    norm_plus_one=True,
+    scale_embeddings=True,
+    hidden_act="gelu_tanh",
+    tie_word_embeddings=True,
+)
 
 
 def _pattern(layers: int, every: int = 6) -> tuple[str, ...]:
@@ -26,7 +32,9 @@ def from_hf(d: dict[str, Any]) -> DecoderConfig:
     local = params.get(SLIDING, {}).get("rope_theta") if isinstance(params, dict) else None
     layer_types = d.get("layer_types") or _pattern(layers, int(d.get("sliding_window_pattern", 6)))
     return hf_base(
-        d, "gemma3", **_QUIRKS,
+        d,
+        "gemma3",
+        **_QUIRKS,
         rope_local_theta=float(local or d.get("rope_local_base_freq", 10000.0)),
         sliding_window=int(d.get("sliding_window") or 512),
         layer_types=tuple(layer_types),
@@ -40,9 +48,15 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
     layers = int(meta.get("gemma3.block_count", 0))
     head_dim = int(meta.get("gemma3.attention.key_length", 256))
     # llama.cpp keeps the local rope base (10k) and the 5:1 pattern in code, not in the file.
-    return gguf_base(meta, "gemma3", **_QUIRKS, rope_local_theta=10000.0,
-                     sliding_window=int(meta.get("gemma3.attention.sliding_window", 512)),
-                     layer_types=_pattern(layers), query_pre_attn_scalar=float(head_dim))
+    return gguf_base(
+        meta,
+        "gemma3",
+        **_QUIRKS,
+        rope_local_theta=10000.0,
+        sliding_window=int(meta.get("gemma3.attention.sliding_window", 512)),
+        layer_types=_pattern(layers),
+        query_pre_attn_scalar=float(head_dim),
+    )
 
 
 def gguf_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
@@ -51,20 +65,48 @@ def gguf_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(family="gemma3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=6,
-                         num_heads=4, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
-                         rope_local_theta=1e4, sliding_window=4, layer_types=_pattern(6),
-                         query_pre_attn_scalar=32.0, max_position_embeddings=256, **_QUIRKS)
+    return DecoderConfig(
+        family="gemma3",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_local_theta=1e4,
+        sliding_window=4,
+        layer_types=_pattern(6),
+        query_pre_attn_scalar=32.0,
+        max_position_embeddings=256,
+        **_QUIRKS,
+    )
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    return dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=cfg.vocab_size,
-                hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-                rope_parameters={FULL: {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                                 SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
-                sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types),
-                query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim), max_position_embeddings=cfg.max_position_embeddings,
-                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
-                final_logit_softcapping=None, attn_logit_softcapping=None)
+    return dict(
+        model_type="gemma3_text",
+        architectures=["Gemma3ForCausalLM"],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={
+            FULL: {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            SLIDING: {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+        },
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types),
+        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    )

@@ -30,9 +30,20 @@ def gguf_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         layer_types=(FULL,) * 2, max_position_embeddings=256)
+    return DecoderConfig(
+        family="llama",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        layer_types=(FULL,) * 2,
+        max_position_embeddings=256,
+    )
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
@@ -40,11 +51,20 @@ def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
 
 
 def _common_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    d = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-             num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-             rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-             tie_word_embeddings=cfg.tie_word_embeddings, hidden_act=cfg.hidden_act)
+    d = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        hidden_act=cfg.hidden_act,
+    )
     if cfg.rope_scaling:
         d["rope_scaling"] = dict(cfg.rope_scaling)
     return d

@@ -14,8 +14,9 @@ gguf_fix = llama.gguf_fix  # llama.cpp converts Mistral as a llama
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
     layers = int(d.get("num_hidden_layers", 0))
-    return hf_base(d, "mistral", sliding_window=d.get("sliding_window"),
-                   layer_types=hf_layer_types(d, layers, window_all=True))
+    return hf_base(
+        d, "mistral", sliding_window=d.get("sliding_window"), layer_types=hf_layer_types(d, layers, window_all=True)
+    )
 
 
 def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
@@ -23,11 +24,26 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(family="mistral", vocab_size=128, hidden_size=64, intermediate_size=160, num_layers=2,
-                         num_heads=4, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e6,
-                         layer_types=(FULL,) * 2, max_position_embeddings=256)
+    return DecoderConfig(
+        family="mistral",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        layer_types=(FULL,) * 2,
+        max_position_embeddings=256,
+    )
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    return dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=cfg.sliding_window,
-                **llama._common_hf(cfg))
+    return dict(
+        model_type="mistral",
+        architectures=["MistralForCausalLM"],
+        sliding_window=cfg.sliding_window,
+        **llama._common_hf(cfg),
+    )

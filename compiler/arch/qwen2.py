@@ -26,10 +26,22 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(family="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
-                         layer_types=(FULL,) * 2, attention_bias=True, tie_word_embeddings=True,
-                         max_position_embeddings=256)
+    return DecoderConfig(
+        family="qwen2",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        layer_types=(FULL,) * 2,
+        attention_bias=True,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:

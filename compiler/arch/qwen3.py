@@ -22,12 +22,25 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(family="qwen3", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6,
-                         layer_types=(FULL,) * 2, qk_norm=True, tie_word_embeddings=True,
-                         max_position_embeddings=256)
+    return DecoderConfig(
+        family="qwen3",
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        layer_types=(FULL,) * 2,
+        qk_norm=True,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
-    return dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_sliding_window=False,
-                **llama._common_hf(cfg))
+    return dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_sliding_window=False, **llama._common_hf(cfg)
+    )

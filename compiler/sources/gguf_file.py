@@ -21,15 +21,35 @@ _MAX_DIMS = 4
 _MAX_STRING = 1 << 24  # 16 MiB: no key or token is longer
 
 # value type id -> (struct format, size) for scalars
-_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
 _STRING, _ARRAY = 8, 9
 
 # The ggml tensor types we read: name, elements per block, bytes per block.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
     30: ("BF16", 1, 2),
 }
 
@@ -134,11 +154,11 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
         for d in dims:
             n *= d
             if d == 0 or n > data_size * 8:  # cannot be stored in this file at any bit width
-                raise CheckpointError(
-                    f"{name}: tensor {tname!r} has dims {dims}, more elements than the file can hold"
-                )
+                raise CheckpointError(f"{name}: tensor {tname!r} has dims {dims}, more elements than the file can hold")
         if dims[0] % block:
-            raise CheckpointError(f"{name}: tensor {tname!r} row of {dims[0]} is not a multiple of {tname_type} blocks ({block})")
+            raise CheckpointError(
+                f"{name}: tensor {tname!r} row of {dims[0]} is not a multiple of {tname_type} blocks ({block})"
+            )
         nbytes = n // block * block_bytes
         if offset % alignment or offset + nbytes > data_size:
             raise CheckpointError(
@@ -146,8 +166,9 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
                 f"({data_size} bytes) or is unaligned; the file is truncated or its table lies"
             )
         shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
-        tensors[tname] = TensorRef(tname, shape, tname_type, nbytes,
-                                   _loader(mm, data_start + offset, nbytes, type_id, shape))
+        tensors[tname] = TensorRef(
+            tname, shape, tname_type, nbytes, _loader(mm, data_start + offset, nbytes, type_id, shape)
+        )
     return metadata, tensors
 
 

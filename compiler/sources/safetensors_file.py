@@ -98,7 +98,7 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
             load=_loader(mm, data_start + begin, n, np_dtype, tuple(shape), dtype_name),
         )
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise CheckpointError(f"{name}: tensors {n0!r} and {n1!r} overlap in the file")
     return refs
