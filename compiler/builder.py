@@ -30,6 +30,7 @@ class _Builder:
         self.weights = model.weights
         self.t = Tape()
         self._consts: dict[tuple, ir.Value] = {}
+        self._initializers: dict[str, ir.Value] = {}  # a tied weight is one initializer, used twice
 
     # ---- small helpers ----
     def op(self, op_type: str, *inputs: ir.Value | None, **attrs) -> ir.Value:
@@ -44,11 +45,14 @@ class _Builder:
 
     def weight(self, name: str, transpose: bool = False) -> ir.Value:
         """A checkpoint tensor as a lazy fp32 initializer ([in, out] when `transpose`, for MatMul)."""
+        if name in self._initializers:
+            return self._initializers[name]
         ref = self.weights[name]
         shape = ref.shape[::-1] if transpose else ref.shape
         plus_one = self.cfg.norm_plus_one and is_norm(name)
         tensor = ir.LazyTensor(_materialize(ref, transpose, plus_one), FLOAT, ir.Shape(shape), name=name)
-        return self.t.initializer(tensor, name=name)
+        self._initializers[name] = self.t.initializer(tensor, name=name)
+        return self._initializers[name]
 
     def linear(self, x: ir.Value, name: str, bias: bool = False) -> ir.Value:
         y = self.op("MatMul", x, self.weight(name + ".weight", transpose=True))

@@ -38,9 +38,9 @@ def open_checkpoint(spec: str, random_weights: bool = False) -> Checkpoint:
             return _open_file(aliases.bundled_gguf(), False, source=spec)
         if random_weights:
             hf_config = dict(aliases.ALIASES[spec]["config"])
-            family = family_for_hf(hf_config["model_type"])
-            cfg = FAMILIES[family].from_hf(hf_config)
-            return Checkpoint(spec, "random", family, random_tensors(cfg), hf_config=hf_config)
+            ckpt = Checkpoint(spec, "random", family_for_hf(hf_config["model_type"]), {}, hf_config=hf_config)
+            ckpt.tensors = random_tensors(config_of(ckpt))
+            return ckpt
         return _open_hf_dir(aliases.resolve_cached(spec), False, source=spec)
     raise SourceNotFoundError(
         f"{spec!r} is neither a file, a directory nor a known alias (aliases: {', '.join(aliases.ALIASES)})"
@@ -85,8 +85,9 @@ def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) ->
     hf_config = read_config_json(path / "config.json")
     family = family_for_hf(hf_config.get("model_type"))
     if random_weights:
-        cfg = FAMILIES[family].from_hf(hf_config)
-        return Checkpoint(source or str(path), "random", family, random_tensors(cfg), hf_config=hf_config)
+        ckpt = Checkpoint(source or str(path), "random", family, {}, hf_config=hf_config)
+        ckpt.tensors = random_tensors(config_of(ckpt))
+        return ckpt
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_config_json(index).get("weight_map")

@@ -156,3 +156,26 @@ def test_export_failure_leaves_no_package(tiny_hf, tmp_path):
     out = tmp_path / "pkg"
     _assert_one_line_error(_cli("export", str(d), "--out", str(out)), "model.norm.weight")
     assert not out.exists() and not list(tmp_path.glob(".pkg.partial-*"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("num_hidden_layers", 10**9, "num_hidden_layers=1000000000"),
+        ("hidden_size", "wide", "hidden_size='wide'"),
+        ("num_attention_heads", None, "lacks 'num_attention_heads'"),
+        ("num_key_value_heads", 3, "not a multiple"),
+    ],
+)
+def test_absurd_config_values(tiny_hf, tmp_path, field, value, needle):
+    d = _copy(tiny_hf("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    _assert_one_line_error(_cli("inspect", str(d)), needle)
+
+
+def test_config_not_json(tiny_hf, tmp_path):
+    d = _copy(tiny_hf("llama"), tmp_path / "m")
+    (d / "config.json").write_text("[" * 100000)
+    _assert_one_line_error(_cli("inspect", str(d)), "config.json")

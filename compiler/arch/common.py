@@ -9,11 +9,27 @@ import numpy as np
 from mobilize.compiler.arch.config import FULL, SLIDING, DecoderConfig
 from mobilize.compiler.errors import ConfigError
 
+# Generous ceilings, so an absurd config is refused before anything is sized from it.
+_LIMITS = {
+    "num_hidden_layers": 1024,
+    "block_count": 1024,
+    "num_attention_heads": 1024,
+    "attention.head_count": 1024,
+    "hidden_size": 1 << 17,
+    "embedding_length": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "feed_forward_length": 1 << 19,
+    "vocab_size": 1 << 23,
+}
+
 
 def need(d: dict[str, Any], key: str, where: str) -> Any:
     if key not in d or d[key] is None:
         raise ConfigError(f"{where} lacks {key!r}")
-    return d[key]
+    value = d[key]
+    if key in _LIMITS and not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _LIMITS[key]):
+        raise ConfigError(f"{where}: {key}={value!r} must be an integer from 1 to {_LIMITS[key]}")
+    return value
 
 
 def hf_rope(d: dict[str, Any]) -> tuple[float, tuple | None]:
@@ -69,10 +85,9 @@ def gguf_base(meta: dict[str, Any], family: str, **quirks: Any) -> DecoderConfig
     where = f"GGUF metadata ({arch})"
 
     def key(k: str, default: Any = None) -> Any:
-        v = meta.get(f"{arch}.{k}", default)
-        if v is None:
-            raise ConfigError(f"{where} lacks {arch}.{k}")
-        return v
+        if f"{arch}.{k}" not in meta and default is not None:
+            return default
+        return need({k: meta.get(f"{arch}.{k}")}, k, where)
 
     heads = int(key("attention.head_count"))
     kv = key("attention.head_count_kv", heads)

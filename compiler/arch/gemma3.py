@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mobilize.compiler.arch.common import gguf_base, hf_base
+from mobilize.compiler.arch.common import gguf_base, hf_base, need
 from mobilize.compiler.arch.config import FULL, SLIDING, DecoderConfig, is_norm
 
 HF_MODEL_TYPES = ("gemma3_text",)
@@ -27,7 +27,7 @@ def _pattern(layers: int, every: int = 6) -> tuple[str, ...]:
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
-    layers = int(d.get("num_hidden_layers", 0))
+    layers = need(d, "num_hidden_layers", "config.json")
     params = d.get("rope_parameters") or {}
     local = params.get(SLIDING, {}).get("rope_theta") if isinstance(params, dict) else None
     layer_types = d.get("layer_types") or _pattern(layers, int(d.get("sliding_window_pattern", 6)))
@@ -45,7 +45,7 @@ def from_hf(d: dict[str, Any]) -> DecoderConfig:
 
 
 def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
-    layers = int(meta.get("gemma3.block_count", 0))
+    layers = need({"block_count": meta.get("gemma3.block_count")}, "block_count", "GGUF metadata")
     head_dim = int(meta.get("gemma3.attention.key_length", 256))
     # llama.cpp keeps the local rope base (10k) and the 5:1 pattern in code, not in the file.
     return gguf_base(

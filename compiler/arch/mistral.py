@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mobilize.compiler.arch import llama
-from mobilize.compiler.arch.common import gguf_base, hf_base, hf_layer_types
+from mobilize.compiler.arch.common import gguf_base, hf_base, hf_layer_types, need
 from mobilize.compiler.arch.config import FULL, DecoderConfig
 
 HF_MODEL_TYPES = ("mistral",)
@@ -13,7 +13,7 @@ gguf_fix = llama.gguf_fix  # llama.cpp converts Mistral as a llama
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
-    layers = int(d.get("num_hidden_layers", 0))
+    layers = need(d, "num_hidden_layers", "config.json")
     return hf_base(
         d, "mistral", sliding_window=d.get("sliding_window"), layer_types=hf_layer_types(d, layers, window_all=True)
     )
