@@ -65,19 +65,21 @@ def inspect(
 @app.command()
 def export(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    out: Path = typer.Option(None, "--out", "-o", help="Package directory (default: ./out/<name>-onnx-fp32)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Package directory (default: ./out/<name>-onnx-<quant>)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
+    quant: str = typer.Option("fp32", "--quant", "-q", help="Recipe: fp32, int8, int4, int4-b32-sym, int4-b128-asym."),
 ) -> None:
-    """Export SOURCE as a package: the plain fp32 ONNX decoder (model.onnx + data) and a manifest."""
+    """Export SOURCE as an ONNX package (model.onnx + data, manifest) with a quantization recipe."""
     from mobilize.compiler.export import ExportOptions
     from mobilize.compiler.export import export as run_export
 
     name = Path(source).stem if Path(source).exists() else source
-    out = out or Path("out") / f"{name}-onnx-fp32"
+    out = out or Path("out") / f"{name}-onnx-{quant}"
     with console.status("exporting") as status:
         path = run_export(
-            ExportOptions(source, out, random_weights, overwrite), phase=lambda p: status.update(f"exporting: {p}")
+            ExportOptions(source, out, random_weights=random_weights, overwrite=overwrite, quant=quant),
+            phase=lambda p: status.update(f"exporting: {p}"),
         )
     print(f"wrote {path}")
 

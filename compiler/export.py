@@ -15,6 +15,7 @@ from mobilize.compiler import __version__
 from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
+from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
 from mobilize.targets.onnx_writer import save_onnx
 
 MANIFEST_SCHEMA = 1
@@ -26,6 +27,7 @@ class ExportOptions:
     out: Path
     random_weights: bool = False
     overwrite: bool = False
+    quant: str = "fp32"
 
 
 def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -> Path:
@@ -33,10 +35,13 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     out = opts.out.resolve()
     if out.exists() and not opts.overwrite:
         raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
+    recipe = recipe_named(opts.quant)
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
     phase("building graph")
     graph = build_decoder(model)
+    phase(f"passes ({recipe.name})")
+    reports = run_passes(graph, onnx_passes(recipe))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -50,7 +55,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "source": {"id": model.ckpt.source, "format": model.ckpt.format},
             "architecture": dataclasses.asdict(model.config),
             "format": "onnx",
-            "recipe": "fp32",
+            "recipe": {"name": recipe.name, "description": recipe.description},
+            "build_report": {"passes": reports},
             "kv_layout": "dynamic (past_key_values.{i}.key|value -> present.{i}.key|value)",
             "files": files,
         }

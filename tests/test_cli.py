@@ -69,3 +69,35 @@ def test_passes_and_targets_never_import_torch():
                     else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 )
                 assert not any(n.split(".")[0] in ("torch", "transformers") for n in names), path
+
+
+def test_export_int4_package(tiny_hf, tmp_path):
+    """--quant int4: every linear layer (and the tied head) becomes MatMulNBits; the report says so."""
+    import onnx
+
+    out = tmp_path / "pkg4"
+    r = _cli("export", str(tiny_hf("gemma3")), "--out", str(out), "--quant", "int4")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == "int4"
+    report = manifest["build_report"]["passes"][0]
+    assert report["matched"] == 6 * 7 + 1 and report["rel_rms_error"]["max"] < 0.2
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) == 43
+    prompt = [5, 6, 7, 8, 9, 10]
+    ref = ReferenceRunner(tiny_hf("gemma3")).prefill(prompt)
+
+    def rel_error(package: Path) -> float:
+        got = OrtRunner(package / "model.onnx").prefill(prompt)
+        return float(np.sqrt(((got - ref) ** 2).mean() / (ref**2).mean()))
+
+    assert _cli("export", str(tiny_hf("gemma3")), "--out", str(tmp_path / "pkg8"), "--quant", "int8").returncode == 0
+    # A random tiny net amplifies weight noise; the ordering and int8's closeness are what must hold.
+    int4, int8 = rel_error(out), rel_error(tmp_path / "pkg8")
+    assert 0 < int8 < 0.05 and int8 < int4 < 1.0, (int8, int4)
+
+
+def test_unknown_recipe(tiny_hf, tmp_path):
+    r = _cli("export", str(tiny_hf("llama")), "--out", str(tmp_path / "x"), "--quant", "int3")
+    assert r.returncode == 1 and "unknown quantization recipe 'int3'" in r.stderr
+    assert not (tmp_path / "x").exists()

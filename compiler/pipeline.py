@@ -1,0 +1,49 @@
+"""The pass pipeline: one explicit list of passes per target, in phases."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from mobilize.compiler.errors import MobilizeError
+from mobilize.passes.quantize import QuantizeMatMulPass
+from mobilize.passes.recipes import RECIPES, Recipe
+
+
+def recipe_named(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise MobilizeError(f"unknown quantization recipe {name!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[name]
+
+
+def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
+    passes: list[ir.passes.PassBase] = []
+    # phase: quantize
+    if recipe.matmul is not None:
+        q = recipe.matmul
+        passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric))
+    return passes
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:
+    """Run the passes in order; return their reports. An error names the pass and what ran before it."""
+    reports, ran = [], []
+    for p in passes:
+        try:
+            p(model)
+        except Exception as e:
+            before = ", ".join(ran) or "nothing"
+            raise MobilizeError(f"pass {type(p).__name__} failed (after {before}): {e}") from e
+        ran.append(type(p).__name__)
+        report = getattr(p, "report", None)
+        if report is not None:
+            reports.append(_summary(report.as_dict()))
+    return reports
+
+
+def _summary(report: dict) -> dict:
+    details = report.pop("details")
+    errors = [d["rel_rms_error"] for d in details if "rel_rms_error" in d]
+    if errors:
+        report["rel_rms_error"] = {"mean": sum(errors) / len(errors), "max": max(errors)}
+        report["tensors"] = details
+    return report

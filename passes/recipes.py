@@ -1,0 +1,31 @@
+"""Quantization recipes: named presets, plain data. A recipe says how each kind of weight is stored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    bits: int
+    block_size: int
+    symmetric: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    matmul: WeightQuant | None  # every linear layer, the tied head included
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("fp32", "no quantization", None),
+        Recipe("int8", "8-bit weights, blocks of 32, symmetric", WeightQuant(8, 32, True)),
+        Recipe("int4", "4-bit weights, blocks of 32, asymmetric (zero points)", WeightQuant(4, 32, False)),
+        Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),
+        Recipe("int4-b128-asym", "4-bit weights, blocks of 128, asymmetric", WeightQuant(4, 128, False)),
+    ]
+}
