@@ -84,6 +84,24 @@ def export(
     print(f"wrote {path}")
 
 
+@app.command()
+def run(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+) -> None:
+    """Greedy generation from a package, streamed to stdout."""
+    from mobilize.runtime_harness.package import Package, stream_greedy
+
+    pkg = Package.open(package)
+    sys.stdout.write(prompt)
+    for piece in stream_greedy(pkg, prompt, max_new_tokens, threads):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

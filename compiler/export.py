@@ -16,6 +16,7 @@ from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
+from mobilize.compiler.tokenizer import write_tokenizer
 from mobilize.targets.onnx_writer import save_onnx
 
 MANIFEST_SCHEMA = 1
@@ -47,6 +48,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     try:
         phase("writing model.onnx (weights streamed)")
         save_onnx(graph, tmp)
+        phase("writing tokenizer")
+        tokenizer_files = write_tokenizer(model.ckpt, tmp)
         phase("writing manifest")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {
@@ -58,6 +61,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"passes": reports},
             "kv_layout": "dynamic (past_key_values.{i}.key|value -> present.{i}.key|value)",
+            "tokenizer": tokenizer_files or None,
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -13,6 +13,7 @@ import numpy as np
 
 from mobilize.runtime_harness.ort_runner import OrtRunner
 from mobilize.runtime_harness.reference import ReferenceRunner
+from mobilize.runtime_harness.runner import greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_export_package_runs(tiny_hf, tmp_path):
     r = _cli("export", str(tiny_hf("qwen2")), "--out", str(out))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data"}
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "generation_config.json"}
     for name, entry in manifest["files"].items():
         data = (out / name).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
@@ -101,3 +102,26 @@ def test_unknown_recipe(tiny_hf, tmp_path):
     r = _cli("export", str(tiny_hf("llama")), "--out", str(tmp_path / "x"), "--quant", "int3")
     assert r.returncode == 1 and "unknown quantization recipe 'int3'" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_run_streams_text_from_an_hf_package(tiny_hf, tmp_path):
+    """A package from a HF directory carries its tokenizer; `mobilize run` decodes with our runner."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "with_tok"
+    import shutil
+
+    shutil.copytree(tiny_hf("llama"), src)
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    out = tmp_path / "pkg"
+    assert _cli("export", str(src), "--out", str(out)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == ["tokenizer.json", "generation_config.json"]
+    r = _cli("run", str(out), "--prompt", "w3 w17 w99", "-n", "5")
+    assert r.returncode == 0, r.stderr
+    expected = greedy(OrtRunner(out / "model.onnx"), [3, 17, 99], 5)
+    assert r.stdout.split() == ["w3", "w17", "w99"] + [f"w{t}" for t in expected]
+    assert _cli("run", str(tmp_path), "--prompt", "x").stderr.startswith("mobilize: error: ")
