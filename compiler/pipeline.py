@@ -18,10 +18,21 @@ def recipe_named(name: str) -> Recipe:
 def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
     passes: list[ir.passes.PassBase] = []
     # phase: quantize
+    if recipe.head is not None:
+        h = recipe.head
+        passes.append(QuantizeMatMulPass(h.bits, h.block_size, h.symmetric, weights=_is_head, label="[head]"))
     if recipe.matmul is not None:
         q = recipe.matmul
         passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric))
     return passes
+
+
+HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _is_head(name: str) -> bool:
+    # A MatMul on the embedding can only be the tied head (the embedding itself is a Gather).
+    return name in HEAD_WEIGHTS
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:

@@ -7,6 +7,8 @@ the reason is counted in the report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -17,10 +19,21 @@ MS_DOMAIN = "com.microsoft"
 
 
 class QuantizeMatMulPass(ir.passes.InPlacePass):
-    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = False, min_elements: int = 0):
+    def __init__(
+        self,
+        bits: int = 4,
+        block_size: int = 32,
+        symmetric: bool = False,
+        min_elements: int = 0,
+        weights: Callable[[str], bool] | None = None,
+        label: str = "",
+    ):
+        """`weights` selects weights by initializer name (default: all)."""
         super().__init__()
         self.bits, self.block_size, self.symmetric, self.min_elements = bits, block_size, symmetric, min_elements
-        self.report = PassReport(f"quantize_matmul(int{bits}, block {block_size}, {'sym' if symmetric else 'asym'})")
+        self.weights = weights
+        kind = "sym" if symmetric else "asym"
+        self.report = PassReport(f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -54,6 +67,9 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             return None, False
         if len(b.shape) != 2 or b.dtype != ir.DataType.FLOAT:
             self.report.reject("weight is not a 2-D float tensor")
+            return None, False
+        if self.weights is not None and not self.weights(b.name or ""):
+            self.report.reject("not selected by the recipe")
             return None, False
         if b.shape[0] * b.shape[1] < self.min_elements:
             self.report.reject(f"weight smaller than {self.min_elements} elements")

@@ -73,7 +73,7 @@ def test_passes_and_targets_never_import_torch():
 
 
 def test_export_int4_package(tiny_hf, tmp_path):
-    """--quant int4: every linear layer (and the tied head) becomes MatMulNBits; the report says so."""
+    """--quant int4: every linear layer becomes 4-bit MatMulNBits, the tied head 8-bit; the report says so."""
     import onnx
 
     out = tmp_path / "pkg4"
@@ -81,10 +81,14 @@ def test_export_int4_package(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == "int4"
-    report = manifest["build_report"]["passes"][0]
-    assert report["matched"] == 6 * 7 + 1 and report["rel_rms_error"]["max"] < 0.2
+    head, body = manifest["build_report"]["passes"]
+    assert head["matched"] == 1 and head["tensors"][0]["weight"] == "model.embed_tokens.weight"
+    assert body["matched"] == 6 * 7 and body["rel_rms_error"]["max"] < 0.2
+    assert head["rel_rms_error"]["max"] < body["rel_rms_error"]["mean"] / 4  # the head is 8-bit
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) == 43
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
+    assert bits == [4] * 42 + [8]
     prompt = [5, 6, 7, 8, 9, 10]
     ref = ReferenceRunner(tiny_hf("gemma3")).prefill(prompt)
 
