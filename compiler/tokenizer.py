@@ -1,10 +1,11 @@
-"""Tokenizer files for the package: copied from a Hugging Face directory, or converted from a GGUF's
-embedded vocabulary (through transformers' own GGUF tokenizer converter) into `tokenizer.json`."""
+"""Tokenizer files for the package: copied from a Hugging Face directory, or built from a GGUF's
+embedded vocabulary into `tokenizer.json` (with transformers' GGUF tokenizer builders; no torch needed)."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from mobilize.compiler.errors import MobilizeError
@@ -30,26 +31,52 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
                 written.append(name)
         return written
     if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
-        return _from_gguf(Path(ckpt.files[0]), out)
+        return _from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
     return []
 
 
-def _from_gguf(path: Path, out: Path) -> list[str]:
+def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
+    """Build tokenizer.json from llama.cpp's tokenizer keys with transformers' GGUF tokenizer builders
+    (which need no torch), then add the BOS/EOS template the file's flags ask for."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advisory chatter about a missing torch
     try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise MobilizeError("converting a GGUF tokenizer needs transformers: pip install transformers") from None
+        from tokenizers import processors
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as gguf_tok
+    except ImportError as e:
+        raise MobilizeError(f"converting a GGUF tokenizer needs transformers >= 5 ({e})") from None
+    renames = gguf_tok.GGUF_TOKENIZER_MAPPING
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in keys.items() if f"tokenizer.{key}" in meta}
+        for group, keys in renames.items()
+    }
+    tok_dict, tok_config = grouped["tokenizer"], grouped.get("tokenizer_config", {})
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # the converter's errors are many and unrelated; name the file and the cause
-        raise MobilizeError(f"{path.name}: its tokenizer could not be converted ({type(e).__name__}: {e})") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        written = []
-        for name in TOKENIZER_FILES:
-            if (Path(tmp) / name).is_file():
-                shutil.copyfile(Path(tmp) / name, out / name)
-                written.append(name)
-    if "tokenizer.json" not in written:
-        raise MobilizeError(f"{path.name}: its tokenizer converted to no tokenizer.json")
-    return written
+        backend, _ = gguf_tok.convert_gguf_tokenizer(meta["general.architecture"], tok_dict)
+    except Exception as e:  # the builders' errors are many and unrelated; name the file and the cause
+        raise MobilizeError(f"{file_name}: its tokenizer could not be converted ({type(e).__name__}: {e})") from None
+    tokens = tok_dict["tokens"]
+    specials = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+            specials[name] = (tokens[token_id], token_id)
+    add_bos = tok_config.get("add_bos_token", tok_dict.get("tokenizer_type") == "llama")
+    add_eos = tok_config.get("add_eos_token", False)
+    template, used = "$A", []
+    if add_bos and "bos_token" in specials:
+        template = f"{specials['bos_token'][0]} {template}"
+        used.append(specials["bos_token"])
+    if add_eos and "eos_token" in specials:
+        template = f"{template} {specials['eos_token'][0]}"
+        used.append(specials["eos_token"])
+    if used:
+        backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=used)
+    backend.save(str(out / "tokenizer.json"))
+    config = {name: tok for name, (tok, _) in specials.items()} | {
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": bool(add_eos),
+        "source": f"converted from the GGUF metadata of {file_name}",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]

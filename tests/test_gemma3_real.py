@@ -3,11 +3,14 @@ same GGUF. Logits within 1e-3 over a 64-token prompt; a 32-token greedy continua
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
+from mobilize.compiler.tokenizer import write_tokenizer
 from mobilize.runtime_harness.ort_runner import OrtRunner
 from mobilize.runtime_harness.reference import ReferenceRunner
 from mobilize.runtime_harness.runner import greedy
@@ -31,20 +34,37 @@ def runners(tmp_path_factory):
     return ReferenceRunner.for_path(gguf_path), OrtRunner(path, threads=2), gguf_path
 
 
-def _prompt(gguf_path) -> list[int]:
-    from pathlib import Path
-
+@pytest.fixture(scope="module")
+def hf_tokenizer():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name)
+    path = open_checkpoint("gemma3-270m").files[0]
+    return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
+
+
+def _prompt(tok) -> list[int]:
     ids = tok(TEXT).input_ids
     assert len(ids) >= 64
     return ids[:64]
 
 
-def test_real_gemma3_270m_matches_transformers(runners):
-    ref, ours, gguf_path = runners
-    prompt = _prompt(gguf_path)
+def test_package_tokenizer_matches_transformers(hf_tokenizer, tmp_path):
+    """Our tokenizer.json, built from the GGUF's metadata without torch, encodes as transformers does."""
+    from tokenizers import Tokenizer
+
+    ckpt = open_checkpoint("gemma3-270m")
+    assert write_tokenizer(ckpt, tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    ours = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for text in [TEXT, "  leading spaces", "naïve café, 東京 🚀\n\ttabs", "<bos>literal", ""]:
+        assert ours.encode(text).ids == hf_tokenizer(text).input_ids, text
+        assert ours.decode(ours.encode(text).ids) == hf_tokenizer.decode(
+            hf_tokenizer(text).input_ids, skip_special_tokens=True
+        )
+
+
+def test_real_gemma3_270m_matches_transformers(runners, hf_tokenizer):
+    ref, ours, _ = runners
+    prompt = _prompt(hf_tokenizer)
     expected, got = ref.prefill(prompt), ours.prefill(prompt)
     assert got.shape == (64, 262144)
     diff = float(np.abs(expected - got).max())
