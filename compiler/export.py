@@ -16,7 +16,8 @@ from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
-from mobilize.compiler.tokenizer import write_tokenizer
+from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
+from mobilize.targets.genai_config import genai_config
 from mobilize.targets.onnx_writer import save_onnx
 
 MANIFEST_SCHEMA = 1
@@ -50,13 +51,16 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         save_onnx(graph, tmp)
         phase("writing tokenizer")
         tokenizer_files = write_tokenizer(model.ckpt, tmp)
+        config = dataclasses.asdict(model.config)
+        genai = genai_config(config, special_token_ids(model.ckpt), model.config.max_position_embeddings)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
         phase("writing manifest")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "mobilize_version": __version__,
             "source": {"id": model.ckpt.source, "format": model.ckpt.format},
-            "architecture": dataclasses.asdict(model.config),
+            "architecture": config,
             "format": "onnx",
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"passes": reports},

@@ -20,6 +20,36 @@ TOKENIZER_FILES = (
 )
 
 
+_TOKENIZER_CLASSES = {
+    "gemma3": "GemmaTokenizer",
+    "llama": "LlamaTokenizer",
+    "mistral": "LlamaTokenizer",
+    "qwen2": "Qwen2Tokenizer",
+    "qwen3": "Qwen2Tokenizer",
+}
+
+
+def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
+    """bos/eos/pad ids as the source states them (GGUF metadata, or config.json and generation_config.json)."""
+    if ckpt.gguf_metadata is not None:
+        m = ckpt.gguf_metadata
+        return {
+            "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": m.get("tokenizer.ggml.padding_token_id"),
+        }
+    ids = {k: (ckpt.hf_config or {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ckpt.format == "hf":
+        gen = Path(ckpt.files[0]).parent / "generation_config.json"
+        if gen.is_file():
+            try:
+                extra = json.loads(gen.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                extra = {}
+            ids |= {k: extra[k] for k in ids if extra.get(k) is not None}
+    return ids
+
+
 def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
     """Write the tokenizer next to the model; return the file names (empty when the source has none)."""
     if ckpt.format == "hf":
@@ -78,5 +108,7 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         "add_eos_token": bool(add_eos),
         "source": f"converted from the GGUF metadata of {file_name}",
     }
+    if meta["general.architecture"] in _TOKENIZER_CLASSES:  # ONNX Runtime GenAI picks its tokenizer by this
+        config["tokenizer_class"] = _TOKENIZER_CLASSES[meta["general.architecture"]]
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ["tokenizer.json", "tokenizer_config.json"]

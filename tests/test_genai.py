@@ -1,0 +1,44 @@
+"""ONNX Runtime GenAI runs our packages as they are, and its greedy tokens equal our runner's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnxruntime_genai as og  # a test dependency (the `test` extra): never skipped
+import pytest
+
+from mobilize.runtime_harness.ort_runner import OrtRunner
+from mobilize.runtime_harness.runner import greedy
+
+
+def _genai_greedy(package, prompt: list[int], n: int) -> list[int]:
+    model = og.Model(str(package))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+@pytest.mark.parametrize(("family", "quant"), [("llama", "fp32"), ("gemma3", "int4"), ("qwen2", "int8")])
+def test_genai_matches_our_runner(family, quant, tiny_hf, tmp_path):
+    out = tmp_path / "pkg"
+    r = subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", "export", str(tiny_hf(family)), "--out", str(out), "-q", quant],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "genai_config.json").read_text())
+    assert (
+        config["model"]["decoder"]["num_hidden_layers"]
+        == json.loads((out / "manifest.json").read_text())["architecture"]["num_layers"]
+    )
+    prompt = [3, 17, 99, 5, 64, 1, 42]
+    ours = greedy(OrtRunner(out / "model.onnx"), prompt, 12)
+    assert _genai_greedy(out, prompt, 12) == ours
