@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from mobilize.compiler.errors import MobilizeError
 from mobilize.passes.quantize import QuantizeMatMulPass
+from mobilize.passes.quantize_embedding import QuantizeGatherPass
 from mobilize.passes.recipes import RECIPES, Recipe
 
 
@@ -24,6 +25,9 @@ def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
     if recipe.matmul is not None:
         q = recipe.matmul
         passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric))
+    if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
+        e = recipe.embedding
+        passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))
     return passes
 
 
