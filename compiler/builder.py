@@ -17,6 +17,7 @@ from onnx_ir.tape import Tape
 from mobilize.compiler.arch.config import SLIDING, is_norm
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.base import TensorRef
+from mobilize.compiler.sources.gguf_grid import GRID_KINDS, block_grid
 
 OPSET = 21
 FLOAT = ir.DataType.FLOAT
@@ -51,8 +52,12 @@ class _Builder:
         shape = ref.shape[::-1] if transpose else ref.shape
         plus_one = self.cfg.norm_plus_one and is_norm(name)
         tensor = ir.LazyTensor(_materialize(ref, transpose, plus_one), FLOAT, ir.Shape(shape), name=name)
-        self._initializers[name] = self.t.initializer(tensor, name=name)
-        return self._initializers[name]
+        value = self.t.initializer(tensor, name=name)
+        if ref.raw is not None and ref.dtype in GRID_KINDS and not plus_one:
+            # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
+            value.meta["block_grid"] = _grid(ref)
+        self._initializers[name] = value
+        return value
 
     def linear(self, x: ir.Value, name: str, bias: bool = False) -> ir.Value:
         y = self.op("MatMul", x, self.weight(name + ".weight", transpose=True))
@@ -224,6 +229,10 @@ def _materialize(ref: TensorRef, transpose: bool, plus_one: bool):
         return ir.Tensor(np.ascontiguousarray(w))
 
     return load
+
+
+def _grid(ref: TensorRef):
+    return lambda: block_grid(ref.dtype, ref.raw())
 
 
 def build_decoder(model: LoadedModel) -> ir.Model:

@@ -210,8 +210,9 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
                 f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies "
                 f"{list(want[name])}; the checkpoint and its config disagree"
             )
-        if fix is not None:
-            ref = dataclasses.replace(ref, name=name, load=_fixed(fix, cfg, name, ref.load))
+        if fix is not None:  # the same row fix applies to the raw blocks (rows are whole blocks)
+            raw = _fixed(fix, cfg, name, ref.raw) if ref.raw is not None else None
+            ref = dataclasses.replace(ref, name=name, load=_fixed(fix, cfg, name, ref.load), raw=raw)
         weights[name] = ref
     missing = [n for n in want if n not in weights]
     if missing:

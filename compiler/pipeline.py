@@ -21,10 +21,19 @@ def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
     # phase: quantize
     if recipe.head is not None:
         h = recipe.head
-        passes.append(QuantizeMatMulPass(h.bits, h.block_size, h.symmetric, weights=_is_head, label="[head]"))
+        passes.append(
+            QuantizeMatMulPass(
+                h.bits,
+                h.block_size,
+                h.symmetric,
+                weights=_is_head,
+                label="[head]",
+                carry_blocks=recipe.carry_source_blocks,
+            )
+        )
     if recipe.matmul is not None:
         q = recipe.matmul
-        passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric))
+        passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))

@@ -27,9 +27,13 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         min_elements: int = 0,
         weights: Callable[[str], bool] | None = None,
         label: str = "",
+        carry_blocks: bool = False,
     ):
-        """`weights` selects weights by initializer name (default: all)."""
+        """`weights` selects weights by initializer name (default: all). With `carry_blocks`, a weight whose
+        value carries a source block grid (meta "block_grid", from a GGUF) keeps that grid exactly, at the
+        grid's own bits and block size, instead of being re-rounded."""
         super().__init__()
+        self.carry_blocks = carry_blocks
         self.bits, self.block_size, self.symmetric, self.min_elements = bits, block_size, symmetric, min_elements
         self.weights = weights
         kind = "sym" if symmetric else "asym"
@@ -76,37 +80,77 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             return None, False
         return b, transposed
 
+    def _carry(self, weight: ir.Value, w_nk: np.ndarray):
+        make_grid = weight.meta.get("block_grid")
+        grid = make_grid() if make_grid is not None else None
+        if grid is None:
+            self.report.reject("no source block grid: re-rounded")
+            return None
+        codes = _codes_on_grid(w_nk, grid)
+        if codes is None:
+            self.report.reject("weights off the source grid: re-rounded")
+            return None
+        return (*codes, grid.bits, grid.block_size)
+
     def _rewrite(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, transposed: bool) -> None:
         w = weight.const_value.numpy()
         w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
         n, k = w_nk.shape
-        q, scale, zero_point = quantize_blockwise(w_nk, self.bits, self.block_size, self.symmetric)
+        carried = self._carry(weight, w_nk) if self.carry_blocks else None
+        if carried is not None:
+            q, scale, zero_point, bits, block_size = carried
+        else:
+            bits, block_size = self.bits, self.block_size
+            q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
         err = dequantize_blockwise(q, scale, zero_point, k) - w_nk
         self.report.matched += 1
-        self.report.details.append(
-            {
-                "weight": weight.name,
-                "shape": [n, k],
-                "rel_rms_error": float(np.sqrt((err**2).mean() / max((w_nk**2).mean(), 1e-30))),
-                "max_abs_error": float(np.abs(err).max()),
-            }
-        )
-        base = f"{weight.name}.q{self.bits}b{self.block_size}"
+        self.report.details.append({
+            "weight": weight.name,
+            "shape": [n, k],
+            "bits": bits,
+            "block_size": block_size,
+            "carried_from_source": carried is not None,
+            "rel_rms_error": float(np.sqrt((err**2).mean() / max((w_nk**2).mean(), 1e-30))),
+            "max_abs_error": float(np.abs(err).max()),
+        })  # fmt: skip
+        base = f"{weight.name}.q{bits}b{block_size}"
         inputs = [
             node.inputs[0],
-            _initializer(graph, base + ".qweight", pack_nbits(q, self.bits)),
-            _initializer(graph, base + ".scales", scale.reshape(-1)),
+            _initializer(graph, base + ".qweight", pack_nbits(q, bits)),
+            _initializer(graph, base + ".scales", scale.reshape(-1).astype(np.float32)),
         ]
-        if not self.symmetric:
-            inputs.append(_initializer(graph, base + ".zero_points", pack_zero_points(zero_point, self.bits)))
+        if zero_point.dtype != np.uint8:  # a float zero point per block (Q4_K's w = s * q - m)
+            inputs.append(_initializer(graph, base + ".zero_points", zero_point.reshape(-1).astype(np.float32)))
+        elif carried is not None or not self.symmetric:
+            inputs.append(_initializer(graph, base + ".zero_points", pack_zero_points(zero_point, bits)))
         new = ir.node(
             "MatMulNBits",
             inputs,
-            attributes={"K": k, "N": n, "bits": self.bits, "block_size": self.block_size},
+            attributes={"K": k, "N": n, "bits": bits, "block_size": block_size},
             domain=MS_DOMAIN,
             name=(node.name or "") + "_nbits",
         )
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+
+def _codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The integer codes of w on a source grid, or None if w does not lie on it (then it is re-rounded)."""
+    n, k = w_nk.shape
+    if k % grid.block_size or grid.scale.shape != (n, k // grid.block_size):
+        return None
+    blocks = w_nk.reshape(n, -1, grid.block_size)
+    scale, zp = grid.scale[..., None], grid.zero_point[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale != 0, np.round(blocks / np.where(scale != 0, scale, 1) + zp), 0)
+    if q.min() < 0 or q.max() > (1 << grid.bits) - 1:
+        return None
+    q = q.astype(np.uint8)
+    exact = np.abs((q - zp) * scale - blocks).max() <= 1e-5 * max(float(np.abs(w_nk).max()), 1e-30)
+    if not exact:
+        return None
+    integral = np.array_equal(grid.zero_point, np.round(grid.zero_point))
+    zero_point = grid.zero_point.astype(np.uint8) if integral else grid.zero_point.astype(np.float32)
+    return q, grid.scale.astype(np.float32), zero_point
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -19,6 +19,9 @@ class Recipe:
     matmul: WeightQuant | None  # every linear layer (and the head, unless `head` says otherwise)
     head: WeightQuant | None = None  # the output projection (lm_head, or the tied embedding)
     embedding: WeightQuant | None = None  # the input embedding lookup
+    # From a GGUF source, keep block formats that map exactly onto MatMulNBits (Q4_K -> 4-bit, Q5_0, Q6_K
+    # and Q8_0 -> 8-bit) as they are, instead of re-rounding them to this recipe's grid.
+    carry_source_blocks: bool = False
 
 
 RECIPES: dict[str, Recipe] = {
@@ -34,10 +37,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "int4",
             "4-bit weights and embedding, blocks of 32, asymmetric; the output head 8-bit (it carries the most "
-            "error per bit)",
+            "error per bit); a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly",
             WeightQuant(4, 32, False),
             head=WeightQuant(8, 32, True),
             embedding=WeightQuant(4, 32, False),
+            carry_source_blocks=True,
         ),
         Recipe(
             "int4-all", "4-bit weights everywhere, head included, blocks of 32, asymmetric", WeightQuant(4, 32, False)

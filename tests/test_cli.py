@@ -46,7 +46,7 @@ def test_export_package_runs(tiny_hf, tmp_path):
     r = _cli("export", str(tiny_hf("qwen2")), "--out", str(out))
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "generation_config.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "generation_config.json", "genai_config.json"}
     for name, entry in manifest["files"].items():
         data = (out / name).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
@@ -81,7 +81,10 @@ def test_export_int4_package(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["recipe"]["name"] == "int4"
-    head, body = manifest["build_report"]["passes"]
+    head, body, embedding = manifest["build_report"]["passes"]
+    assert embedding["matched"] == 1 and "GatherBlockQuantized" in {
+        n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    }
     assert head["matched"] == 1 and head["tensors"][0]["weight"] == "model.embed_tokens.weight"
     assert body["matched"] == 6 * 7 and body["rel_rms_error"]["max"] < 0.2
     assert head["rel_rms_error"]["max"] < body["rel_rms_error"]["mean"] / 4  # the head is 8-bit

@@ -80,6 +80,12 @@ def test_real_int4_package_in_genai_and_our_runner(hf_tokenizer, tmp_path):
     from mobilize.compiler.export import ExportOptions, export
 
     out = export(ExportOptions("gemma3-270m", tmp_path / "pkg", quant="int4"))
+    import json
+
+    head, body, embedding = json.loads((out / "manifest.json").read_text())["build_report"]["passes"]
+    # Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly: 18 layers x 7 linears, and the Q8_0 tied head.
+    assert body["matched"] == 126 and all(t["carried_from_source"] for t in body["tensors"])
+    assert head["tensors"][0]["carried_from_source"] and body["rel_rms_error"]["max"] < 1e-6
     prompt = hf_tokenizer("The capital of France is").input_ids
     ours = greedy(OrtRunner(out / "model.onnx", threads=2), prompt, 16)
     model = og.Model(str(out))

@@ -22,6 +22,8 @@ class TensorRef:
     dtype: str
     nbytes: int
     load: Callable[[], np.ndarray]
+    # GGUF block formats: the stored bytes as uint8 [rows, bytes_per_row], for carrying blocks over exactly.
+    raw: Callable[[], np.ndarray] | None = None
 
 
 @dataclasses.dataclass

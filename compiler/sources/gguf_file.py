@@ -166,10 +166,21 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
                 f"({data_size} bytes) or is unaligned; the file is truncated or its table lies"
             )
         shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
+        start = data_start + offset
         tensors[tname] = TensorRef(
-            tname, shape, tname_type, nbytes, _loader(mm, data_start + offset, nbytes, type_id, shape)
+            tname,
+            shape,
+            tname_type,
+            nbytes,
+            _loader(mm, start, nbytes, type_id, shape),
+            raw=_raw(mm, start, nbytes, shape),
         )
     return metadata, tensors
+
+
+def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...]):
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    return lambda: mm[offset : offset + nbytes].reshape(rows, nbytes // rows)
 
 
 def _loader(mm, offset: int, nbytes: int, type_id: int, shape: tuple[int, ...]):
