@@ -102,6 +102,32 @@ def run(
     sys.stdout.write("\n")
 
 
+@app.command()
+def bench(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1),
+    gen_len: int = typer.Option(64, "--gen-len", min=1),
+    threads: int = typer.Option(2, "--threads", min=0, help="Intra-op threads (0: runtime default)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs after one warm-up; medians reported."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
+    from mobilize.runtime_harness.package import Package
+    from mobilize.runtime_harness.perf import measure
+
+    pkg = Package.open(package)
+    with console.status(f"benchmarking {package.name}"):
+        result = measure(pkg.runner(threads), pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
+    result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'time to first token':<22} {result['time_to_first_token_s'] * 1000:.1f} ms ({prompt_len}-token prompt)")
+    for r in result["records"]:
+        print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
+    print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -29,11 +29,20 @@ def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
                 weights=_is_head,
                 label="[head]",
                 carry_blocks=recipe.carry_source_blocks,
+                accuracy_level=recipe.accuracy_level,
             )
         )
     if recipe.matmul is not None:
         q = recipe.matmul
-        passes.append(QuantizeMatMulPass(q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks))
+        passes.append(
+            QuantizeMatMulPass(
+                q.bits,
+                q.block_size,
+                q.symmetric,
+                carry_blocks=recipe.carry_source_blocks,
+                accuracy_level=recipe.accuracy_level,
+            )
+        )
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))

@@ -28,12 +28,16 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         weights: Callable[[str], bool] | None = None,
         label: str = "",
         carry_blocks: bool = False,
+        accuracy_level: int = 0,
     ):
         """`weights` selects weights by initializer name (default: all). With `carry_blocks`, a weight whose
         value carries a source block grid (meta "block_grid", from a GGUF) keeps that grid exactly, at the
         grid's own bits and block size, instead of being re-rounded."""
         super().__init__()
         self.carry_blocks = carry_blocks
+        # MatMulNBits' compute type: 0 the op's default, 4 int8 activations (ONNX Runtime's fast CPU kernels;
+        # its 8-bit weights have no fast path without it).
+        self.accuracy_level = accuracy_level
         self.bits, self.block_size, self.symmetric, self.min_elements = bits, block_size, symmetric, min_elements
         self.weights = weights
         kind = "sym" if symmetric else "asym"
@@ -126,7 +130,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         new = ir.node(
             "MatMulNBits",
             inputs,
-            attributes={"K": k, "N": n, "bits": bits, "block_size": block_size},
+            attributes={"K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": self.accuracy_level},
             domain=MS_DOMAIN,
             name=(node.name or "") + "_nbits",
         )

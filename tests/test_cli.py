@@ -132,3 +132,16 @@ def test_run_streams_text_from_an_hf_package(tiny_hf, tmp_path):
     expected = greedy(OrtRunner(out / "model.onnx"), [3, 17, 99], 5)
     assert r.stdout.split() == ["w3", "w17", "w99"] + [f"w{t}" for t in expected]
     assert _cli("run", str(tmp_path), "--prompt", "x").stderr.startswith("mobilize: error: ")
+
+
+def test_bench_json(tiny_hf, tmp_path):
+    out = tmp_path / "pkg"
+    assert _cli("export", str(tiny_hf("llama")), "--out", str(out), "-q", "int4").returncode == 0
+    r = _cli("bench", str(out), "--prompt-len", "16", "--gen-len", "8", "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    pp, tg = result["records"]
+    assert (pp["test"], pp["n_tokens"], tg["test"], tg["n_tokens"]) == ("pp16", 16, "tg8", 8)
+    assert len(pp["samples_ts"]) == 2 and min(pp["samples_ts"]) <= pp["avg_ts"] <= max(pp["samples_ts"])
+    assert result["decode_tokens_per_s"] == tg["avg_ts"] > 0 and result["time_to_first_token_s"] > 0
+    assert result["peak_rss_bytes"] > 10 * 2**20 and result["recipe"] == "int4"
