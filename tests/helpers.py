@@ -102,3 +102,19 @@ def write_tiny_gguf(cfg: DecoderConfig, hf_dir: Path, out: Path, quant: dict[str
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def genai_greedy(package: Path, prompt: list[int], n_new: int) -> list[int]:
+    """Greedy tokens from ONNX Runtime GenAI running a package directory as it is."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(package))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

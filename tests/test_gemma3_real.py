@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import genai_greedy
 
 from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
@@ -75,8 +76,6 @@ def test_real_gemma3_270m_matches_transformers(runners, hf_tokenizer):
 def test_real_int4_package_in_genai_and_our_runner(hf_tokenizer, tmp_path):
     """The int4 package of the real model: ONNX Runtime GenAI and our runner give the same greedy tokens,
     and the text stays on topic."""
-    import onnxruntime_genai as og
-
     from mobilize.compiler.export import ExportOptions, export
 
     out = export(ExportOptions("gemma3-270m", tmp_path / "pkg", quant="int4"))
@@ -88,14 +87,6 @@ def test_real_int4_package_in_genai_and_our_runner(hf_tokenizer, tmp_path):
     assert head["tensors"][0]["carried_from_source"] and body["rel_rms_error"]["max"] < 1e-6
     prompt = hf_tokenizer("The capital of France is").input_ids
     ours = greedy(OrtRunner(out / "model.onnx", threads=2), prompt, 16)
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 16, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    theirs = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        theirs.append(int(gen.get_next_tokens()[0]))
+    theirs = genai_greedy(out, prompt, 16)
     assert theirs == ours
     assert "France" in hf_tokenizer.decode(ours)

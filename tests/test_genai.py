@@ -6,24 +6,11 @@ import json
 import subprocess
 import sys
 
-import onnxruntime_genai as og  # a test dependency (the `test` extra): never skipped
 import pytest
+from helpers import genai_greedy
 
 from mobilize.runtime_harness.ort_runner import OrtRunner
 from mobilize.runtime_harness.runner import greedy
-
-
-def _genai_greedy(package, prompt: list[int], n: int) -> list[int]:
-    model = og.Model(str(package))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 @pytest.mark.parametrize(("family", "quant"), [("llama", "fp32"), ("gemma3", "int4"), ("qwen2", "int8")])
@@ -41,4 +28,4 @@ def test_genai_matches_our_runner(family, quant, tiny_hf, tmp_path):
     )
     prompt = [3, 17, 99, 5, 64, 1, 42]
     ours = greedy(OrtRunner(out / "model.onnx"), prompt, 12)
-    assert _genai_greedy(out, prompt, 12) == ours
+    assert genai_greedy(out, prompt, 12) == ours

@@ -144,3 +144,14 @@ def hf_layer_types(d: dict[str, Any], layers: int, window_all: bool) -> tuple[st
     if window_all and d.get("sliding_window"):
         return (SLIDING,) * layers
     return (FULL,) * layers
+
+
+def tiny_config(family: str, **overrides: Any) -> DecoderConfig:
+    """A family's `tiny()`: vocab 128, two layers of width 64 unless the family overrides, for fast tests."""
+    fields: dict[str, Any] = dict(
+        family=family, vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=256,
+    )  # fmt: skip
+    fields |= overrides
+    fields.setdefault("layer_types", (FULL,) * fields["num_layers"])
+    return DecoderConfig(**fields)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mobilize.compiler.arch.common import gguf_base, hf_base, need
+from mobilize.compiler.arch.common import gguf_base, hf_base, need, tiny_config
 from mobilize.compiler.arch.config import FULL, SLIDING, DecoderConfig, is_norm
 
 HF_MODEL_TYPES = ("gemma3_text",)
@@ -65,24 +65,11 @@ def gguf_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(
-        family="gemma3",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=6,
-        num_heads=4,
-        num_kv_heads=1,
-        head_dim=32,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        rope_local_theta=1e4,
-        sliding_window=4,
-        layer_types=_pattern(6),
-        query_pre_attn_scalar=32.0,
-        max_position_embeddings=256,
-        **_QUIRKS,
-    )
+    layers = 6  # one whole period of the 5:1 sliding/global pattern
+    return tiny_config(
+        "gemma3", num_layers=layers, num_kv_heads=1, head_dim=32, rope_local_theta=1e4, sliding_window=4,
+        layer_types=_pattern(layers), query_pre_attn_scalar=32.0, **_QUIRKS,
+    )  # fmt: skip
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from mobilize.compiler.arch.common import gguf_base, hf_base, unpermute_rotary
-from mobilize.compiler.arch.config import FULL, DecoderConfig
+from mobilize.compiler.arch.common import gguf_base, hf_base, tiny_config, unpermute_rotary
+from mobilize.compiler.arch.config import DecoderConfig
 
 HF_MODEL_TYPES = ("llama",)
 
@@ -30,20 +30,7 @@ def gguf_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(
-        family="llama",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        layer_types=(FULL,) * 2,
-        max_position_embeddings=256,
-    )
+    return tiny_config("llama", rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mobilize.compiler.arch import llama
-from mobilize.compiler.arch.common import gguf_base, hf_base, hf_layer_types, need
-from mobilize.compiler.arch.config import FULL, DecoderConfig
+from mobilize.compiler.arch.common import gguf_base, hf_base, hf_layer_types, need, tiny_config
+from mobilize.compiler.arch.config import DecoderConfig
 
 HF_MODEL_TYPES = ("mistral",)
 gguf_fix = llama.gguf_fix  # llama.cpp converts Mistral as a llama
@@ -24,20 +24,7 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(
-        family="mistral",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=1,
-        head_dim=16,
-        rms_norm_eps=1e-5,
-        rope_theta=1e6,
-        layer_types=(FULL,) * 2,
-        max_position_embeddings=256,
-    )
+    return tiny_config("mistral", intermediate_size=160, num_kv_heads=1, rms_norm_eps=1e-5)
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:

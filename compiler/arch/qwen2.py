@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mobilize.compiler.arch import llama
-from mobilize.compiler.arch.common import gguf_base, hf_base
-from mobilize.compiler.arch.config import FULL, DecoderConfig
+from mobilize.compiler.arch.common import gguf_base, hf_base, tiny_config
+from mobilize.compiler.arch.config import DecoderConfig
 
 HF_MODEL_TYPES = ("qwen2",)
 
@@ -26,22 +26,7 @@ def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
 
 
 def tiny() -> DecoderConfig:
-    return DecoderConfig(
-        family="qwen2",
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        layer_types=(FULL,) * 2,
-        attention_bias=True,
-        tie_word_embeddings=True,
-        max_position_embeddings=256,
-    )
+    return tiny_config("qwen2", attention_bias=True, tie_word_embeddings=True)
 
 
 def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
