@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -229,7 +228,3 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
 
 def _fixed(fix, cfg: DecoderConfig, name: str, load):
     return lambda: fix(cfg, name, load())
-
-
-def describe_files(ckpt: Checkpoint) -> list[str]:
-    return [os.path.basename(f) for f in ckpt.files]

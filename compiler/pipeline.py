@@ -20,33 +20,20 @@ def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
     passes: list[ir.passes.PassBase] = []
     # phase: quantize
     if recipe.head is not None:
-        h = recipe.head
-        passes.append(
-            QuantizeMatMulPass(
-                h.bits,
-                h.block_size,
-                h.symmetric,
-                weights=_is_head,
-                label="[head]",
-                carry_blocks=recipe.carry_source_blocks,
-                accuracy_level=recipe.accuracy_level,
-            )
-        )
+        passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]"))
     if recipe.matmul is not None:
-        q = recipe.matmul
-        passes.append(
-            QuantizeMatMulPass(
-                q.bits,
-                q.block_size,
-                q.symmetric,
-                carry_blocks=recipe.carry_source_blocks,
-                accuracy_level=recipe.accuracy_level,
-            )
-        )
+        passes.append(_matmul_pass(recipe, recipe.matmul))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))
     return passes
+
+
+def _matmul_pass(recipe: Recipe, q, **kwargs) -> QuantizeMatMulPass:
+    return QuantizeMatMulPass(
+        q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks,
+        accuracy_level=recipe.accuracy_level, **kwargs,
+    )  # fmt: skip
 
 
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
