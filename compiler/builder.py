@@ -17,7 +17,7 @@ from onnx_ir.tape import Tape
 from mobilize.compiler.arch.config import SLIDING, is_norm
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.base import TensorRef
-from mobilize.compiler.sources.gguf_grid import GRID_KINDS, block_grid
+from mobilize.compiler.sources.gguf_grid import GRID_FORMS, GRID_KINDS, block_grid
 
 OPSET = 21
 FLOAT = ir.DataType.FLOAT
@@ -56,6 +56,7 @@ class _Builder:
         if ref.raw is not None and ref.dtype in GRID_KINDS and not plus_one:
             # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
             value.meta["block_grid"] = _grid(ref)
+            value.meta["block_form"] = GRID_FORMS[ref.dtype]
         self._initializers[name] = value
         return value
 

@@ -3,6 +3,7 @@ can cause becomes one line on stderr and exit code 1."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import sys
@@ -68,20 +69,38 @@ def export(
     out: Path = typer.Option(None, "--out", "-o", help="Package directory (default: ./out/<name>-onnx-<quant>)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
-    quant: str = typer.Option("fp32", "--quant", "-q", help="Recipe: fp32, int8, int4, int4-b32-sym, int4-b128-asym."),
+    target: str = typer.Option("android", "--target", "-t", help="Preset: android, ios, host."),
+    fmt: str = typer.Option(None, "--format", "-f", help="Package format (default: the target's; onnx)."),
+    quant: str = typer.Option(
+        None, "--quant", "-q", help="Recipe (default: the target's): fp32, int8, int4, int4-all, int4-b32-sym, ..."
+    ),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
+    opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
 ) -> None:
-    """Export SOURCE as an ONNX package (model.onnx + data, manifest) with a quantization recipe."""
+    """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
+    import time
+
     from mobilize.compiler.export import ExportOptions
     from mobilize.compiler.export import export as run_export
 
+    opts = ExportOptions(
+        source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
+        format=fmt, max_seq_len=max_seq_len, opset=opset,
+    ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
-    out = out or Path("out") / f"{name}-onnx-{quant}"
+    opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
+    start = time.perf_counter()
     with console.status("exporting") as status:
-        path = run_export(
-            ExportOptions(source, out, random_weights=random_weights, overwrite=overwrite, quant=quant),
-            phase=lambda p: status.update(f"exporting: {p}"),
-        )
-    print(f"wrote {path}")
+
+        def phase(p: str) -> None:  # one line per phase, with the time it started (a terminal only: a
+            if console.is_terminal:  # failing run in a pipe or a log says one line, its error)
+                console.print(f"[dim]{time.perf_counter() - start:6.1f} s[/] {p}", highlight=False)
+            status.update(f"exporting: {p}")
+
+        path = run_export(opts, phase=phase)
+    kv = json.loads((path / "manifest.json").read_text())["target"]["max_seq_len"]
+    took = time.perf_counter() - start
+    print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}) in {took:.1f} s")
 
 
 @app.command()

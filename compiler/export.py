@@ -17,8 +17,11 @@ from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
-from mobilize.targets.genai_config import genai_config
+from mobilize.passes.kv_cache import static_kv
+from mobilize.targets.genai_config import genai_config, graph_io
 from mobilize.targets.onnx_writer import save_onnx
+from mobilize.targets.package_readme import package_readme
+from mobilize.targets.presets import FORMATS, PRESETS
 
 MANIFEST_SCHEMA = 1
 
@@ -29,21 +32,50 @@ class ExportOptions:
     out: Path
     random_weights: bool = False
     overwrite: bool = False
-    quant: str = "fp32"
+    quant: str | None = None  # None: the target's
+    target: str = "android"
+    format: str | None = None
+    max_seq_len: int | None = None
+    opset: str = "ort"
+
+    def resolved(self) -> ExportOptions:
+        """Every choice the target leaves to its preset filled in; errors for unknown names."""
+        if self.target not in PRESETS:
+            raise MobilizeError(f"unknown target {self.target!r} (known: {', '.join(PRESETS)})")
+        preset = PRESETS[self.target]
+        fmt = self.format or preset.format
+        if fmt not in FORMATS:
+            raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(FORMATS)})")
+        if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
+            raise MobilizeError(f"--max-seq-len {self.max_seq_len} is out of range (1..{1 << 20})")
+        return dataclasses.replace(self, quant=self.quant or preset.quant, format=fmt)
+
+    def kv_length(self, context: int) -> int:
+        """--max-seq-len if given (it may not pass the model's context), else the preset's, capped by it."""
+        if self.max_seq_len is None:
+            return min(PRESETS[self.target].max_seq_len, context)
+        if self.max_seq_len > context:
+            raise MobilizeError(f"--max-seq-len {self.max_seq_len} is past the model's context of {context}")
+        return self.max_seq_len
 
 
 def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -> Path:
     """Write the package; the destination appears only once every file is complete."""
+    opts = opts.resolved()
     out = opts.out.resolve()
     if out.exists() and not opts.overwrite:
         raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
     recipe = recipe_named(opts.quant)
+    onnx_passes(recipe, 1, opts.opset)  # a bad --opset fails before any reading
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
+    max_seq_len = opts.kv_length(model.config.max_position_embeddings)
+    passes = onnx_passes(recipe, max_seq_len, opts.opset)
     phase("building graph")
     graph = build_decoder(model)
     phase(f"passes ({recipe.name})")
-    reports = run_passes(graph, onnx_passes(recipe))
+    reports = run_passes(graph, passes)
+    kv = static_kv(graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -52,7 +84,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         phase("writing tokenizer")
         tokenizer_files = write_tokenizer(model.ckpt, tmp)
         config = dataclasses.asdict(model.config)
-        genai = genai_config(config, special_token_ids(model.ckpt), model.config.max_position_embeddings)
+        genai = genai_config(config, special_token_ids(model.ckpt), graph_io(graph), kv)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
         phase("writing manifest")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
@@ -64,11 +96,14 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "format": "onnx",
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"passes": reports},
-            "kv_layout": "dynamic (past_key_values.{i}.key|value -> present.{i}.key|value)",
+            "target": {"name": opts.target, "max_seq_len": max_seq_len, "opset": opts.opset},
+            "kv_cache": kv or {"layout": "dynamic"},
+            "io": graph_io(graph),
             "tokenizer": tokenizer_files or None,
             "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(package_readme(manifest))
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
         if out.exists():
             shutil.rmtree(out)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from mobilize.compiler.errors import MobilizeError
+from mobilize.passes.cleanup import CleanupPass
+from mobilize.passes.fuse_attention import FuseGroupQueryAttentionPass
+from mobilize.passes.fuse_rmsnorm import FuseRMSNormPass
+from mobilize.passes.fuse_rotary import FuseRotaryPass
+from mobilize.passes.kv_cache import StaticKVCachePass
+from mobilize.passes.pack_matmul import PackMatMulPass
 from mobilize.passes.quantize import QuantizeMatMulPass
 from mobilize.passes.quantize_embedding import QuantizeGatherPass
 from mobilize.passes.recipes import RECIPES, Recipe
@@ -16,8 +22,20 @@ def recipe_named(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
-    passes: list[ir.passes.PassBase] = []
+OPSETS = ("ort", "std")
+
+
+def onnx_passes(recipe: Recipe, max_seq_len: int, opset: str = "ort") -> list[ir.passes.PassBase]:
+    """ONNX Runtime (`ort`): contrib fused ops and an in-place static cache. Standard ONNX (`std`):
+    opset-23 RMSNormalization and RotaryEmbedding; attention stays decomposed with a growing cache."""
+    if opset not in OPSETS:
+        raise MobilizeError(f"unknown --opset {opset!r} (known: {', '.join(OPSETS)})")
+    std = opset == "std"
+    # phase: fusion
+    passes: list[ir.passes.PassBase] = [FuseRMSNormPass(std=std), FuseRotaryPass(max_seq_len, std=std)]
+    if not std:
+        passes += [FuseGroupQueryAttentionPass(), StaticKVCachePass(max_seq_len)]
+    passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks))
     # phase: quantize
     if recipe.head is not None:
         passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]"))
@@ -26,13 +44,15 @@ def onnx_passes(recipe: Recipe) -> list[ir.passes.PassBase]:
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))
+    # phase: cleanup
+    passes.append(CleanupPass())
     return passes
 
 
 def _matmul_pass(recipe: Recipe, q, **kwargs) -> QuantizeMatMulPass:
     return QuantizeMatMulPass(
-        q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks,
-        accuracy_level=recipe.accuracy_level, **kwargs,
+        q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks and q.carry,
+        carry_wider=q.carry_wider, accuracy_level=recipe.accuracy_level, **kwargs,
     )  # fmt: skip
 
 
@@ -66,4 +86,6 @@ def _summary(report: dict) -> dict:
     if errors:
         report["rel_rms_error"] = {"mean": sum(errors) / len(errors), "max": max(errors)}
         report["tensors"] = details
+    elif details:
+        report["details"] = details
     return report

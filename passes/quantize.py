@@ -12,10 +12,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
 from mobilize.passes.quant_primitives import dequantize_blockwise, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
-
-MS_DOMAIN = "com.microsoft"
 
 
 class QuantizeMatMulPass(ir.passes.InPlacePass):
@@ -28,6 +27,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         weights: Callable[[str], bool] | None = None,
         label: str = "",
         carry_blocks: bool = False,
+        carry_wider: bool = True,
         accuracy_level: int = 0,
     ):
         """`weights` selects weights by initializer name (default: all). With `carry_blocks`, a weight whose
@@ -35,6 +35,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         grid's own bits and block size, instead of being re-rounded."""
         super().__init__()
         self.carry_blocks = carry_blocks
+        self.carry_wider = carry_wider  # also carry grids with more bits than `bits` (else re-round them)
         # MatMulNBits' compute type: 0 the op's default, 4 int8 activations (ONNX Runtime's fast CPU kernels;
         # its 8-bit weights have no fast path without it).
         self.accuracy_level = accuracy_level
@@ -56,7 +57,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             modified = True
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            _remove_dead(graph)
+            remove_dead(graph)
         return ir.passes.PassResult(model, modified)
 
     def _weight_of(self, node: ir.Node) -> tuple[ir.Value | None, bool]:
@@ -85,6 +86,10 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         return b, transposed
 
     def _carry(self, weight: ir.Value, w_nk: np.ndarray):
+        form = weight.meta.get("block_form")
+        if not self.carry_wider and form is not None and form[0] > self.bits:
+            self.report.reject(f"source grid has {form[0]} bits: re-rounded to {self.bits}")
+            return None
         make_grid = weight.meta.get("block_grid")
         grid = make_grid() if make_grid is not None else None
         if grid is None:
@@ -120,13 +125,12 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         base = f"{weight.name}.q{bits}b{block_size}"
         inputs = [
             node.inputs[0],
-            _initializer(graph, base + ".qweight", pack_nbits(q, bits)),
-            _initializer(graph, base + ".scales", scale.reshape(-1).astype(np.float32)),
+            initializer(graph, base + ".qweight", pack_nbits(q, bits)),
+            initializer(graph, base + ".scales", scale.reshape(-1).astype(np.float32)),
         ]
-        if zero_point.dtype != np.uint8:  # a float zero point per block (Q4_K's w = s * q - m)
-            inputs.append(_initializer(graph, base + ".zero_points", zero_point.reshape(-1).astype(np.float32)))
-        elif carried is not None or not self.symmetric:
-            inputs.append(_initializer(graph, base + ".zero_points", pack_zero_points(zero_point, bits)))
+        float_zp = zero_point.dtype != np.uint8  # a float zero point per block (Q4_K's w = s * q - m)
+        if not float_zp and (carried is not None or not self.symmetric):
+            inputs.append(initializer(graph, base + ".zero_points", pack_zero_points(zero_point, bits)))
         new = ir.node(
             "MatMulNBits",
             inputs,
@@ -134,7 +138,26 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             domain=MS_DOMAIN,
             name=(node.name or "") + "_nbits",
         )
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        nodes = [new]
+        if float_zp:
+            nodes += _zero_point_correction(graph, base, node.inputs[0], new.outputs[0], scale, zero_point, bits)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
+
+
+def _zero_point_correction(graph, base, x, y, scale, zero_point, bits) -> list[ir.Node]:
+    """Float zero points, exactly, on ONNX Runtime's fast integer path: the MatMulNBits runs with its
+    default zero point z0 = 2**(bits-1), and the difference s * (z0 - zp), one number per block, is
+    added back as sum(x over the block) @ that [K / block, N] matrix: w = s(q - zp) = s(q - z0) + s(z0 - zp)."""
+    n, n_blocks = scale.shape
+    delta = (scale * ((1 << (bits - 1)) - zero_point)).astype(np.float32).T  # [n_blocks, N]
+    shape = initializer(graph, f"block_shape_{n_blocks}", np.asarray([0, 0, n_blocks, -1], np.int64))
+    axis = initializer(graph, "axis_last", np.asarray([-1], np.int64))
+    correction = initializer(graph, base + ".zero_point_correction", np.ascontiguousarray(delta))
+    blocks = ir.node("Reshape", [x, shape])
+    sums = ir.node("ReduceSum", [blocks.outputs[0], axis], {"keepdims": 0})
+    offset = ir.node("MatMul", [sums.outputs[0], correction])
+    total = ir.node("Add", [y, offset.outputs[0]])
+    return [blocks, sums, offset, total]
 
 
 def _codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -155,23 +178,3 @@ def _codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.n
     integral = np.array_equal(grid.zero_point, np.round(grid.zero_point))
     zero_point = grid.zero_point.astype(np.uint8) if integral else grid.zero_point.astype(np.float32)
     return q, grid.scale.astype(np.float32), zero_point
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:  # the same weight quantized once, shared by every user
-        return graph.initializers[name]
-    value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
-    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
-    graph.register_initializer(value)
-    return value
-
-
-def _remove_dead(graph: ir.Graph) -> None:
-    """Drop nodes and initializers nothing uses any more (the fp32 weights that were replaced)."""
-    outputs = set(graph.outputs)
-    for node in reversed(list(graph)):
-        if all(not v.uses() and v not in outputs for v in node.outputs):
-            graph.remove(node, safe=True)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and value not in outputs:
-            del graph.initializers[name]

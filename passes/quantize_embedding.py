@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
 from mobilize.passes.quant_primitives import dequantize_blockwise, pack_nbits, pack_zero_points, quantize_blockwise
-from mobilize.passes.quantize import MS_DOMAIN, _initializer, _remove_dead
 from mobilize.passes.report import PassReport
 
 
@@ -42,7 +42,7 @@ class QuantizeGatherPass(ir.passes.InPlacePass):
             modified = True
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-            _remove_dead(graph)
+            remove_dead(graph)
         return ir.passes.PassResult(model, modified)
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
@@ -61,10 +61,10 @@ class QuantizeGatherPass(ir.passes.InPlacePass):
         })  # fmt: skip
         base = f"{table.name}.gather_q{self.bits}b{self.block_size}"
         inputs = [
-            _initializer(graph, base + ".qweight", pack_nbits(q, self.bits).reshape(n, -1)),
+            initializer(graph, base + ".qweight", pack_nbits(q, self.bits).reshape(n, -1)),
             node.inputs[1],
-            _initializer(graph, base + ".scales", scale),
-            _initializer(graph, base + ".zero_points", pack_zero_points(zero_point, self.bits).reshape(n, -1)),
+            initializer(graph, base + ".scales", scale),
+            initializer(graph, base + ".zero_points", pack_zero_points(zero_point, self.bits).reshape(n, -1)),
         ]
         attrs = {"bits": self.bits, "block_size": self.block_size, "gather_axis": 0, "quantize_axis": 1}
         new = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=(node.name or "") + "_q")

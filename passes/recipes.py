@@ -10,6 +10,8 @@ class WeightQuant:
     bits: int
     block_size: int
     symmetric: bool
+    carry: bool = True  # with the recipe's carry_source_blocks: keep these weights' source blocks as they are
+    carry_wider: bool = True  # ... even when the source grid has more bits than `bits`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +41,12 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "int4",
-            "4-bit weights and embedding, blocks of 32, asymmetric; the output head 8-bit (it carries the most "
-            "error per bit); a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly",
+            "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly "
+            "(Q5_0/Q6_K/Q8_0 as 8-bit); the output head 4-bit in blocks of 16, re-rounded; the embedding 8-bit "
+            "(a 4-bit lookup table costs the most accuracy per byte saved)",
             WeightQuant(4, 32, False),
-            head=WeightQuant(8, 32, True),
-            embedding=WeightQuant(4, 32, False),
+            head=WeightQuant(4, 16, False, carry=False),
+            embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
         ),
         Recipe(

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+import onnx_ir as ir
+
 # Our family -> the model type GenAI knows (transformers' model_type spelling).
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
 
-def genai_config(arch: dict[str, Any], tokens: dict[str, int | list[int] | None], max_length: int) -> dict[str, Any]:
-    """The config for a decoder with our I/O names and a cache that grows (no shared past/present buffer).
+def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes of the graph's inputs and outputs, for the manifest and GenAI."""
+
+    def describe(v: ir.Value) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims}
+
+    return {"inputs": [describe(v) for v in model.graph.inputs], "outputs": [describe(v) for v in model.graph.outputs]}
+
+
+def genai_config(
+    arch: dict[str, Any], tokens: dict[str, int | list[int] | None], io: dict, kv_cache: dict | None
+) -> dict[str, Any]:
+    """The config for a decoder with our I/O names. With a static cache (`kv_cache`), GenAI binds one
+    buffer of max_seq_len as past and present; otherwise the cache grows to the model's context.
 
     `arch` is the DecoderConfig as a dict; `tokens` has bos_token_id, eos_token_id and pad_token_id."""
+    max_length = kv_cache["max_seq_len"] if kv_cache else arch["max_position_embeddings"]
+    input_names = {i["name"] for i in io["inputs"]}
     eos = tokens.get("eos_token_id")
     model: dict[str, Any] = {
         "type": GENAI_TYPES[arch["family"]],
@@ -33,10 +50,11 @@ def genai_config(arch: dict[str, Any], tokens: dict[str, int | list[int] | None]
                 "num_attention_heads": arch["num_heads"],
                 "num_key_value_heads": arch["num_kv_heads"],
                 "num_hidden_layers": arch["num_layers"],
+                **_sliding_window(kv_cache),
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({"position_ids": "position_ids"} if "position_ids" in input_names else {}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -53,10 +71,26 @@ def genai_config(arch: dict[str, Any], tokens: dict[str, int | list[int] | None]
             "num_return_sequences": 1,
             "max_length": max_length,
             "min_length": 0,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": bool(kv_cache),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
             "top_p": 1.0,
         },
+    }
+
+
+def _sliding_window(kv_cache: dict | None) -> dict[str, Any]:
+    """Window-sized ring buffers of sliding layers: GenAI allocates window + cache_slack for those layers."""
+    window = (kv_cache or {}).get("sliding_window")
+    if not window:
+        return {}
+    return {
+        "sliding_window": {
+            "window_size": window["window"],
+            "slide_key_value_cache": False,
+            "slide_inputs": False,
+            "layers": window["layers"],
+            "cache_slack": window["slack"],
+        }
     }

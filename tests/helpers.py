@@ -3,6 +3,7 @@ written by the `gguf` package the way llama.cpp's converter lays them out."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +111,13 @@ def genai_greedy(package: Path, prompt: list[int], n_new: int) -> list[int]:
 
     model = og.Model(str(package))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n_new, do_sample=False)
+    # The package's own max_length: a static cache is that long (GenAI sizes window buffers from it too).
+    max_length = json.loads((Path(package) / "genai_config.json").read_text())["search"]["max_length"]
+    params.set_search_options(max_length=max_length, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(prompt)
     out = []
-    while not gen.is_done():
+    while not gen.is_done() and len(out) < n_new:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return out

@@ -12,6 +12,7 @@ import dataclasses
 import numpy as np
 
 GRID_KINDS = ("Q8_0", "Q5_0", "Q6_K", "Q4_K")
+GRID_FORMS = {"Q8_0": (8, 32), "Q5_0": (8, 32), "Q6_K": (8, 16), "Q4_K": (4, 32)}  # (bits, block size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,141 @@
+"""Benchmark: mobilize's int4 ONNX package of Gemma 3 270M against ONNX Runtime GenAI's own model builder
+(int4, cpu) on the same checkpoint, measured in one run on this machine.
+
+    python -m mobilize.bench.onnx_vs_genai_builder [--threads 2] [--rounds 3] [--json FILE]
+
+Export: wall time and peak RSS of each tool in its own child process. Speed: both packages run by ONNX
+Runtime GenAI (the runtime an app embeds), rounds interleaved so drift hits both alike; medians of
+time to first token, prefill and decode tokens/s. Accuracy: perplexity on a plain English text
+(bench/data/river.txt, written for this project) through onnxruntime with full logits, against the
+reference model (transformers, fp32, on the same GGUF). Targets (issue 3): decode and prefill >= the
+builder's, export time and peak RSS <= 0.5x, perplexity within +5% of the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from mobilize.bench.peers.genai_builder import FLAT_ROPE_NOTE, build, hf_dir_from_gguf, timed_child
+
+TEXT = Path(__file__).parent / "data" / "river.txt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds after one warm-up each")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--quant", default="int4")
+    ap.add_argument("--workdir", type=Path, default=Path("out/bench-vs-genai-builder"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from mobilize.compiler.sources.aliases import bundled_gguf
+
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = bundled_gguf()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    log("export: mobilize")
+    ours_dir = work / f"mobilize-{args.quant}"
+    ours_export = timed_child([
+        sys.executable, "-m", "mobilize.compiler.cli", "export", str(gguf), "--target", "android",
+        "--quant", args.quant, "--out", str(ours_dir), "--overwrite",
+    ])  # fmt: skip
+    log("export: genai builder (its input written once from the GGUF by transformers, untimed)")
+    hf_dir = hf_dir_from_gguf(gguf, work / "gemma3-270m-hf")
+    peer_dir = work / "genai-builder-int4"
+    peer_export = build(hf_dir, peer_dir, work / "builder-cache")
+
+    log("speed: both packages in ONNX Runtime GenAI, interleaved rounds")
+    speed = _speed({"mobilize": ours_dir, "genai_builder": peer_dir}, args)
+    log("accuracy: perplexity (reference: transformers fp32 on the GGUF)")
+    ppl = _perplexity(gguf, {"mobilize": ours_dir, "genai_builder": peer_dir})
+
+    result = {
+        "model": "gemma3-270m (bundled Q4_K_M GGUF)",
+        "threads": args.threads,
+        "note": FLAT_ROPE_NOTE,
+        "export": {
+            name: {"wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"]}
+            for name, r in (("mobilize", ours_export), ("genai_builder", peer_export))
+        },
+        "speed": speed,
+        "perplexity": ppl,
+    }
+    result["ratios"] = {
+        "decode_tok_s (ours / builder, target >= 1)": speed["mobilize"]["decode_tok_s"]
+        / speed["genai_builder"]["decode_tok_s"],
+        "prefill_tok_s (ours / builder, target >= 1)": speed["mobilize"]["prefill_tok_s"]
+        / speed["genai_builder"]["prefill_tok_s"],
+        "export_wall (ours / builder, target <= 0.5)": ours_export["wall_s"] / peer_export["wall_s"],
+        "export_peak_rss (ours / builder, target <= 0.5)": ours_export["peak_rss_bytes"]
+        / peer_export["peak_rss_bytes"],
+        "perplexity (ours / reference, target <= 1.05)": ppl["mobilize"] / ppl["reference"],
+        "perplexity (builder / reference)": ppl["genai_builder"] / ppl["reference"],
+    }
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _speed(packages: dict[str, Path], args) -> dict:
+    from mobilize.runtime_harness.genai_runner import GenAIRunner
+    from mobilize.runtime_harness.perf import measure
+
+    runners = {name: GenAIRunner(path, args.threads) for name, path in packages.items()}
+    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in packages}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            m = measure(runner, 262144, args.prompt_len, args.gen_len, repeats=1)
+            samples[name]["ttft"].append(m["time_to_first_token_s"])
+            samples[name]["pp"].append(m["prefill_tokens_per_s"])
+            samples[name]["tg"].append(m["decode_tokens_per_s"])
+    return {
+        name: {
+            "time_to_first_token_s": statistics.median(s["ttft"]),
+            "prefill_tok_s": statistics.median(s["pp"]),
+            "decode_tok_s": statistics.median(s["tg"]),
+            "samples": s,
+        }
+        for name, s in samples.items()
+    }
+
+
+def _perplexity(gguf: Path, packages: dict[str, Path]) -> dict:
+    from tokenizers import Tokenizer
+
+    from mobilize.runtime_harness.accuracy import perplexity
+    from mobilize.runtime_harness.ort_runner import OrtRunner
+    from mobilize.runtime_harness.reference import ReferenceRunner
+
+    ids = Tokenizer.from_file(str(packages["mobilize"] / "tokenizer.json")).encode(TEXT.read_text()).ids
+    out = {"tokens": len(ids), "reference": perplexity(ReferenceRunner.for_path(gguf), ids, chunk=len(ids))}
+    for name, path in packages.items():
+        out[name] = perplexity(OrtRunner(path / "model.onnx", threads=2), ids, chunk=len(ids))
+    return out
+
+
+def _print(r: dict) -> None:
+    print(f"gemma3-270m, {r['threads']} threads   ({r['note']})")
+    print(f"{'':16}{'export s':>10}{'peak RSS':>10}{'TTFT ms':>9}{'pp tok/s':>10}{'tg tok/s':>10}{'ppl':>8}")
+    for name in ("mobilize", "genai_builder"):
+        e, s = r["export"][name], r["speed"][name]
+        print(
+            f"{name:16}{e['wall_s']:10.1f}{e['peak_rss_bytes'] / 2**30:9.2f}G{s['time_to_first_token_s'] * 1000:9.0f}"
+            f"{s['prefill_tok_s']:10.1f}{s['decode_tok_s']:10.1f}{r['perplexity'][name]:8.2f}"
+        )
+    print(f"{'reference fp32':16}{'':49}{r['perplexity']['reference']:8.2f}   ({r['perplexity']['tokens']} tokens)")
+    for k, v in r["ratios"].items():
+        print(f"  {k:50} {v:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

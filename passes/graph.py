@@ -1,0 +1,96 @@
+"""Small helpers the passes share: walking producers, reading small constants, editing a graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+MS_DOMAIN = "com.microsoft"
+_STD = ("", "ai.onnx")
+SMALL = 4096  # constants up to this many elements are read while matching (weights never are)
+
+
+def producer(value: ir.Value | None, *op_types: str, domain: str = "") -> ir.Node | None:
+    """The node that makes `value`, if it is one of `op_types` in `domain` (standard ONNX by default)."""
+    if value is None:
+        return None
+    node = value.producer()
+    if node is None or node.op_type not in op_types:
+        return None
+    if (node.domain in _STD) != (domain in _STD) or (domain not in _STD and node.domain != domain):
+        return None
+    return node
+
+
+def small_const(value: ir.Value | None) -> np.ndarray | None:
+    """The value of a small constant (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        node = value.producer()
+        if node is None or node.op_type != "Constant" or "value" not in node.attributes:
+            return None
+        tensor = node.attributes["value"].as_tensor()
+    if tensor.size > SMALL:
+        return None
+    return tensor.numpy()
+
+
+def scalar(value: ir.Value | None) -> float | None:
+    arr = small_const(value)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def ints(value: ir.Value | None) -> list[int] | None:
+    arr = small_const(value)
+    return [int(v) for v in arr.reshape(-1)] if arr is not None and arr.dtype.kind in "iu" else None
+
+
+def attr_ints(node: ir.Node, name: str, default: list[int] | None = None) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return list(attr.as_ints()) if attr is not None else default
+
+
+def attr_int(node: ir.Node, name: str, default: int | None = None) -> int | None:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def is_graph_input(graph: ir.Graph, value: ir.Value | None) -> bool:
+    return value is not None and value in graph.inputs
+
+
+def initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer (or the existing one of that name: one copy shared by every user)."""
+    if name in graph.initializers:
+        return graph.initializers[name]
+    value = ir.Value(name=name, const_value=ir.Tensor(np.ascontiguousarray(array), name=name))
+    value.shape, value.type = ir.Shape(array.shape), ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def replace_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Point every use of `old` at `new`; if `old` is a graph output, `new` takes its place and name."""
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            name, shape, type_ = old.name, old.shape, old.type
+            old.name = None
+            graph.outputs[i] = new
+            new.name, new.shape, new.type = name, new.shape or shape, new.type or type_
+    old.replace_all_uses_with(new)
+
+
+def remove_dead(graph: ir.Graph) -> int:
+    """Drop nodes and initializers nothing uses any more; return how many nodes went."""
+    outputs = set(graph.outputs)
+    removed = 0
+    for node in reversed(list(graph)):
+        if all(not v.uses() and v not in outputs for v in node.outputs):
+            graph.remove(node, safe=True)
+            removed += 1
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in outputs and value not in graph.inputs:
+            del graph.initializers[name]
+    return removed

@@ -1,0 +1,78 @@
+"""`README.md` of a package, for the app developer who receives it: what is inside and how to load it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def package_readme(manifest: dict[str, Any]) -> str:
+    arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
+    kv = manifest["kv_cache"]
+    files = "\n".join(f"| `{name}` | {entry['bytes']:,} |" for name, entry in sorted(manifest["files"].items()))
+    io_rows = "\n".join(
+        f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
+        for kind, values in (("in", manifest["io"]["inputs"]), ("out", manifest["io"]["outputs"]))
+        for v in values[:4] + ([{"name": "...", "dtype": "", "shape": ""}] if len(values) > 4 else [])
+    )
+    if kv.get("layout") == "static":
+        window = kv.get("sliding_window")
+        cache = (
+            f"Fixed-size KV buffers of {kv['max_seq_len']} positions, bound as both `past_key_values.*` and "
+            "`present.*` (ONNX Runtime GenAI does this itself: `past_present_share_buffer`); attention writes "
+            "each step in place."
+        )
+        if window:
+            cache += (
+                f" Sliding-window layers {window['layers']} keep ring buffers of {window['window']} + "
+                f"{window['slack']} positions (GenAI needs `max_length` >= {window['window'] + window['slack']})."
+            )
+    else:
+        cache = "A KV cache that grows: feed each step's `present.*` back as the next `past_key_values.*`."
+    return f"""# {arch["family"]} for {target["name"]}: ONNX package
+
+Exported by mobilize {manifest["mobilize_version"]} from `{manifest["source"]["id"]}` ({manifest["source"]["format"]}).
+Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
+
+## Inside
+
+| file | bytes |
+|---|---|
+{files}
+
+`manifest.json` has every file's sha256, the architecture, the pass report (fusions, per-tensor
+quantization error) and the model's inputs and outputs.
+
+## Load it
+
+ONNX Runtime GenAI reads this directory as it is (`genai_config.json`):
+
+```python
+import onnxruntime_genai as og
+model = og.Model("path/to/this/package")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length={kv.get("max_seq_len", arch["max_position_embeddings"])})
+generator = og.Generator(model, params)
+generator.append_tokens(tokenizer.encode("Hello"))
+while not generator.is_done():
+    generator.generate_next_token()
+```
+
+On Android, the `onnxruntime-genai` AAR exposes the same `Model`, `Tokenizer`, `Generator` classes
+(Java/Kotlin); copy the package directory to app storage and pass its path. The graph needs ONNX
+Runtime's contrib ops (`com.microsoft` GroupQueryAttention, MatMulNBits, ...), present in every ORT
+build for mobile. Plain onnxruntime works too: see the inputs below.
+
+## Inputs and outputs
+
+| | name | dtype | shape |
+|---|---|---|---|
+{io_rows}
+
+{cache}
+
+## Measure it
+
+`mobilize bench <package>` prints time to first token, prefill and decode tokens/s and peak RSS on the
+machine it runs on; `mobilize run <package> --prompt "..."` streams greedy text.
+"""
