@@ -17,7 +17,7 @@ from onnx_ir.tape import Tape
 from mobilize.compiler.arch.config import SLIDING, is_norm
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.base import TensorRef
-from mobilize.compiler.sources.gguf_grid import GRID_FORMS, GRID_KINDS, block_grid
+from mobilize.compiler.sources.gguf_grid import GRID_FORMS, GRID_KINDS, block_codes, block_grid
 
 OPSET = 21
 FLOAT = ir.DataType.FLOAT
@@ -57,6 +57,8 @@ class _Builder:
             # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
             value.meta["block_grid"] = _grid(ref)
             value.meta["block_form"] = GRID_FORMS[ref.dtype]
+            if ref.dtype == "Q8_0":  # codes readable without dequantizing: no fp32 copy at all
+                value.meta["block_codes"] = lambda: block_codes(ref.dtype, ref.raw())
         self._initializers[name] = value
         return value
 

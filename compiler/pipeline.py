@@ -43,7 +43,7 @@ def onnx_passes(recipe: Recipe, max_seq_len: int, opset: str = "ort") -> list[ir
         passes.append(_matmul_pass(recipe, recipe.matmul))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
-        passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric))
+        passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric, recipe.carry_source_blocks and e.carry))
     # phase: cleanup
     passes.append(CleanupPass())
     return passes

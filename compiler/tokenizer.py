@@ -3,12 +3,15 @@ embedded vocabulary into `tokenizer.json` (with transformers' GGUF tokenizer bui
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from mobilize.compiler.errors import MobilizeError
+from mobilize.compiler.sources.aliases import cache_root
 from mobilize.compiler.sources.base import Checkpoint
 
 TOKENIZER_FILES = (
@@ -61,8 +64,41 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
                 written.append(name)
         return written
     if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
-        return _from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
+        return _cached_from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
     return []
+
+
+def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
+    """The conversion takes seconds for a 262k-token vocabulary: do it once per distinct tokenizer (keyed
+    by the hash of every tokenizer.* key of the file) and copy the result afterwards."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
+        digest.update(key.encode())
+        digest.update(json.dumps(meta[key], default=repr).encode())
+    cached = cache_root() / "tokenizers" / digest.hexdigest()[:32]
+    names = ["tokenizer.json", "tokenizer_config.json"]
+    if not all((cached / n).is_file() for n in names):
+        tmp = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=_mkdir(cached.parent)))
+        try:
+            _from_gguf(file_name, meta, tmp)
+            if cached.exists():  # another export converted it meanwhile
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, cached)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    for n in names:
+        shutil.copyfile(cached / n, out / n)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["source"] = f"converted from the GGUF metadata of {file_name}"
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:

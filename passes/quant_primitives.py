@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+ROWS = 8192  # rows per chunk: temporaries stay a few MB whatever the matrix (a 262144-row head included)
+
 
 def quantize_blockwise(
     w: np.ndarray, bits: int, block_size: int, symmetric: bool
@@ -19,6 +21,18 @@ def quantize_blockwise(
         raise ValueError(f"bits={bits}: only 4 and 8 are supported")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size={block_size} must be a power of two >= 16")
+    n, k = w.shape
+    n_blocks = -(-k // block_size)
+    q = np.empty((n, n_blocks, block_size), np.uint8)
+    scale = np.empty((n, n_blocks), np.float32)
+    zero_point = np.empty((n, n_blocks), np.uint8)
+    for start in range(0, n, ROWS):
+        rows = slice(start, start + ROWS)
+        q[rows], scale[rows], zero_point[rows] = _quantize_rows(w[rows], bits, block_size, symmetric)
+    return q, scale, zero_point
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     n, k = w.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n, n_blocks * block_size), dtype=np.float32)
@@ -48,6 +62,21 @@ def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarra
     """The inverse: (q [N, n_blocks, block], scale, zero_point) -> w [N, K] float32."""
     w = (q.astype(np.float32) - zero_point[..., None].astype(np.float32)) * scale[..., None]
     return w.reshape(q.shape[0], -1)[:, :k]
+
+
+def error_stats(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> dict[str, float]:
+    """Relative RMS and max absolute error of the quantized form against w [N, K], a chunk of rows at a time."""
+    k = w.shape[1]
+    sq_err = sq_w = 0.0
+    max_abs = 0.0
+    for start in range(0, w.shape[0], ROWS):
+        rows = slice(start, start + ROWS)
+        chunk = w[rows].astype(np.float32, copy=False)
+        err = dequantize_blockwise(q[rows], scale[rows], zero_point[rows], k) - chunk
+        sq_err += float(np.square(err, dtype=np.float64).sum())
+        sq_w += float(np.square(chunk, dtype=np.float64).sum())
+        max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+    return {"rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5, "max_abs_error": max_abs}
 
 
 def pack_nbits(q: np.ndarray, bits: int) -> np.ndarray:

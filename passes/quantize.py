@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
-from mobilize.passes.quant_primitives import dequantize_blockwise, pack_nbits, pack_zero_points, quantize_blockwise
+from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
 
 
@@ -85,6 +85,13 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             return None, False
         return b, transposed
 
+    def _source_codes(self, weight: ir.Value):
+        """8-bit codes read straight from the source bytes (Q8_0), when this pass would carry them."""
+        make = weight.meta.get("block_codes")
+        if make is None or (not self.carry_wider and self.bits < 8):
+            return None
+        return make()
+
     def _carry(self, weight: ir.Value, w_nk: np.ndarray):
         form = weight.meta.get("block_form")
         if not self.carry_wider and form is not None and form[0] > self.bits:
@@ -102,16 +109,22 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         return (*codes, grid.bits, grid.block_size)
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, transposed: bool) -> None:
-        w = weight.const_value.numpy()
-        w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
-        n, k = w_nk.shape
-        carried = self._carry(weight, w_nk) if self.carry_blocks else None
-        if carried is not None:
-            q, scale, zero_point, bits, block_size = carried
+        codes = self._source_codes(weight) if self.carry_blocks else None
+        if codes is not None:  # exact by construction: the stored values are (q - zero_point) * scale
+            q, scale, zero_point = codes
+            n, k, bits, block_size = q.shape[0], q.shape[1] * q.shape[2], 8, q.shape[2]
+            carried, stats = True, {"rel_rms_error": 0.0, "max_abs_error": 0.0}
         else:
-            bits, block_size = self.bits, self.block_size
-            q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
-        err = dequantize_blockwise(q, scale, zero_point, k) - w_nk
+            w = weight.const_value.numpy()
+            w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
+            n, k = w_nk.shape
+            carried = self._carry(weight, w_nk) if self.carry_blocks else None
+            if carried is not None:
+                q, scale, zero_point, bits, block_size = carried
+            else:
+                bits, block_size = self.bits, self.block_size
+                q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
+            stats = error_stats(w_nk, q, scale, zero_point)
         self.report.matched += 1
         self.report.details.append({
             "weight": weight.name,
@@ -119,8 +132,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             "bits": bits,
             "block_size": block_size,
             "carried_from_source": carried is not None,
-            "rel_rms_error": float(np.sqrt((err**2).mean() / max((w_nk**2).mean(), 1e-30))),
-            "max_abs_error": float(np.abs(err).max()),
+            **stats,
         })  # fmt: skip
         base = f"{weight.name}.q{bits}b{block_size}"
         inputs = [

@@ -7,18 +7,18 @@ reason counted in the report.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
-from mobilize.passes.quant_primitives import dequantize_blockwise, pack_nbits, pack_zero_points, quantize_blockwise
+from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
 
 
 class QuantizeGatherPass(ir.passes.InPlacePass):
-    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = False):
+    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = False, carry_blocks: bool = False):
+        """With `carry_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales."""
         super().__init__()
-        self.bits, self.block_size, self.symmetric = bits, block_size, symmetric
+        self.bits, self.block_size, self.symmetric, self.carry_blocks = bits, block_size, symmetric, carry_blocks
         kind = "sym" if symmetric else "asym"
         self.report = PassReport(f"quantize_embedding(int{bits}, block {block_size}, {kind})")
 
@@ -46,26 +46,30 @@ class QuantizeGatherPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
-        w = table.const_value.numpy()
-        n, k = w.shape
-        if k % self.block_size:
-            raise ValueError(f"{table.name}: hidden size {k} is not a multiple of block {self.block_size}")
-        q, scale, zero_point = quantize_blockwise(w, self.bits, self.block_size, self.symmetric)
-        err = dequantize_blockwise(q, scale, zero_point, k) - w
+        make_codes = table.meta.get("block_codes") if self.carry_blocks else None
+        codes = make_codes() if make_codes is not None and self.bits == 8 else None
+        if codes is not None:  # a Q8_0 table: its own codes and scales, exactly
+            q, scale, zero_point = codes
+            n, k = q.shape[0], q.shape[1] * q.shape[2]
+            block = q.shape[2]
+            stats = {"rel_rms_error": 0.0, "max_abs_error": 0.0, "carried_from_source": True}
+        else:
+            w = table.const_value.numpy()
+            n, k = w.shape
+            block = self.block_size
+            if k % block:
+                raise ValueError(f"{table.name}: hidden size {k} is not a multiple of block {block}")
+            q, scale, zero_point = quantize_blockwise(w, self.bits, block, self.symmetric)
+            stats = {**error_stats(w, q, scale, zero_point), "carried_from_source": False}
         self.report.matched += 1
-        self.report.details.append({
-            "weight": table.name,
-            "shape": [n, k],
-            "rel_rms_error": float(np.sqrt((err**2).mean() / max((w**2).mean(), 1e-30))),
-            "max_abs_error": float(np.abs(err).max()),
-        })  # fmt: skip
-        base = f"{table.name}.gather_q{self.bits}b{self.block_size}"
+        self.report.details.append({"weight": table.name, "shape": [n, k], **stats})
+        base = f"{table.name}.gather_q{self.bits}b{block}"
         inputs = [
             initializer(graph, base + ".qweight", pack_nbits(q, self.bits).reshape(n, -1)),
             node.inputs[1],
             initializer(graph, base + ".scales", scale),
             initializer(graph, base + ".zero_points", pack_zero_points(zero_point, self.bits).reshape(n, -1)),
         ]
-        attrs = {"bits": self.bits, "block_size": self.block_size, "gather_axis": 0, "quantize_axis": 1}
+        attrs = {"bits": self.bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
         new = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=(node.name or "") + "_q")
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)

