@@ -42,10 +42,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "int4",
             "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly "
-            "(Q5_0/Q6_K/Q8_0 as 8-bit); the output head 4-bit in blocks of 16, re-rounded; the embedding 8-bit "
-            "(a 4-bit lookup table costs the most accuracy per byte saved)",
+            "(Q5_0/Q6_K/Q8_0 as 8-bit); the output head 4-bit, re-rounded (it is read every token); the embedding "
+            "8-bit (a 4-bit lookup table costs the most accuracy per byte saved)",
             WeightQuant(4, 32, False),
-            head=WeightQuant(4, 16, False, carry=False),
+            head=WeightQuant(4, 32, False, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
         ),

@@ -28,6 +28,25 @@ def _concrete(shape: list, package: Path) -> list:
     return [shape[0], decoder["num_key_value_heads"], shape[2], decoder["head_size"]]
 
 
+def _shared_buffer_lengths(shapes: dict[str, list], package: Path, max_length: int = 4096) -> None:
+    """Another exporter's package (ONNX Runtime GenAI's builder) may leave the cache length symbolic
+    while its genai_config asks for shared past/present buffers: size them as GenAI does, `max_length`
+    for global layers and window + slack for the sliding ones it lists."""
+    config = package / "genai_config.json"
+    if all(isinstance(s[2], int) for s in shapes.values()) or not config.is_file():
+        return
+    cfg = json.loads(config.read_text())
+    if not cfg.get("search", {}).get("past_present_share_buffer"):
+        return
+    length = min(max_length, cfg["search"].get("max_length", max_length))
+    window = cfg["model"]["decoder"].get("sliding_window") or {}
+    sliding = set(window.get("layers", []))
+    for name, shape in shapes.items():
+        layer = int(name.split(".")[1])
+        ring = window.get("window_size", 0) + (window.get("cache_slack") or 16)
+        shape[2] = min(length, ring) if layer in sliding else length
+
+
 class OrtRunner:
     """Runner over `model.onnx` with inputs input_ids / attention_mask / [position_ids] / past_key_values.*"""
 
@@ -42,6 +61,7 @@ class OrtRunner:
         self.past_shapes = {n: _concrete(inputs[n].shape, Path(model_path).parent) for n in self.past_names}
         self.output_names = [o.name for o in self.session.get_outputs()]
         # Static: every cache length fixed (sliding-window layers may hold fewer positions, as a ring).
+        _shared_buffer_lengths(self.past_shapes, Path(model_path).parent)
         lengths = [shape[2] for shape in self.past_shapes.values()]
         static = bool(lengths) and all(isinstance(n, int) for n in lengths)
         self.max_seq_len = max(lengths) if static else None

@@ -87,7 +87,7 @@ def test_export_int4_package(tiny_hf, tmp_path):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert embedding["matched"] == 1 and "GatherBlockQuantized" in {n.op_type for n in m.graph.node}
     assert head["matched"] == 1 and head["tensors"][0]["weight"] == "model.embed_tokens.weight"
-    assert head["tensors"][0]["block_size"] == 16
+    assert head["tensors"][0]["block_size"] == 32 and head["tensors"][0]["bits"] == 4
     assert passes["pack_matmul"]["matched"] == 6 * 2
     assert body["matched"] == 6 * 4 and body["rel_rms_error"]["max"] < 0.2
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]

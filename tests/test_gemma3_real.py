@@ -85,7 +85,7 @@ def test_real_int4_package_in_genai_and_our_runner(runners, hf_tokenizer, tmp_pa
     passes = {p["pass"].split("(")[0]: p for p in manifest["build_report"]["passes"]}
     head, body = passes["quantize_matmul[head]"], passes["quantize_matmul"]
     # Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly: 18 layers x (q+k+v, o, gate+up, down); the head
-    # re-rounded to 4-bit blocks of 16.
+    # re-rounded to 4-bit.
     assert passes["pack_matmul"]["matched"] == 36 and passes["fuse_attention"]["matched"] == 18
     assert body["matched"] == 72 and all(t["carried_from_source"] for t in body["tensors"])
     assert body["rel_rms_error"]["max"] < 1e-6 and 0 < head["rel_rms_error"]["max"] < 0.1
