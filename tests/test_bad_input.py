@@ -179,3 +179,19 @@ def test_config_not_json(tiny_hf, tmp_path):
     d = _copy(tiny_hf("llama"), tmp_path / "m")
     (d / "config.json").write_text("[" * 100000)
     _assert_one_line_error(_cli("inspect", str(d)), "config.json")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--target", "watch"], "unknown target 'watch'"),
+        (["--format", "tflite"], "format 'tflite' is not available"),
+        (["--max-seq-len", "0"], "--max-seq-len 0 is out of range"),
+        (["--max-seq-len", "100000"], "past the model's context of 256"),
+        (["--opset", "23"], "unknown --opset '23'"),
+    ],
+)
+def test_export_option_errors(flags, needle, tiny_hf, tmp_path):
+    out = tmp_path / "pkg"
+    _assert_one_line_error(_cli("export", str(tiny_hf("llama")), "--out", str(out), *flags), needle)
+    assert not out.exists() and not list(tmp_path.glob(".pkg.partial-*"))
