@@ -7,6 +7,7 @@ import onnx_ir as ir
 from mobilize.compiler.errors import MobilizeError
 from mobilize.passes.cleanup import CleanupPass
 from mobilize.passes.fuse_attention import FuseGroupQueryAttentionPass
+from mobilize.passes.fuse_attention_std import FuseStdAttentionPass
 from mobilize.passes.fuse_rmsnorm import FuseRMSNormPass
 from mobilize.passes.fuse_rotary import FuseRotaryPass
 from mobilize.passes.kv_cache import StaticKVCachePass
@@ -27,13 +28,15 @@ OPSETS = ("ort", "std")
 
 def onnx_passes(recipe: Recipe, max_seq_len: int, opset: str = "ort") -> list[ir.passes.PassBase]:
     """ONNX Runtime (`ort`): contrib fused ops and an in-place static cache. Standard ONNX (`std`):
-    opset-23 RMSNormalization and RotaryEmbedding; attention stays decomposed with a growing cache."""
+    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache."""
     if opset not in OPSETS:
         raise MobilizeError(f"unknown --opset {opset!r} (known: {', '.join(OPSETS)})")
     std = opset == "std"
     # phase: fusion
     passes: list[ir.passes.PassBase] = [FuseRMSNormPass(std=std), FuseRotaryPass(max_seq_len, std=std)]
-    if not std:
+    if std:
+        passes.append(FuseStdAttentionPass())
+    else:
         passes += [FuseGroupQueryAttentionPass(), StaticKVCachePass(max_seq_len)]
     passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks))
     # phase: quantize

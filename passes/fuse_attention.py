@@ -116,7 +116,8 @@ def _i64(*values: int) -> np.ndarray:
     return np.asarray(values if len(values) > 1 else values[0], dtype=np.int64)
 
 
-def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
+def match_attention(graph: ir.Graph, softmax: ir.Node) -> dict | str:
+    """The decomposed attention around `softmax` (form in the module doc), or the reason it is not."""
     if attr_int(softmax, "axis", -1) not in (-1, 4):
         return "softmax is not over the last axis"
     add = producer(softmax.inputs[0], "Add")
@@ -151,7 +152,22 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
     final = _output_chain(pv.outputs[0], kv_heads * groups, head_dim)
     if final is None:
         return "attention output is not reshaped back to [batch, seq, heads * head_dim]"
-    q_rot, k_rot, v = reshape_q.inputs[0], key_cat.inputs[1], value_cat.inputs[1]
+    return {
+        "q_rot": reshape_q.inputs[0], "k_rot": key_cat.inputs[1], "v_bnsh": value_cat.inputs[1], "bias": bias,
+        "past_key": key_cat.inputs[0], "past_value": value_cat.inputs[0],
+        "key": key_cat.outputs[0], "value": value_cat.outputs[0], "heads_out": final[0], "final": final[1],
+        "q_heads": kv_heads * groups, "kv_heads": kv_heads, "head_dim": head_dim,
+        "scale": scale, "softcap": softcap,
+    }  # fmt: skip
+
+
+def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
+    """The core match plus what GroupQueryAttention takes: [batch, seq, heads * d] q/k/v, the rotary
+    tables of a RotaryEmbedding pair it can absorb, the attention_mask input, the window."""
+    m = match_attention(graph, softmax)
+    if isinstance(m, str):
+        return m
+    q_rot, k_rot, v, bias = m["q_rot"], m["k_rot"], m["v_bnsh"], m["bias"]
     rope_q, rope_k = (producer(t, "RotaryEmbedding", domain=MS_DOMAIN) for t in (q_rot, k_rot))
     if (rope_q is None) != (rope_k is None):
         return "only one of q and k is rotated"
@@ -166,13 +182,7 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
     mask = _mask_input(graph, bias)
     if mask is None:
         return "no attention_mask graph input behind the attention bias"
-    return {
-        "q": heads[0], "k": heads[1], "v": heads[2],
-        "past_key": key_cat.inputs[0], "past_value": value_cat.inputs[0],
-        "key": key_cat.outputs[0], "value": value_cat.outputs[0], "final": final,
-        "q_heads": kv_heads * groups, "kv_heads": kv_heads, "head_dim": head_dim,
-        "scale": scale, "softcap": softcap, "rotary": rotary, "mask": mask, "window": _window(bias),
-    }  # fmt: skip
+    return m | {"q": heads[0], "k": heads[1], "v": heads[2], "rotary": rotary, "mask": mask, "window": _window(bias)}
 
 
 def _scores(value: ir.Value | None) -> tuple[ir.Node, float, float | None] | None:
@@ -206,7 +216,8 @@ def _cache_concat(graph: ir.Graph, value: ir.Value | None) -> ir.Node | None:
     return concat if is_graph_input(graph, concat.inputs[0]) else None
 
 
-def _output_chain(value: ir.Value, heads: int, head_dim: int) -> ir.Value | None:
+def _output_chain(value: ir.Value, heads: int, head_dim: int) -> tuple[ir.Value, ir.Value] | None:
+    """([batch, heads, seq, d] after the first Reshape, [batch, seq, heads * d] at the end)."""
     r1 = _only_use(value, "Reshape")
     t = (
         _only_use(r1.outputs[0], "Transpose")
@@ -216,7 +227,7 @@ def _output_chain(value: ir.Value, heads: int, head_dim: int) -> ir.Value | None
     r2 = _only_use(t.outputs[0], "Reshape") if t is not None and attr_ints(t, "perm") == [0, 2, 1, 3] else None
     if r2 is None or ints(r2.inputs[1]) not in ([0, 0, heads * head_dim], [0, 0, -1]):
         return None
-    return r2.outputs[0]
+    return r1.outputs[0], r2.outputs[0]
 
 
 def _only_use(value: ir.Value, op: str) -> ir.Node | None:

@@ -146,3 +146,21 @@ def test_bench_json(tiny_hf, tmp_path):
     assert len(pp["samples_ts"]) == 2 and min(pp["samples_ts"]) <= pp["avg_ts"] <= max(pp["samples_ts"])
     assert result["decode_tokens_per_s"] == tg["avg_ts"] > 0 and result["time_to_first_token_s"] > 0
     assert result["peak_rss_bytes"] > 10 * 2**20 and result["recipe"] == "int4"
+
+
+def test_export_std_opset_matches_reference(tiny_hf, tmp_path):
+    """--opset std: only standard ONNX ops (opset 23), a growing cache, the same logits as transformers."""
+    import onnx
+
+    out = tmp_path / "std"
+    r = _cli("export", str(tiny_hf("qwen2")), "--out", str(out), "-q", "fp32", "--opset", "std")
+    assert r.returncode == 0, r.stderr
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {n.domain for n in m.graph.node} == {""} and {"Attention", "RMSNormalization"} <= {
+        n.op_type for n in m.graph.node
+    }
+    assert json.loads((out / "manifest.json").read_text())["kv_cache"] == {"layout": "dynamic"}
+    runner = OrtRunner(out / "model.onnx")
+    assert not runner.static
+    prompt = [5, 6, 7, 8]
+    np.testing.assert_allclose(runner.prefill(prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4)

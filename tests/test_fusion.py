@@ -271,4 +271,8 @@ def test_whole_fp32_pipeline(family, opset, tmp_path):
     before = logits(model, tmp_path / "a", n_decode=12)
     reports = run_passes(model, onnx_passes(recipe_named("fp32"), MAX_LEN, opset))
     assert all(r["matched"] > 0 for r in reports if not r["pass"].startswith("cleanup"))
+    attention = {"ort": "GroupQueryAttention", "std": "Attention"}[opset]
+    assert ops(model)[attention] == cfg.num_layers and ops(model)["Softmax"] == 0
+    if opset == "std":  # nothing outside standard ONNX
+        assert {n.domain for n in model.graph} <= {""} and model.opset_imports[""] == 23
     np.testing.assert_allclose(logits(model, tmp_path / "b", n_decode=12), before, atol=1e-4)
