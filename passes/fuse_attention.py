@@ -62,6 +62,14 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         new_nodes = []
 
         def flat(value: ir.Value, heads: int) -> ir.Value:
+            split = producer(value, "Reshape")
+            source = split.inputs[0] if split is not None else None
+            if (
+                split is not None
+                and ints(split.inputs[1]) == [0, 0, heads, head_dim]
+                and producer(source, "MatMul", "Split", "Add")
+            ):
+                return source  # a projection's [batch, seq, heads * d] output, only split into heads: as it is
             node = ir.node(
                 "Reshape", [value, initializer(graph, f"gqa_shape_{heads * head_dim}", _i64(0, 0, heads * head_dim))]
             )

@@ -50,6 +50,15 @@ RECIPES: dict[str, Recipe] = {
             carry_source_blocks=True,
         ),
         Recipe(
+            "int4-fast",
+            "4-bit everywhere it is read per token: a GGUF's Q4_K blocks carried exactly, its 8-bit formats "
+            "re-rounded to 4-bit, head 4-bit; the embedding 8-bit (fewer bytes per token than int4, less accurate)",
+            WeightQuant(4, 32, False, carry_wider=False),
+            head=WeightQuant(4, 32, False, carry=False),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+        ),
+        Recipe(
             "int4-all", "4-bit weights everywhere, head included, blocks of 32, asymmetric", WeightQuant(4, 32, False)
         ),
         Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),

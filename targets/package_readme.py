@@ -47,13 +47,16 @@ quantization error) and the model's inputs and outputs.
 ONNX Runtime GenAI reads this directory as it is (`genai_config.json`):
 
 ```python
+import json
 import onnxruntime_genai as og
 model = og.Model("path/to/this/package")
 tokenizer = og.Tokenizer(model)
 params = og.GeneratorParams(model)
 params.set_search_options(max_length={kv.get("max_seq_len", arch["max_position_embeddings"])})
 generator = og.Generator(model, params)
-generator.append_tokens(tokenizer.encode("Hello"))
+bos = json.load(open("path/to/this/package/genai_config.json"))["model"].get("bos_token_id")
+# GenAI's tokenizer (0.18) does not add the BOS token the model was trained with: prepend it.
+generator.append_tokens(([bos] if bos is not None else []) + list(tokenizer.encode("Hello")))
 while not generator.is_done():
     generator.generate_next_token()
 ```
