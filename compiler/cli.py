@@ -122,6 +122,17 @@ def run(
 
 
 @app.command()
+def verify(package: Path = typer.Argument(..., help="A package directory written by `mobilize export`.")) -> None:
+    """Check a package against its manifest: schema, every file's size and sha256, the model's I/O."""
+    from mobilize.compiler.verify import verify_package
+
+    with console.status(f"verifying {package}"):
+        manifest = verify_package(package)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"ok: {package} ({len(manifest['files'])} files, {total:,} bytes, sha256 and I/O as the manifest says)")
+
+
+@app.command()
 def bench(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
     prompt_len: int = typer.Option(128, "--prompt-len", min=1),

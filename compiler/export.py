@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
+from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
 from mobilize.targets.genai_config import genai_config, graph_io
 from mobilize.targets.onnx_writer import save_onnx
@@ -63,6 +63,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     """Write the package; the destination appears only once every file is complete."""
     opts = opts.resolved()
     out = opts.out.resolve()
+    if out.parent.is_dir():
+        _remove_stale_partials(out)
     if out.exists() and not opts.overwrite:
         raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
     recipe = recipe_named(opts.quant)
@@ -77,7 +79,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     reports = run_passes(graph, passes)
     kv = static_kv(graph)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         phase("writing model.onnx (weights streamed)")
         save_onnx(graph, tmp)
@@ -87,7 +89,6 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         genai = genai_config(config, special_token_ids(model.ckpt), graph_io(graph), kv)
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
         phase("writing manifest")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "mobilize_version": __version__,
@@ -100,23 +101,41 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "kv_cache": kv or {"layout": "dynamic"},
             "io": graph_io(graph),
             "tokenizer": tokenizer_files or None,
-            "files": files,
+        }
+        (tmp / "README.md").write_text(package_readme(manifest, sorted(p.name for p in tmp.iterdir())))
+        manifest["files"] = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(package_readme(manifest))
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _install(tmp: Path, out: Path) -> None:
+    """Put the finished package at `out`. A previous package is moved aside first and deleted only once
+    the new one is in place, so a kill at any moment leaves one whole package (old or new) or the old
+    one beside the new, never a half-written one under the name."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temporary directories of exports that were killed (SIGKILL leaves no chance to clean up): the pid
+    in the name is no longer running."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(stale.name.split("partial-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError, IndexError):
+            continue

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilize.compiler.errors import MobilizeError
+from mobilize.compiler.verify import read_manifest, verify_package
 from mobilize.runtime_harness.ort_runner import OrtRunner
 
 
@@ -19,14 +20,11 @@ class Package:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> Package:
+    def open(cls, path: str | Path, verify: bool = True) -> Package:
+        """A package, verified first (every file against its manifest sha256): a tampered or truncated
+        package is refused before anything is loaded from it."""
         path = Path(path)
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except FileNotFoundError:
-            raise MobilizeError(f"{path} is not a mobilize package (no manifest.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MobilizeError(f"{path}/manifest.json is not valid JSON ({e})") from None
+        manifest = verify_package(path) if verify else read_manifest(path)
         if manifest.get("format") != "onnx":
             raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run yet (onnx)")
         return cls(path, manifest)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def package_readme(manifest: dict[str, Any]) -> str:
+def package_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
+    """`manifest` without its file list (the README is one of the files it hashes)."""
     arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
     kv = manifest["kv_cache"]
-    files = "\n".join(f"| `{name}` | {entry['bytes']:,} |" for name, entry in sorted(manifest["files"].items()))
+    files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
     io_rows = "\n".join(
         f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
         for kind, values in (("in", manifest["io"]["inputs"]), ("out", manifest["io"]["outputs"]))
@@ -35,12 +36,12 @@ Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
 
 ## Inside
 
-| file | bytes |
-|---|---|
+| file |
+|---|
 {files}
 
-`manifest.json` has every file's sha256, the architecture, the pass report (fusions, per-tensor
-quantization error) and the model's inputs and outputs.
+`manifest.json` has every file's size and sha256 (`mobilize verify` checks them), the architecture,
+the pass report (fusions, per-tensor quantization error) and the model's inputs and outputs.
 
 ## Load it
 

@@ -46,7 +46,13 @@ def test_export_package_runs(tiny_hf, tmp_path):
     r = _cli("export", str(tiny_hf("qwen2")), "--out", str(out), "-q", "fp32")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "generation_config.json", "genai_config.json"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "model.onnx.data",
+        "generation_config.json",
+        "genai_config.json",
+        "README.md",
+    }
     for name, entry in manifest["files"].items():
         data = (out / name).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()

@@ -1,0 +1,107 @@
+"""Packages are what their manifest says: byte-identical rebuilds, `verify` and `run` refusing a flipped
+byte in any file, and exports that a SIGKILL cannot leave half-written under the package's name."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def package(tiny_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pkg") / "llama-int4"
+    r = _cli("export", str(tiny_hf("llama")), "--out", str(out), "-q", "int4")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_rebuild_is_byte_identical(package, tiny_hf, tmp_path):
+    again = tmp_path / "again"
+    assert _cli("export", str(tiny_hf("llama")), "--out", str(again), "-q", "int4").returncode == 0
+    names = sorted(p.name for p in package.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
+        assert (package / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_verify_accepts_the_package(package):
+    r = _cli("verify", str(package))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: ") and "sha256" in r.stdout
+
+
+def _flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mobilize: error: ") and needle in lines[0], r.stderr
+
+
+def test_a_flipped_byte_in_any_file_is_refused(package, tmp_path):
+    for file in sorted(p.name for p in package.iterdir()):
+        bad = tmp_path / file
+        shutil.copytree(package, bad)
+        if file == "manifest.json":  # inside a recorded sha256: the manifest disagrees with a file
+            text = (bad / file).read_text()
+            _flip(bad / file, text.index('"sha256": "') + 20)
+        else:
+            _flip(bad / file, (bad / file).stat().st_size // 2)
+        needle = "sha256" if file != "manifest.json" else "does not match"
+        _one_line_error(_cli("verify", str(bad)), needle)
+        _one_line_error(_cli("run", str(bad), "--prompt", "x", "-n", "2"), needle)
+
+
+def test_missing_and_unlisted_files_are_refused(package, tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(package, missing)
+    (missing / "genai_config.json").unlink()
+    _one_line_error(_cli("verify", str(missing)), "genai_config.json is missing")
+    extra = tmp_path / "extra"
+    shutil.copytree(package, extra)
+    (extra / "payload.so").write_bytes(b"\x7fELF")
+    _one_line_error(_cli("verify", str(extra)), "payload.so is not in the manifest")
+    _one_line_error(_cli("verify", str(tmp_path / "nowhere")), "not a package directory")
+
+
+def test_sigkill_during_export_leaves_the_old_package(package, tmp_path):
+    """Kill an fp32 export of the real-shaped Gemma 3 270M while it writes; the good package already at
+    the destination stays whole, nothing half-written takes its name, and the next export sweeps the
+    dead export's temporary directory."""
+    dest = tmp_path / "pkg"
+    shutil.copytree(package, dest)
+    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(dest), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    partial = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [p for p in tmp_path.glob(".pkg.partial-*") if (p / "model.onnx.data").exists()]
+        if partial:
+            break
+        time.sleep(0.05)
+    assert partial, "the export never started writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _cli("verify", str(dest)).returncode == 0  # the old package, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pkg.")] == [partial[0].name]
+    # The next export (here of a small model) removes the dead export's directory.
+    assert _cli("export", str(package.parent / "nothing"), "--out", str(dest)).returncode == 1
+    assert not partial[0].exists()
