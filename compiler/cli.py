@@ -176,7 +176,8 @@ def main() -> None:
         print(f"mobilize: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        full = e.errno == errno.ENOSPC or "free space" in str(e)  # numpy's tofile raises without an errno
+        what = f"the disk is full ({e.strerror or e})" if full else (e.strerror or str(e))
         print(f"mobilize: error: {what}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         sys.exit(1)
     except MemoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -109,10 +110,21 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
         _install(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MobilizeError(f"could not write the package to {out.parent}: {_write_error(e)}; nothing was left") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_error(e: OSError) -> str:
+    text = str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "free space" in text or "written" in text:
+        # numpy's tofile reports a short write without an errno ("N requested and M written")
+        return f"the disk is full or a file-size limit was reached ({e.strerror or text})"
+    return e.strerror or text
 
 
 def _install(tmp: Path, out: Path) -> None:

@@ -47,7 +47,7 @@ def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
         if gen.is_file():
             try:
                 extra = json.loads(gen.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 extra = {}
             ids |= {k: extra[k] for k in ids if extra.get(k) is not None}
     return ids

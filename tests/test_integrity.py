@@ -105,3 +105,25 @@ def test_sigkill_during_export_leaves_the_old_package(package, tmp_path):
     # The next export (here of a small model) removes the dead export's directory.
     assert _cli("export", str(package.parent / "nothing"), "--out", str(dest)).returncode == 1
     assert not partial[0].exists()
+
+
+def test_a_failed_write_leaves_the_old_package(package, tmp_path):
+    """The writer fails part way (a file-size limit: the kernel refuses the write, as with a full disk):
+    one error line, the old package whole, no temporary directory left."""
+    import resource
+
+    dest = tmp_path / "pkg"
+    shutil.copytree(package, dest)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write returns EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    r = subprocess.run(
+        [*cmd, "--out", str(dest), "--overwrite"], capture_output=True, text=True, timeout=300, preexec_fn=limit
+    )
+    _one_line_error(r, "could not write the package")
+    assert "the disk is full or a file-size limit was reached" in r.stderr
+    assert _cli("verify", str(dest)).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]

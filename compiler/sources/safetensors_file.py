@@ -55,7 +55,7 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
         raise CheckpointError(f"{name}: cannot read: {e.strerror}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{name}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is not a JSON object")
