@@ -140,15 +140,25 @@ def bench(
     threads: int = typer.Option(2, "--threads", min=0, help="Intra-op threads (0: runtime default)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs after one warm-up; medians reported."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    runtime: str = typer.Option("ort", "--runtime", help="ort: onnxruntime (IOBinding); genai: ONNX Runtime GenAI."),
 ) -> None:
     """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
     from mobilize.runtime_harness.package import Package
     from mobilize.runtime_harness.perf import measure
 
+    if runtime not in ("ort", "genai"):
+        raise MobilizeError(f"unknown --runtime {runtime!r} (ort, genai)")
     pkg = Package.open(package)
+    if runtime == "genai":
+        from mobilize.runtime_harness.genai_runner import GenAIRunner
+
+        runner = GenAIRunner(package, threads)
+    else:
+        runner = pkg.runner(threads)
     with console.status(f"benchmarking {package.name}"):
-        result = measure(pkg.runner(threads), pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
+        result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
     result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
+    result["runtime"] = runtime
     if as_json:
         print(json.dumps(result, indent=2))
         return

@@ -152,6 +152,10 @@ def test_bench_json(tiny_hf, tmp_path):
     assert len(pp["samples_ts"]) == 2 and min(pp["samples_ts"]) <= pp["avg_ts"] <= max(pp["samples_ts"])
     assert result["decode_tokens_per_s"] == tg["avg_ts"] > 0 and result["time_to_first_token_s"] > 0
     assert result["peak_rss_bytes"] > 10 * 2**20 and result["recipe"] == "int4"
+    r = _cli("bench", str(out), "--prompt-len", "8", "--gen-len", "4", "--repeats", "1", "--runtime", "genai", "--json")
+    assert r.returncode == 0, r.stderr
+    genai = json.loads(r.stdout)
+    assert genai["runtime"] == "genai" and genai["decode_tokens_per_s"] > 0
 
 
 def test_export_std_opset_matches_reference(tiny_hf, tmp_path):
