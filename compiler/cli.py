@@ -66,13 +66,15 @@ def inspect(
 @app.command()
 def export(
     source: str = typer.Argument(..., help=SOURCE_HELP),
-    out: Path = typer.Option(None, "--out", "-o", help="Package directory (default: ./out/<name>-onnx-<quant>)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Package directory (default: out/<name>-<target>-<format>-<quant>)."
+    ),
     random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
     target: str = typer.Option("android", "--target", "-t", help="Preset: android, ios, host."),
     fmt: str = typer.Option(None, "--format", "-f", help="Package format (default: the target's; onnx)."),
     quant: str = typer.Option(
-        None, "--quant", "-q", help="Recipe (default: the target's): fp32, int8, int4, int4-all, int4-b32-sym, ..."
+        None, "--quant", "-q", help="Recipe (default: the target's): fp32, int8, int4, int4-fast, int4-all, ..."
     ),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
     opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
