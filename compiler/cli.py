@@ -123,6 +123,51 @@ def run(
     sys.stdout.write("\n")
 
 
+@app.command(name="eval")
+def eval_(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    text: Path = typer.Option(None, "--text", help="A plain text file (default: bench/data/river.txt)."),
+    chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
+    max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Perplexity, top-1 agreement and KL against the reference model; written into the manifest and README."""
+    from mobilize.runtime_harness.evaluate import DEFAULT_TEXT, evaluate, record
+    from mobilize.runtime_harness.package import Package
+
+    budget = _percent(max_ppl_increase) if max_ppl_increase is not None else None
+    pkg = Package.open(package)
+    try:
+        body = (text or DEFAULT_TEXT).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MobilizeError(f"cannot read the text {text}: {getattr(e, 'strerror', None) or e}") from None
+    with console.status(f"evaluating {package.name} against the reference"):
+        result = evaluate(pkg, body, chunk=chunk, threads=threads)
+    record(package, result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"perplexity       {result['perplexity']:.3f} (reference {result['reference_perplexity']:.3f}, "
+            f"{result['perplexity_increase']:+.2%}; {result['tokens']} tokens)"
+        )
+        print(f"top-1 agreement  {result['top1_agreement']:.1%}")
+        print(f"mean KL          {result['mean_kl']:.5f}")
+        print(f"greedy match     {result['greedy_match']['matched']} of {result['greedy_match']['new_tokens']} tokens")
+    if budget is not None and result["perplexity_increase"] > budget:
+        raise MobilizeError(
+            f"perplexity {result['perplexity_increase']:+.2%} over the reference exceeds the budget of {budget:+.2%}"
+        )
+
+
+def _percent(value: str) -> float:
+    try:
+        return float(value.strip().removesuffix("%")) / 100.0
+    except ValueError:
+        raise MobilizeError(f"--max-ppl-increase {value!r} is not a percentage such as 5%") from None
+
+
 @app.command()
 def verify(package: Path = typer.Argument(..., help="A package directory written by `mobilize export`.")) -> None:
     """Check a package against its manifest: schema, every file's size and sha256, the model's I/O."""

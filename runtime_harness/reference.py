@@ -13,6 +13,9 @@ class ReferenceRunner:
     def __init__(self, source: str | Path, gguf_file: str | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a failing command's stderr stays its one error line
 
         self.torch = torch
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -1,0 +1,52 @@
+"""`mobilize eval`: figures against the reference model, recorded in the package, and a gate both ways."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf("gemma3"), src)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 128, 300)))
+    out = tmp_path / "pkg"
+    assert _cli("export", str(src), "--out", str(out), "-q", "int4").returncode == 0
+
+    r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--json", "--max-ppl-increase", "500%")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["tokens"] == 299 and result["reference_perplexity"] > 1
+    assert 0 < result["top1_agreement"] <= 1 and result["mean_kl"] > 0  # int4 of a random net: not identical
+    assert abs(result["perplexity"] / result["reference_perplexity"] - 1 - result["perplexity_increase"]) < 1e-9
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["evaluation"] == result and "## Evaluation" in (out / "README.md").read_text()
+    assert _cli("verify", str(out)).returncode == 0  # the README's new hash was recorded
+
+    budget = result["perplexity_increase"] * 100 - 0.5  # just under what it measured: the gate closes
+    r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--max-ppl-increase", f"{budget}%")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "exceeds the budget" in lines[0], r.stderr
+
+
+def test_eval_refuses_random_weights(tmp_path):
+    out = tmp_path / "pkg"
+    assert _cli("export", "gemma3-270m", "--random-weights", "-q", "int8", "--out", str(out)).returncode == 0
+    r = _cli("eval", str(out))
+    assert r.returncode == 1 and r.stderr.strip().endswith("there is no reference model to compare"), r.stderr
