@@ -100,7 +100,14 @@ def export(
             status.update(f"exporting: {p}")
 
         path = run_export(opts, phase=phase)
-    kv = json.loads((path / "manifest.json").read_text())["target"]["max_seq_len"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    kv = manifest["target"]["max_seq_len"]
+    if "fit" in manifest and not manifest["fit"]["memory"]["fits"]:
+        m = manifest["fit"]["memory"]
+        console.print(
+            f"[bold yellow]warning:[/] this package needs {m['total_bytes'] / 1e9:.2f} GB, more than the "
+            f"{m['budget_bytes'] / 1e9:.2f} GB an app can count on on a {manifest['fit']['device']} (mobilize fit)"
+        )
     took = time.perf_counter() - start
     print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}) in {took:.1f} s")
 
@@ -166,6 +173,37 @@ def _percent(value: str) -> float:
         return float(value.strip().removesuffix("%")) / 100.0
     except ValueError:
         raise MobilizeError(f"--max-ppl-increase {value!r} is not a percentage such as 5%") from None
+
+
+@app.command(name="fit")
+def fit_(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    device: str = typer.Option("pixel6", "--device", help="Device profile: pixel6, pixel8, iphone15."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt whose logits are the largest activation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Memory needed against the device's budget, and the bandwidth bound on decode tokens/s."""
+    from mobilize.compiler.fit import fit
+    from mobilize.runtime_harness.package import Package
+
+    pkg = Package.open(package)
+    r = fit(pkg.path, pkg.manifest, device, prompt_len)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    m, d = r["memory"], r["decode_roofline"]
+    mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    print(f"device          {r['device']} ({r['soc']}), {d['bandwidth_gb_s']} GB/s peak")
+    print(f"weights         {mb(m['weights_bytes'])}")
+    print(f"KV cache        {mb(m['kv_cache_bytes'])} (full length)")
+    print(f"activations     {mb(m['activation_bytes'])} (logits of a {prompt_len}-token prompt)")
+    print(f"runtime         {mb(m['runtime_bytes'])} (allowance)")
+    verdict = "fits" if m["fits"] else "DOES NOT FIT"
+    print(f"total           {mb(m['total_bytes'])} of {mb(m['budget_bytes'])} an app can count on: {verdict}")
+    print(
+        f"decode bound    {d['tokens_per_s_at_most']:.1f} tok/s = {d['bandwidth_gb_s']} GB/s / "
+        f"({mb(d['weight_bytes_per_token'])} weights + {mb(d['kv_bytes_per_token_at_full_context'])} KV per token)"
+    )
 
 
 @app.command()

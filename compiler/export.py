@@ -15,6 +15,7 @@ from mobilize.compiler import __version__
 from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
+from mobilize.compiler.fit import fit
 from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
@@ -103,6 +104,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "io": graph_io(graph),
             "tokenizer": tokenizer_files or None,
         }
+        device = PRESETS[opts.target].device
+        if device is not None:
+            manifest["fit"] = fit(tmp, manifest, device)
         (tmp / "README.md").write_text(package_readme(manifest, sorted(p.name for p in tmp.iterdir())))
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())

@@ -19,8 +19,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("android", "phones such as the Pixel 6 (8 GB, 2 big cores)", "onnx", "int4", 2048, 4, "pixel-6"),
-        Preset("ios", "iPhones (6-8 GB)", "onnx", "int4", 2048, 4, "iphone-15"),
+        Preset("android", "phones such as the Pixel 6 (8 GB, 2 big cores)", "onnx", "int4", 2048, 4, "pixel6"),
+        Preset("ios", "iPhones (6-8 GB)", "onnx", "int4", 2048, 4, "iphone15"),
         Preset("host", "this machine: desktop and CI", "onnx", "int8", 4096, 0),
     ]
 }
