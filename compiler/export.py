@@ -16,7 +16,7 @@ from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
-from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
+from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
@@ -48,6 +48,8 @@ class ExportOptions:
         fmt = self.format or preset.format
         if fmt not in FORMATS:
             raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(FORMATS)})")
+        if self.opset not in OPSETS:
+            raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
             raise MobilizeError(f"--max-seq-len {self.max_seq_len} is out of range (1..{1 << 20})")
         return dataclasses.replace(self, quant=self.quant or preset.quant, format=fmt)
@@ -70,7 +72,6 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     if out.exists() and not opts.overwrite:
         raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
     recipe = recipe_named(opts.quant)
-    onnx_passes(recipe, 1, opts.opset)  # a bad --opset fails before any reading
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)

@@ -30,6 +30,7 @@ from mobilize.passes.graph import (
     remove_dead,
     replace_output,
     scalar,
+    std_nodes,
 )
 from mobilize.passes.report import PassReport
 
@@ -44,9 +45,8 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         self._lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
-        for node in list(graph):
-            if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.graph is graph:
-                self._fuse(graph, node)
+        for node in std_nodes(graph, "Softmax"):
+            self._fuse(graph, node)
         if self.report.matched:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)

@@ -11,10 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.passes.fuse_attention import match_attention
-from mobilize.passes.graph import initializer, remove_dead, replace_output
+from mobilize.passes.graph import initializer, remove_dead, replace_output, require_std_opset, std_nodes
 from mobilize.passes.report import PassReport
-
-STD_OPSET = 23
 
 
 class FuseStdAttentionPass(ir.passes.InPlacePass):
@@ -24,11 +22,10 @@ class FuseStdAttentionPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for node in list(graph):
-            if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.graph is graph:
-                self._fuse(graph, node)
+        for node in std_nodes(graph, "Softmax"):
+            self._fuse(graph, node)
         if self.report.matched:
-            model.opset_imports[""] = max(model.opset_imports.get("", 0), STD_OPSET)
+            require_std_opset(model)
             remove_dead(graph)
         return ir.passes.PassResult(model, self.report.matched > 0)
 

@@ -18,12 +18,12 @@ from mobilize.passes.graph import (
     producer,
     remove_dead,
     replace_output,
+    require_std_opset,
     scalar,
     small_const,
+    std_nodes,
 )
 from mobilize.passes.report import PassReport
-
-STD_OPSET = 23
 
 
 class FuseRMSNormPass(ir.passes.InPlacePass):
@@ -36,17 +36,15 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         fused = 0
-        for node in list(graph):
-            if node.op_type == "Mul" and node.domain in ("", "ai.onnx") and node.graph is graph:
-                fused += self._fuse_norm(graph, node)
+        for node in std_nodes(graph, "Mul"):
+            fused += self._fuse_norm(graph, node)
         skipped = 0
         if self.skip:
-            for node in list(graph):
-                if node.op_type == "SimplifiedLayerNormalization" and node.graph is graph:
-                    skipped += self._fuse_skip(graph, node)
+            for node in std_nodes(graph, "SimplifiedLayerNormalization"):
+                skipped += self._fuse_skip(graph, node)
         if fused or skipped:
             if self.std:
-                model.opset_imports[""] = max(model.opset_imports.get("", 0), STD_OPSET)
+                require_std_opset(model)
             if skipped:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)

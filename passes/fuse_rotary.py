@@ -24,11 +24,11 @@ from mobilize.passes.graph import (
     producer,
     remove_dead,
     replace_output,
+    require_std_opset,
     small_const,
+    std_nodes,
 )
 from mobilize.passes.report import PassReport
-
-STD_OPSET = 23
 
 
 def rotary_tables(inv_freq: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,12 +45,11 @@ class FuseRotaryPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        for node in list(graph):
-            if node.op_type == "Add" and node.domain in ("", "ai.onnx") and node.graph is graph:
-                self._fuse(graph, node)
+        for node in std_nodes(graph, "Add"):
+            self._fuse(graph, node)
         if self.report.matched:
             if self.std:
-                model.opset_imports[""] = max(model.opset_imports.get("", 0), STD_OPSET)
+                require_std_opset(model)
             else:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)

@@ -10,6 +10,19 @@ _STD = ("", "ai.onnx")
 SMALL = 4096  # constants up to this many elements are read while matching (weights never are)
 
 
+STD_OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention are standard from here
+
+
+def std_nodes(graph: ir.Graph, op_type: str) -> list[ir.Node]:
+    """The graph's `op_type` nodes of standard ONNX, listed before a pass edits anything (passes leave
+    replaced nodes in place until their final `remove_dead`)."""
+    return [n for n in graph if n.op_type == op_type and n.domain in _STD]
+
+
+def require_std_opset(model: ir.Model) -> None:
+    model.opset_imports[""] = max(model.opset_imports.get("", 0), STD_OPSET)
+
+
 def producer(value: ir.Value | None, *op_types: str, domain: str = "") -> ir.Node | None:
     """The node that makes `value`, if it is one of `op_types` in `domain` (standard ONNX by default)."""
     if value is None:

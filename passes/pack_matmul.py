@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from mobilize.passes.graph import initializer, remove_dead, replace_output
+from mobilize.passes.graph import initializer, remove_dead, replace_output, std_nodes
 from mobilize.passes.report import PassReport
 
 
@@ -24,8 +24,8 @@ class PackMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         groups: dict[int, list[ir.Node]] = {}
-        for node in graph:
-            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and _const_weight(node) is not None:
+        for node in std_nodes(graph, "MatMul"):
+            if _const_weight(node) is not None:
                 groups.setdefault(id(node.inputs[0]), []).append(node)
         for nodes in groups.values():
             if len(nodes) > 1:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
+from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
 from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
 
@@ -47,9 +47,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-                continue
+        for node in std_nodes(graph, "MatMul"):
             weight, transposed = self._weight_of(node)
             if weight is None:
                 continue

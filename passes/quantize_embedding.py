@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead
+from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
 from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
 
@@ -25,9 +25,7 @@ class QuantizeGatherPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for node in list(graph):
-            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-                continue
+        for node in std_nodes(graph, "Gather"):
             table = node.inputs[0]
             if table is None or table.const_value is None or not table.is_initializer():
                 self.report.reject("table is not a constant initializer")
