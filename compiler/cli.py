@@ -72,12 +72,15 @@ def export(
     random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
     target: str = typer.Option("android", "--target", "-t", help="Preset: android, ios, host."),
-    fmt: str = typer.Option(None, "--format", "-f", help="Package format (default: the target's; onnx)."),
+    fmt: str = typer.Option(None, "--format", "-f", help="Package format: onnx or tflite (default: the target's)."),
     quant: str = typer.Option(
         None, "--quant", "-q", help="Recipe (default: the target's): fp32, int8, int4, int4-fast, int4-all, ..."
     ),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
     opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
+    prefill_len: list[int] = typer.Option(
+        [32, 128], "--prefill-len", help="tflite: a prefill_<L> signature for each (repeat the flag)."
+    ),
 ) -> None:
     """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
     import time
@@ -87,7 +90,7 @@ def export(
 
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
-        format=fmt, max_seq_len=max_seq_len, opset=opset,
+        format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len),
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")

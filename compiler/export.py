@@ -17,6 +17,7 @@ from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
 from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes
+from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
@@ -39,6 +40,7 @@ class ExportOptions:
     format: str | None = None
     max_seq_len: int | None = None
     opset: str = "ort"
+    prefill_lens: tuple[int, ...] = (32, 128)  # tflite: one prefill_<L> signature each
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -50,6 +52,8 @@ class ExportOptions:
             raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(FORMATS)})")
         if self.opset not in OPSETS:
             raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
+        if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
+            raise MobilizeError(f"--prefill-len {list(self.prefill_lens)}: each must be from 1 to {1 << 16}")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
             raise MobilizeError(f"--max-seq-len {self.max_seq_len} is out of range (1..{1 << 20})")
         return dataclasses.replace(self, quant=self.quant or preset.quant, format=fmt)
@@ -75,34 +79,50 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
-    passes = onnx_passes(recipe, max_seq_len, opts.opset)
-    phase("building graph")
-    graph = build_decoder(model)
-    phase(f"passes ({recipe.name})")
-    reports = run_passes(graph, passes)
-    kv = static_kv(graph)
+    if opts.format == "tflite":
+        phase("lowering to TFLite")
+        tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens))
+    else:
+        passes = onnx_passes(recipe, max_seq_len, opts.opset)
+        phase("building graph")
+        graph = build_decoder(model)
+        phase(f"passes ({recipe.name})")
+        reports = run_passes(graph, passes)
+        kv = static_kv(graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        phase("writing model.onnx (weights streamed)")
-        save_onnx(graph, tmp)
+        config = dataclasses.asdict(model.config)
+        target = {"name": opts.target, "max_seq_len": max_seq_len}
+        if opts.format == "tflite":
+            phase("writing model.tflite (weights streamed)")
+            tfl.write(tmp / "model.tflite")
+            io = tflite_io(tmp / "model.tflite")
+            kv = tflite_kv(model.config, max_seq_len)
+            reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
+            target["prefill_lens"] = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
+        else:
+            phase("writing model.onnx (weights streamed)")
+            save_onnx(graph, tmp)
+            io = graph_io(graph)
+            target["opset"] = opts.opset
         phase("writing tokenizer")
         tokenizer_files = write_tokenizer(model.ckpt, tmp)
-        config = dataclasses.asdict(model.config)
-        genai = genai_config(config, special_token_ids(model.ckpt), graph_io(graph), kv)
-        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
+        if opts.format == "onnx":
+            genai = genai_config(config, special_token_ids(model.ckpt), io, kv)
+            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
         phase("writing manifest")
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "mobilize_version": __version__,
             "source": {"id": model.ckpt.source, "format": model.ckpt.format},
             "architecture": config,
-            "format": "onnx",
+            "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"passes": reports},
-            "target": {"name": opts.target, "max_seq_len": max_seq_len, "opset": opts.opset},
+            "target": target,
             "kv_cache": kv or {"layout": "dynamic"},
-            "io": graph_io(graph),
+            "io": io,
             "tokenizer": tokenizer_files or None,
         }
         device = PRESETS[opts.target].device

@@ -22,10 +22,15 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
     if device not in DEVICES:
         raise MobilizeError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
-    weights, per_token = _weight_bytes(package_dir / "model.onnx")
+    if manifest.get("format") == "tflite":
+        from mobilize.targets.tflite_writer import weight_bytes
+
+        weights, per_token = weight_bytes(package_dir / "model.tflite")
+    else:
+        weights, per_token = _weight_bytes(package_dir / "model.onnx")
     kv = 0
     for value in manifest["io"]["inputs"]:
-        if value["name"].startswith("past_key_values."):
+        if value["name"].startswith(("past_key_values.", "kv_cache_")):
             dims = [
                 manifest["target"]["max_seq_len"] if isinstance(d, str) and d != "batch" else d for d in value["shape"]
             ]

@@ -78,7 +78,24 @@ def verify_package(path: str | Path) -> dict[str, Any]:
             raise MobilizeError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
     if manifest["format"] == "onnx":
         _check_io(path, manifest["io"])
+    elif manifest["format"] == "tflite":
+        _check_tflite_io(path, manifest["io"])
+    else:
+        raise MobilizeError(f"{path}: unknown package format {manifest['format']!r} (onnx, tflite)")
     return manifest
+
+
+def _check_tflite_io(path: Path, io: dict) -> None:
+    from mobilize.compiler.tflite_builder import tflite_io
+
+    try:
+        found = tflite_io(path / "model.tflite")
+    except MobilizeError:
+        raise
+    except Exception as e:  # a flatbuffer that passed its hash but does not parse
+        raise MobilizeError(f"{path}/model.tflite cannot be parsed ({type(e).__name__})") from None
+    if found != io:
+        raise MobilizeError(f"{path}: the model's signatures are not the manifest's")
 
 
 def _check_io(path: Path, io: dict) -> None:

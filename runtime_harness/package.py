@@ -11,6 +11,7 @@ import numpy as np
 
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.verify import read_manifest, verify_package
+from mobilize.runtime_harness.litert_runner import LiteRtRunner
 from mobilize.runtime_harness.ort_runner import OrtRunner
 
 
@@ -25,8 +26,8 @@ class Package:
         package is refused before anything is loaded from it."""
         path = Path(path)
         manifest = verify_package(path) if verify else read_manifest(path)
-        if manifest.get("format") != "onnx":
-            raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run yet (onnx)")
+        if manifest.get("format") not in ("onnx", "tflite"):
+            raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run (onnx, tflite)")
         return cls(path, manifest)
 
     def tokenizer(self):
@@ -51,7 +52,9 @@ class Package:
             ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
 
-    def runner(self, threads: int = 0) -> OrtRunner:
+    def runner(self, threads: int = 0) -> OrtRunner | LiteRtRunner:
+        if self.manifest["format"] == "tflite":
+            return LiteRtRunner(self.path / "model.tflite", threads=threads)
         return OrtRunner(self.path / "model.onnx", threads=threads)
 
 

@@ -121,3 +121,15 @@ def genai_greedy(package: Path, prompt: list[int], n_new: int) -> list[int]:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return out
+
+
+def assert_tracks_reference(ref, ours, prompt: list[int], steps: int = 8, atol: float = 1e-4) -> None:
+    """`ours` gives the reference's logits for the prompt and for `steps` greedy decode steps after it."""
+    expected, got = ref.prefill(prompt), ours.prefill(prompt)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
+    token = int(expected[-1].argmax())
+    for _ in range(steps):
+        expected, got = ref.decode(token), ours.decode(token)
+        np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
+        token = int(expected.argmax())

@@ -185,7 +185,8 @@ def test_config_not_json(tiny_hf, tmp_path):
     ("flags", "needle"),
     [
         (["--target", "watch"], "unknown target 'watch'"),
-        (["--format", "tflite"], "format 'tflite' is not available"),
+        (["--format", "coreml"], "format 'coreml' is not available"),
+        (["--prefill-len", "0"], "--prefill-len [0]"),
         (["--max-seq-len", "0"], "--max-seq-len 0 is out of range"),
         (["--max-seq-len", "100000"], "past the model's context of 256"),
         (["--opset", "23"], "unknown --opset '23'"),
