@@ -19,22 +19,39 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.compiler.checkpoint import LoadedModel
-from mobilize.passes.quant_primitives import error_stats
+from mobilize.compiler.sources.gguf_grid import GRID_FORMS
 from mobilize.passes.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite_writer import INT4, Quant, TflGraph
 
 Op = fb.BuiltinOperator
 F32 = np.float32
+ROWS = 8192  # rows quantized at a time: temporaries stay tens of MB whatever the matrix
 EMBEDDING = "model.embed_tokens.weight"
 
 
-def quantize_per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] -> (q int8 [N, K] in [-(2**(bits-1) - 1), 2**(bits-1) - 1], scale float32 [N]), symmetric."""
-    qmax = (1 << (bits - 1)) - 1
-    amax = np.abs(w).max(axis=1)
-    scale = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
-    q = np.clip(np.round(w / scale[:, None]), -qmax, qmax).astype(np.int8)
-    return q, scale
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def quantize_sym4_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [N, n_blocks, block] -> (codes int8 in [-8, 7], fp16 scales [N, n_blocks]). Per block, the
+    scale of least squared error among a few clipping ratios of max|w| / 7 (and max|w| / 8, which puts a
+    negative extreme exactly on -8); scales are rounded to fp16 before the codes are chosen."""
+    amax = np.abs(blocks).max(axis=-1)
+    base = np.where(amax == 0, 1.0, amax)
+    best_err = best_q = best_s = None
+    for s in [base / 7.0 * r for r in CLIP_RATIOS] + [base / 8.0]:
+        s16 = s.astype(np.float16)
+        s32 = s16.astype(F32)[..., None]
+        q = np.clip(np.round(blocks / s32), -8, 7)
+        err = np.square(q * s32 - blocks).sum(axis=-1)
+        if best_err is None:
+            best_err, best_q, best_s = err, q, s16
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_q = np.where(better[..., None], q, best_q)
+            best_s = np.where(better, s16, best_s)
+    return best_q.astype(np.int8), best_s
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -54,25 +71,34 @@ class FcWeights:
     def _load(self, name: str) -> np.ndarray:
         return np.asarray(self.ckpt[name].load(), dtype=F32)
 
-    def _quantized(self, name: str, quant: WeightQuant, key: str | None = None):
-        """(q int8 [N, K], scale [N]) of a weight, with its error statistics recorded."""
+    def _per_channel(self, name: str, bits: int, key: str, scale: np.ndarray):
+        """Codes of a weight per output channel with the layout's scales, a slice of rows at a time (bytes for
+        the writer), the error statistics gathered along."""
         w = self._load(name)
-        q, scale = quantize_per_channel(w, quant.bits)
-        n = w.shape[0]
-        self.stats[key or name] = {
-            "bits": quant.bits,
+        qmax = (1 << (bits - 1)) - 1
+        sq_err = sq_w = max_abs = 0.0
+        for start in range(0, w.shape[0], ROWS):
+            rows, s = w[start : start + ROWS], scale[start : start + ROWS, None]
+            q = np.clip(np.round(rows / s), -qmax, qmax).astype(np.int8)
+            err = q.astype(F32) * s - rows
+            sq_err += float(np.square(err, dtype=np.float64).sum())
+            sq_w += float(np.square(rows, dtype=np.float64).sum())
+            max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+            yield pack_int4(q) if bits == 4 else q
+        self.stats[key] = {
+            "bits": bits,
             "form": "per-channel sym",
-            **error_stats(
-                w, q.reshape(n, 1, -1).astype(np.int16) + 128, scale[:, None], np.full((n, 1), 128, np.uint8)
-            ),
+            "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
+            "max_abs_error": max_abs,
         }
-        return q, scale
 
     def _fc_tensor(self, g: TflGraph, name: str, quant: WeightQuant | None, key: str) -> int:
         shape = self.ckpt[name].shape
         n, k = shape
         if quant is None:
             return g.weight(key, shape, F32, 4 * n * k, lambda: self._load(name))
+        if quant.bits == 4 and self._keep_wider(name, quant):
+            quant = WeightQuant(8, 0, True)
         if quant.bits == 4 and quant.block_size and k % quant.block_size == 0 and k > quant.block_size:
             return self._blockwise(g, name, quant.block_size, key)
         # The scales are needed in the flatbuffer (before any buffer is written): computed from row maxima
@@ -81,14 +107,17 @@ class FcWeights:
         q = Quant(scale=scale.tolist(), zero_point=[0] * n, axis=0)
 
         def produce():
-            codes, s = self._quantized(name, quant, key)
-            if not np.array_equal(s, scale):
-                raise AssertionError(f"{name}: scales changed between layout and write")
-            return pack_int4(codes) if quant.bits == 4 else codes
+            return self._per_channel(name, quant.bits, key, scale)
 
         if quant.bits == 4:
             return g.weight(key, shape, INT4, -(-n * k // 2), produce, q)
         return g.weight(key, shape, np.int8, n * k, produce, q)
+
+    def _keep_wider(self, name: str, quant: WeightQuant) -> bool:
+        """A GGUF weight stored with more than 4 bits (Q5_0, Q6_K, Q8_0) stays 8-bit under a recipe that
+        carries source blocks (TFLite has no form that carries them exactly: this keeps their accuracy)."""
+        form = GRID_FORMS.get(self.ckpt[name].dtype)
+        return bool(self.recipe.carry_source_blocks and quant.carry and quant.carry_wider and form and form[0] > 4)
 
     def _blockwise(self, g: TflGraph, name: str, block: int, key: str) -> int:
         """INT4 codes [N, K] and fp16 scales [N, K / block]; both from one read of the weight, at the
@@ -98,21 +127,24 @@ class FcWeights:
 
         def codes():
             w = self._load(name)
-            blocks = w.reshape(n, k // block, block)
-            amax = np.abs(blocks).max(axis=-1)
-            scale = (np.where(amax == 0, 1.0, amax) / 7.0).astype(np.float16)  # fp16 first: codes use it
-            q = np.clip(np.round(blocks / scale.astype(F32)[..., None]), -8, 7).astype(np.int8)
-            deq = q.astype(F32) * scale.astype(F32)[..., None]
-            err = float(np.square(deq - blocks, dtype=np.float64).sum())
-            ref = float(np.square(blocks, dtype=np.float64).sum())
+            sq_err = sq_w = max_abs = 0.0
+            scales = []
+            for start in range(0, n, ROWS):
+                blocks = w[start : start + ROWS].reshape(-1, k // block, block)
+                q, scale = quantize_sym4_blocks(blocks)
+                err = q.astype(F32) * scale.astype(F32)[..., None] - blocks
+                sq_err += float(np.square(err, dtype=np.float64).sum())
+                sq_w += float(np.square(blocks, dtype=np.float64).sum())
+                max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+                scales.append(scale)
+                yield pack_int4(q)
             self.stats[key] = {
                 "bits": 4,
                 "form": f"blockwise {block} sym, fp16 scales",
-                "rel_rms_error": (err / max(ref, 1e-30)) ** 0.5,
-                "max_abs_error": float(np.abs(deq - blocks).max(initial=0.0)),
+                "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
+                "max_abs_error": max_abs,
             }
-            pending["scale"] = scale
-            return pack_int4(q)
+            pending["scale"] = np.concatenate(scales)
 
         scales_shape = [n, k // block]
         buffer = g.model.weight_buffer(key, -(-n * k // 2), codes)
@@ -127,7 +159,9 @@ class FcWeights:
     def _row_scales(self, name: str, bits: int) -> np.ndarray:
         if name not in self._scales:
             qmax = (1 << (bits - 1)) - 1
-            amax = np.abs(self._load(name)).max(axis=1)
+            w = self._load(name)
+            amax = np.concatenate([np.abs(w[i : i + ROWS]).max(axis=1) for i in range(0, w.shape[0], ROWS)])
+            del w
             self._scales[name] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
         return self._scales[name]
 
@@ -144,7 +178,7 @@ class FcWeights:
         key = EMBEDDING + ".int8"
 
         def produce():
-            return self._quantized(EMBEDDING, WeightQuant(8, 0, True), key)[0]
+            return self._per_channel(EMBEDDING, 8, key, self._row_scales(EMBEDDING, 8))
 
         return g.weight(key, shape, np.int8, math.prod(shape), produce)
 

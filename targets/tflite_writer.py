@@ -40,7 +40,7 @@ INT4 = "int4"  # packed two per byte, low nibble first
 @dataclasses.dataclass
 class Buffer:
     nbytes: int
-    produce: Callable[[], Any]  # -> bytes or a numpy array of exactly nbytes
+    produce: Callable[[], Any]  # -> bytes, a numpy array, or an iterable of them: nbytes in all
 
 
 @dataclasses.dataclass
@@ -226,11 +226,16 @@ class TflModel:
                     continue
                 f.write(b"\0" * (offset - f.tell()))
                 data = buffer.produce()
-                raw = data if isinstance(data, (bytes, bytearray)) else np.ascontiguousarray(data).tobytes()
-                if len(raw) != buffer.nbytes:
-                    raise AssertionError(f"buffer of {len(raw)} bytes where {buffer.nbytes} were laid out")
-                f.write(raw)
-                del data, raw
+                chunks = [data] if isinstance(data, (bytes, bytearray, np.ndarray)) else data
+                written = 0
+                for chunk in chunks:  # a generator streams a large buffer a slice of rows at a time
+                    raw = chunk if isinstance(chunk, (bytes, bytearray)) else np.ascontiguousarray(chunk).tobytes()
+                    f.write(raw)
+                    written += len(raw)
+                    del chunk, raw
+                del data, chunks
+                if written != buffer.nbytes:
+                    raise AssertionError(f"buffer of {written} bytes where {buffer.nbytes} were laid out")
             f.write(b"\0" * (_align(f.tell()) - f.tell()))
             f.flush()
             os.fsync(f.fileno())
