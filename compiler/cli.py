@@ -258,7 +258,11 @@ def bench(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), returned here
+        if code == 130:
+            print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:

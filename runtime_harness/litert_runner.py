@@ -3,8 +3,13 @@
 The model's signatures: `prefill_<L>` for one or more lengths and `decode`, all with tokens, input_pos
 and the KV cache tensors in and out. A prompt is cut into chunks of the longest prefill length (the
 last chunk padded at the end, or run token by token where padding would pass the cache's end); then
-one `decode` call per token. The cache arrays go in and come back each call: the Python interpreter
-API has no way to bind one buffer as both a signature's input and its output.
+one `decode` call per token.
+
+The cache stays inside the interpreter: each signature's inputs and outputs are numpy views of its
+tensors (no copy), and after a call only the slots it wrote are copied from the output cache tensors
+back to the input ones. The whole cache moves only when the next call is a different signature (once
+after a prompt). The Python API cannot bind one buffer as both input and output, as LiteRT-LM's C++
+engine does; the model's DYNAMIC_UPDATE_SLICE still copies the cache once per call inside LiteRT.
 """
 
 from __future__ import annotations
@@ -16,33 +21,59 @@ import numpy as np
 from mobilize.compiler.errors import MobilizeError
 
 
+class _Signature:
+    def __init__(self, interpreter, key: str) -> None:
+        runner = interpreter.get_signature_runner(key)
+        self.wrapper, self.index = interpreter._interpreter, runner._subgraph_index
+        self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
+        self.wrapper.AllocateTensors(self.index)
+
+    def view(self, tensor: int) -> np.ndarray:
+        return self.wrapper.tensor(self.wrapper, tensor, self.index)
+
+    def input(self, name: str) -> np.ndarray:
+        return self.view(self.inputs[name])
+
+    def output(self, name: str) -> np.ndarray:
+        return self.view(self.outputs[name])
+
+
 class LiteRtRunner:
     def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
-        signatures = self.interpreter.get_signature_list()
-        if "decode" not in signatures:
-            raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(signatures)})")
-        self.prefill_lens = sorted(int(k.split("_")[1]) for k in signatures if k.startswith("prefill_"))
-        self.runners = {k: self.interpreter.get_signature_runner(k) for k in signatures}
-        details = self.runners["decode"].get_input_details()
-        self.kv_names = [n for n in signatures["decode"]["inputs"] if n.startswith("kv_cache_")]
-        self.kv_shapes = {n: tuple(details[n]["shape"]) for n in self.kv_names}
-        self.max_len = self.kv_shapes[self.kv_names[0]][2]
+        keys = self.interpreter.get_signature_list()
+        if "decode" not in keys:
+            raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
+        self.prefill_lens = sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
+        self.signatures = {k: _Signature(self.interpreter, k) for k in keys}
+        self.kv_names = [n for n in keys["decode"]["inputs"] if n.startswith("kv_cache_")]
+        self.max_len = self.signatures["decode"].input(self.kv_names[0]).shape[2]
         self.reset()
 
     def reset(self) -> None:
-        self.cache = {n: np.zeros(s, np.float32) for n, s in self.kv_shapes.items()}
+        self.home: str | None = None  # the signature whose input tensors hold the cache
         self.length = 0
 
-    def _call(self, signature: str, tokens: list[int], start: int) -> np.ndarray:
+    def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray:
+        sig = self.signatures[key]
+        if self.home is None:
+            for name in self.kv_names:
+                sig.input(name)[...] = 0
+        elif self.home != key:  # move the cache once
+            home = self.signatures[self.home]
+            for name in self.kv_names:
+                sig.input(name)[...] = home.input(name)
+        self.home = key
         n = len(tokens)
-        out = self.runners[signature](
-            tokens=np.asarray([tokens], np.int32), input_pos=np.arange(start, start + n, dtype=np.int32), **self.cache
-        )
-        self.cache = {name: out[name] for name in self.kv_names}
-        return out["logits"][0]
+        sig.input("tokens")[...] = np.asarray([tokens], np.int32)
+        sig.input("input_pos")[...] = np.arange(start, start + n, dtype=np.int32)
+        sig.wrapper.Invoke(sig.index)
+        written = slice(start, min(start + n, self.max_len))
+        for name in self.kv_names:  # the slots this call wrote, back into the input cache
+            sig.input(name)[:, :, written] = sig.output(name)[:, :, written]
+        return sig.output("logits")[0].copy()
 
     def _room(self, n: int) -> None:
         if self.length + n > self.max_len:
@@ -59,13 +90,12 @@ class LiteRtRunner:
         while pos < len(tokens):
             rest = tokens[pos:]
             fits = [n for n in self.prefill_lens if n >= len(rest) and pos + n <= self.max_len]
-            if len(rest) >= (self.prefill_lens[-1] if self.prefill_lens else 1 << 62):
+            if self.prefill_lens and len(rest) >= self.prefill_lens[-1]:
                 n = self.prefill_lens[-1]
                 logits.append(self._call(f"prefill_{n}", rest[:n], pos))
             elif fits:  # the shortest signature that holds the rest, padded at the end
-                n = fits[0]
-                pad = rest + [0] * (n - len(rest))
-                logits.append(self._call(f"prefill_{n}", pad, pos)[: len(rest)])
+                pad = rest + [0] * (fits[0] - len(rest))
+                logits.append(self._call(f"prefill_{fits[0]}", pad, pos)[: len(rest)])
                 n = len(rest)
             else:  # no signature fits before the cache's end: one token at a time
                 n = 1

@@ -139,3 +139,59 @@ def test_gemma3_int4_rebuild_is_byte_identical(tmp_path):
     assert sorted(p.name for p in first.iterdir()) == sorted(p.name for p in second.iterdir())
     # manifest.json lists every other file's sha256; verify checks the bytes against it
     assert _cli("verify", str(second)).returncode == 0
+
+
+_FULL_DISK = """
+set -u
+mount -t tmpfs -o size=400k tmpfs "$DIR"
+cp -r "$OLD" "$DIR/pkg"
+"$PY" -m mobilize.compiler.cli export "$SRC" --format "$FMT" -q fp32 --max-seq-len 64 --out "$DIR/pkg" --overwrite \
+    2> "$DIR.stderr"
+echo "export rc=$?"
+"$PY" -m mobilize.compiler.cli verify "$DIR/pkg" > /dev/null && echo "old package verifies"
+ls -A "$DIR"
+"""
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_a_full_filesystem_leaves_the_old_package(fmt, package, tiny_hf, tmp_path):
+    """A real filesystem too small for the new package (a 400 KB tmpfs, mounted in a private mount
+    namespace): one error line, the old package whole, no temporary directory left on it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = {
+        "DIR": str(mnt), "OLD": str(package), "PY": sys.executable, "SRC": str(tiny_hf("llama")), "FMT": fmt,
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    }  # fmt: skip
+    r = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", _FULL_DISK],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines == ["export rc=1", "old package verifies", "pkg"], r.stdout + r.stderr
+    err = (tmp_path / "mnt.stderr").read_text()
+    assert err.count("\n") == 1 and err.startswith("mobilize: error: could not write the package"), err
+    assert "the disk is full" in err
+
+
+def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
+    """Ctrl-C while the model is written: one line, exit 130, the old package whole, nothing left over."""
+    dest = tmp_path / "pkg"
+    shutil.copytree(package, dest)
+    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(dest), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background runner may ignore it
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if [p for p in tmp_path.glob(".pkg.partial-*") if (p / "model.onnx.data").exists()]:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "mobilize: interrupted; nothing was left half-written"
+    assert _cli("verify", str(dest)).returncode == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]

@@ -1,0 +1,146 @@
+"""Benchmark: mobilize's LiteRT (TFLite) package of Gemma 3 270M against llama.cpp (llama-cpp-python) on
+the same GGUF, measured in one run on this machine.
+
+    python -m mobilize.bench.tflite_vs_llama_cpp [--threads 2] [--rounds 3] [--quant int4] [--json FILE]
+
+Speed: our package in LiteRT (ai_edge_litert, XNNPACK) through mobilize's runner, llama.cpp through
+llama-cpp-python, both timed by the same harness (perf.measure), rounds interleaved; medians of time
+to first token, prefill (128 tokens) and decode (64 tokens) tokens/s. Accuracy: perplexity on
+bench/data/river.txt with full logits, beside the reference model's (transformers fp32 on the GGUF)
+and llama.cpp's own Q4_K_M. Targets (issue 4): prefill and decode >= llama.cpp's; perplexity within
++5% of the reference. Needs `pip install llama-cpp-python` (compiles llama.cpp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from mobilize.bench.peers.genai_builder import timed_child
+
+TEXT = Path(__file__).parent / "data" / "river.txt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds after one warm-up each")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--quant", default="int4")
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--workdir", type=Path, default=Path("out/bench-tflite-vs-llama-cpp"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from mobilize.compiler.sources.aliases import bundled_gguf
+
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = bundled_gguf()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    log(f"export: mobilize tflite {args.quant}")
+    ours = work / f"mobilize-tflite-{args.quant}"
+    cmd = [
+        sys.executable, "-m", "mobilize.compiler.cli", "export", str(gguf), "--target", "android", "--format",
+        "tflite", "--quant", args.quant, "--max-seq-len", str(args.max_seq_len), "--out", str(ours), "--overwrite",
+    ]  # fmt: skip
+    export = timed_child(cmd)
+
+    log("speed: interleaved rounds")
+    speed = _speed(ours, gguf, args)
+    log("accuracy: perplexity")
+    ppl = _perplexity(ours, gguf, args.threads)
+    result = {
+        "model": "gemma3-270m (bundled Q4_K_M GGUF)",
+        "threads": args.threads,
+        "max_seq_len": args.max_seq_len,
+        "quant": args.quant,
+        "export": {"wall_s": export["wall_s"], "peak_rss_bytes": export["peak_rss_bytes"]},
+        "package_bytes": (ours / "model.tflite").stat().st_size,
+        "gguf_bytes": gguf.stat().st_size,
+        "speed": speed,
+        "perplexity": ppl,
+    }
+    result["ratios"] = {
+        "prefill_tok_s (ours / llama.cpp, target >= 1)": speed["mobilize"]["prefill_tok_s"]
+        / speed["llama_cpp"]["prefill_tok_s"],
+        "decode_tok_s (ours / llama.cpp, target >= 1)": speed["mobilize"]["decode_tok_s"]
+        / speed["llama_cpp"]["decode_tok_s"],
+        "perplexity (ours / reference, target <= 1.05)": ppl["mobilize"] / ppl["reference"],
+        "perplexity (llama.cpp / reference)": ppl["llama_cpp"] / ppl["reference"],
+    }
+    _print(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _speed(package: Path, gguf: Path, args) -> dict:
+    from mobilize.bench.peers.llama_cpp import LlamaCppRunner
+    from mobilize.runtime_harness.litert_runner import LiteRtRunner
+    from mobilize.runtime_harness.perf import measure
+
+    runners = {
+        "mobilize": LiteRtRunner(package / "model.tflite", args.threads),
+        "llama_cpp": LlamaCppRunner(gguf, args.threads, n_ctx=args.max_seq_len),
+    }
+    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            m = measure(runner, 262144, args.prompt_len, args.gen_len, repeats=1)
+            samples[name]["ttft"].append(m["time_to_first_token_s"])
+            samples[name]["pp"].append(m["prefill_tokens_per_s"])
+            samples[name]["tg"].append(m["decode_tokens_per_s"])
+    return {
+        name: {
+            "time_to_first_token_s": statistics.median(s["ttft"]),
+            "prefill_tok_s": statistics.median(s["pp"]),
+            "decode_tok_s": statistics.median(s["tg"]),
+            "samples": s,
+        }
+        for name, s in samples.items()
+    }
+
+
+def _perplexity(package: Path, gguf: Path, threads: int) -> dict:
+    from tokenizers import Tokenizer
+
+    from mobilize.bench.peers.llama_cpp import LlamaCppRunner
+    from mobilize.runtime_harness.accuracy import perplexity
+    from mobilize.runtime_harness.litert_runner import LiteRtRunner
+    from mobilize.runtime_harness.reference import ReferenceRunner
+
+    ids = Tokenizer.from_file(str(package / "tokenizer.json")).encode(TEXT.read_text()).ids
+    n = len(ids)
+    return {
+        "tokens": n,
+        "reference": perplexity(ReferenceRunner.for_path(gguf), ids, chunk=n),
+        "mobilize": perplexity(LiteRtRunner(package / "model.tflite", threads), ids, chunk=n),
+        "llama_cpp": perplexity(LlamaCppRunner(gguf, threads, n_ctx=max(512, n), logits_all=True), ids, chunk=n),
+    }
+
+
+def _print(r: dict) -> None:
+    e = r["export"]
+    print(f"gemma3-270m, {r['threads']} threads, KV cache {r['max_seq_len']}, mobilize tflite {r['quant']}")
+    print(f"export: {e['wall_s']:.1f} s, peak RSS {e['peak_rss_bytes'] / 2**30:.2f} GB, "
+          f"model.tflite {r['package_bytes'] / 1e6:.0f} MB (the GGUF: {r['gguf_bytes'] / 1e6:.0f} MB)")  # fmt: skip
+    print(f"{'':14}{'TTFT ms':>9}{'pp tok/s':>10}{'tg tok/s':>10}{'ppl':>8}")
+    for name in ("mobilize", "llama_cpp"):
+        s = r["speed"][name]
+        print(
+            f"{name:14}{s['time_to_first_token_s'] * 1000:9.0f}{s['prefill_tok_s']:10.1f}{s['decode_tok_s']:10.1f}"
+            f"{r['perplexity'][name]:8.2f}"
+        )
+    print(f"{'reference fp32':14}{'':29}{r['perplexity']['reference']:8.2f}   ({r['perplexity']['tokens']} tokens)")
+    for k, v in r["ratios"].items():
+        print(f"  {k:50} {v:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
