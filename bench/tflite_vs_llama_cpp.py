@@ -3,9 +3,11 @@ the same GGUF, measured in one run on this machine.
 
     python -m mobilize.bench.tflite_vs_llama_cpp [--threads 2] [--rounds 3] [--quant int4] [--json FILE]
 
-Speed: our package in LiteRT (ai_edge_litert, XNNPACK) through mobilize's runner, llama.cpp through
-llama-cpp-python, both timed by the same harness (perf.measure), rounds interleaved; medians of time
-to first token, prefill (128 tokens) and decode (64 tokens) tokens/s. Accuracy: perplexity on
+Speed: our package in LiteRT-LM's engine (litert-lm-api: the C++ runtime an app embeds, on the
+package's .litertlm bundle), in LiteRT's Python interpreter through mobilize's runner (the cache moved
+by Python between calls), and llama.cpp through llama-cpp-python timed by the same harness
+(perf.measure); rounds interleaved; medians of time to first token, prefill (128 tokens) and decode
+(64 tokens) tokens/s. Accuracy: perplexity on
 bench/data/river.txt with full logits, beside the reference model's (transformers fp32 on the GGUF)
 and llama.cpp's own Q4_K_M. Targets (issue 4): prefill and decode >= llama.cpp's; perplexity within
 +5% of the reference. Needs `pip install llama-cpp-python` (compiles llama.cpp).
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = work / f"mobilize-tflite-{args.quant}"
     cmd = [
         sys.executable, "-m", "mobilize.compiler.cli", "export", str(gguf), "--target", "android", "--format",
-        "tflite", "--quant", args.quant, "--max-seq-len", str(args.max_seq_len), "--out", str(ours), "--overwrite",
+        "tflite", "--quant", args.quant, "--max-seq-len", str(args.max_seq_len), "--bundle", "litertlm",
+        "--out", str(ours), "--overwrite",
     ]  # fmt: skip
     export = timed_child(cmd)
 
@@ -67,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         "perplexity": ppl,
     }
     result["ratios"] = {
-        "prefill_tok_s (ours / llama.cpp, target >= 1)": speed["mobilize"]["prefill_tok_s"]
+        "prefill_tok_s (ours in LiteRT-LM / llama.cpp, target >= 1)": speed["mobilize_litert_lm"]["prefill_tok_s"]
         / speed["llama_cpp"]["prefill_tok_s"],
-        "decode_tok_s (ours / llama.cpp, target >= 1)": speed["mobilize"]["decode_tok_s"]
+        "decode_tok_s (ours in LiteRT-LM / llama.cpp, target >= 1)": speed["mobilize_litert_lm"]["decode_tok_s"]
+        / speed["llama_cpp"]["decode_tok_s"],
+        "decode_tok_s (ours, Python LiteRT loop / llama.cpp)": speed["mobilize_litert_python"]["decode_tok_s"]
         / speed["llama_cpp"]["decode_tok_s"],
         "perplexity (ours / reference, target <= 1.05)": ppl["mobilize"] / ppl["reference"],
         "perplexity (llama.cpp / reference)": ppl["llama_cpp"] / ppl["reference"],
@@ -83,16 +88,21 @@ def main(argv: list[str] | None = None) -> int:
 def _speed(package: Path, gguf: Path, args) -> dict:
     from mobilize.bench.peers.llama_cpp import LlamaCppRunner
     from mobilize.runtime_harness.litert_runner import LiteRtRunner
+    from mobilize.runtime_harness.litertlm_bench import measure_litertlm
     from mobilize.runtime_harness.perf import measure
 
     runners = {
-        "mobilize": LiteRtRunner(package / "model.tflite", args.threads),
+        "mobilize_litert_python": LiteRtRunner(package / "model.tflite", args.threads),
         "llama_cpp": LlamaCppRunner(gguf, args.threads, n_ctx=args.max_seq_len),
     }
-    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in runners}
+    names = ["mobilize_litert_lm", *runners]
+    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in names}
     for _ in range(args.rounds):
-        for name, runner in runners.items():
-            m = measure(runner, 262144, args.prompt_len, args.gen_len, repeats=1)
+        for name in names:
+            if name == "mobilize_litert_lm":
+                m = measure_litertlm(package / "model.litertlm", args.threads, args.prompt_len, args.gen_len, 1)
+            else:
+                m = measure(runners[name], 262144, args.prompt_len, args.gen_len, repeats=1)
             samples[name]["ttft"].append(m["time_to_first_token_s"])
             samples[name]["pp"].append(m["prefill_tokens_per_s"])
             samples[name]["tg"].append(m["decode_tokens_per_s"])
@@ -130,14 +140,18 @@ def _print(r: dict) -> None:
     print(f"gemma3-270m, {r['threads']} threads, KV cache {r['max_seq_len']}, mobilize tflite {r['quant']}")
     print(f"export: {e['wall_s']:.1f} s, peak RSS {e['peak_rss_bytes'] / 2**30:.2f} GB, "
           f"model.tflite {r['package_bytes'] / 1e6:.0f} MB (the GGUF: {r['gguf_bytes'] / 1e6:.0f} MB)")  # fmt: skip
-    print(f"{'':14}{'TTFT ms':>9}{'pp tok/s':>10}{'tg tok/s':>10}{'ppl':>8}")
-    for name in ("mobilize", "llama_cpp"):
+    print(f"{'':24}{'TTFT ms':>9}{'pp tok/s':>10}{'tg tok/s':>10}{'ppl':>8}")
+    for name, ppl in (
+        ("mobilize_litert_lm", "mobilize"),
+        ("mobilize_litert_python", "mobilize"),
+        ("llama_cpp", "llama_cpp"),
+    ):
         s = r["speed"][name]
         print(
-            f"{name:14}{s['time_to_first_token_s'] * 1000:9.0f}{s['prefill_tok_s']:10.1f}{s['decode_tok_s']:10.1f}"
-            f"{r['perplexity'][name]:8.2f}"
+            f"{name:24}{s['time_to_first_token_s'] * 1000:9.0f}{s['prefill_tok_s']:10.1f}{s['decode_tok_s']:10.1f}"
+            f"{r['perplexity'][ppl]:8.2f}"
         )
-    print(f"{'reference fp32':14}{'':29}{r['perplexity']['reference']:8.2f}   ({r['perplexity']['tokens']} tokens)")
+    print(f"{'reference fp32':24}{'':29}{r['perplexity']['reference']:8.2f}   ({r['perplexity']['tokens']} tokens)")
     for k, v in r["ratios"].items():
         print(f"  {k:50} {v:.2f}")
 

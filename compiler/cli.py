@@ -78,6 +78,7 @@ def export(
     ),
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
     opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
+    bundle: str = typer.Option(None, "--bundle", help="tflite: also write a LiteRT-LM bundle (litertlm)."),
     prefill_len: list[int] = typer.Option(
         [32, 128], "--prefill-len", help="tflite: a prefill_<L> signature for each (repeat the flag)."
     ),
@@ -90,7 +91,7 @@ def export(
 
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
-        format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len),
+        format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
@@ -228,23 +229,38 @@ def bench(
     threads: int = typer.Option(2, "--threads", min=0, help="Intra-op threads (0: runtime default)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs after one warm-up; medians reported."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    runtime: str = typer.Option("ort", "--runtime", help="ort: onnxruntime (IOBinding); genai: ONNX Runtime GenAI."),
+    runtime: str = typer.Option(
+        "default",
+        "--runtime",
+        help="default: onnxruntime or LiteRT, by the package's format; genai: ONNX Runtime GenAI (onnx); "
+        "litert-lm: LiteRT-LM's engine on the package's model.litertlm (tflite --bundle litertlm).",
+    ),  # fmt: skip
 ) -> None:
     """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
     from mobilize.runtime_harness.package import Package
     from mobilize.runtime_harness.perf import measure
 
-    if runtime not in ("ort", "genai"):
-        raise MobilizeError(f"unknown --runtime {runtime!r} (ort, genai)")
+    runtimes = {"default": None, "ort": "onnx", "litert": "tflite", "genai": "onnx", "litert-lm": "tflite"}
+    if runtime not in runtimes:
+        raise MobilizeError(f"unknown --runtime {runtime!r} ({', '.join(runtimes)})")
     pkg = Package.open(package)
-    if runtime == "genai":
-        from mobilize.runtime_harness.genai_runner import GenAIRunner
-
-        runner = GenAIRunner(package, threads)
-    else:
-        runner = pkg.runner(threads)
+    if runtimes[runtime] not in (None, pkg.manifest["format"]):
+        raise MobilizeError(
+            f"--runtime {runtime} runs {runtimes[runtime]} packages; this one is {pkg.manifest['format']}"
+        )
     with console.status(f"benchmarking {package.name}"):
-        result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
+        if runtime == "litert-lm":
+            from mobilize.runtime_harness.litertlm_bench import measure_litertlm
+
+            result = measure_litertlm(package / "model.litertlm", threads, prompt_len, gen_len, repeats)
+        else:
+            if runtime == "genai":
+                from mobilize.runtime_harness.genai_runner import GenAIRunner
+
+                runner = GenAIRunner(package, threads)
+            else:
+                runner = pkg.runner(threads)
+            result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
     result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
     result["runtime"] = runtime
     if as_json:

@@ -22,6 +22,7 @@ from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
 from mobilize.targets.genai_config import genai_config, graph_io
+from mobilize.targets.litertlm_bundle import write_litertlm
 from mobilize.targets.onnx_writer import save_onnx
 from mobilize.targets.package_readme import package_readme
 from mobilize.targets.presets import FORMATS, PRESETS
@@ -41,6 +42,7 @@ class ExportOptions:
     max_seq_len: int | None = None
     opset: str = "ort"
     prefill_lens: tuple[int, ...] = (32, 128)  # tflite: one prefill_<L> signature each
+    bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -52,6 +54,10 @@ class ExportOptions:
             raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(FORMATS)})")
         if self.opset not in OPSETS:
             raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
+        if self.bundle not in (None, "litertlm"):
+            raise MobilizeError(f"unknown --bundle {self.bundle!r} (known: litertlm)")
+        if self.bundle and fmt != "tflite":
+            raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
             raise MobilizeError(f"--prefill-len {list(self.prefill_lens)}: each must be from 1 to {1 << 16}")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
@@ -108,6 +114,13 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             target["opset"] = opts.opset
         phase("writing tokenizer")
         tokenizer_files = write_tokenizer(model.ckpt, tmp)
+        if opts.bundle == "litertlm":
+            phase("writing model.litertlm")
+            ids = special_token_ids(model.ckpt)
+            eos = ids["eos_token_id"]
+            eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+            info = {"architecture": config, "target": target}
+            write_litertlm(tmp, info, ids["bos_token_id"], eos, tmp / "model.litertlm")
         if opts.format == "onnx":
             genai = genai_config(config, special_token_ids(model.ckpt), io, kv)
             (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")

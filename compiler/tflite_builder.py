@@ -6,7 +6,10 @@ frontend (checkpoint + DecoderConfig) is lowered once per signature:
 - `prefill_<L>`: tokens int32 [1, L], input_pos int32 [L] (the position of each token);
 - `decode`: tokens [1, 1], input_pos [1];
 - every signature: kv_cache_k_<i> / kv_cache_v_<i> float32 [1, kv_heads, max_len, head_dim] in and out,
-  written with DYNAMIC_UPDATE_SLICE at input_pos[0]; logits [1, L, vocab] out.
+  written with DYNAMIC_UPDATE_SLICE at input_pos[0]; `decode` also returns logits [1, 1, vocab].
+
+Prefill returns no logits (as LiteRT-LM expects: an app prefills all but the prompt's last token and
+decodes that one); computing them would make the head (a 262k-row matrix for Gemma) most of the work.
 
 The mask comes from positions (key slot <= query position, and inside the window on sliding layers),
 so unwritten or stale slots past the current position are never read. Prefill may be padded at the end:
@@ -138,6 +141,8 @@ class _Lowering:
             g.output(f"kv_cache_k_{i}", k_cache)
             g.output(f"kv_cache_v_{i}", v_cache)
 
+        if name != "decode":
+            return
         x = self.rms_norm(g, x, "model.norm.weight")
         logits = self.fc_weights.head(g, x, self)
         if cfg.final_logit_softcapping:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mobilize.runtime_harness.runner import Runner
+from mobilize.runtime_harness.runner import Runner, score
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -19,7 +19,7 @@ def perplexity(runner: Runner, ids: list[int], chunk: int = 256) -> float:
         piece = ids[start : start + chunk + 1]
         if len(piece) < 2:
             break
-        logp = log_softmax(runner.prefill(piece[:-1]))
+        logp = log_softmax(score(runner, piece[:-1]))
         nll -= float(logp[np.arange(len(piece) - 1), piece[1:]].sum())
         count += len(piece) - 1
     return float(np.exp(nll / count))

@@ -12,7 +12,7 @@ import numpy as np
 
 from mobilize.compiler.errors import MobilizeError
 from mobilize.runtime_harness.accuracy import log_softmax
-from mobilize.runtime_harness.runner import greedy
+from mobilize.runtime_harness.runner import greedy, score
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "bench" / "data" / "river.txt"
 PROMPTS = ("The capital of France is", "Water boils at a temperature of", "Once upon a time, there was a")
@@ -45,8 +45,8 @@ def evaluate(package, text: str, chunk: int = 256, new_tokens: int = 16, threads
         piece = ids[start : start + chunk + 1]
         if len(piece) < 2:
             break
-        lp_ours = log_softmax(ours.prefill(piece[:-1]))
-        lp_ref = log_softmax(ref.prefill(piece[:-1]))
+        lp_ours = log_softmax(score(ours, piece[:-1]))
+        lp_ref = log_softmax(score(ref, piece[:-1]))
         target = np.asarray(piece[1:])
         rows = np.arange(len(target))
         nll["package"] -= float(lp_ours[rows, target].sum())

@@ -1,9 +1,11 @@
 """Run a mobilize LiteRT model (`model.tflite`) with ai_edge_litert's interpreter (XNNPACK on CPU).
 
 The model's signatures: `prefill_<L>` for one or more lengths and `decode`, all with tokens, input_pos
-and the KV cache tensors in and out. A prompt is cut into chunks of the longest prefill length (the
-last chunk padded at the end, or run token by token where padding would pass the cache's end); then
-one `decode` call per token.
+and the KV cache tensors in and out; only `decode` returns logits. A prompt but its last token is cut
+into chunks of the longest prefill length (the last chunk padded at the end, or run token by token
+where padding would pass the cache's end); its last token is decoded, which gives the logits the next
+token is chosen from; then one `decode` call per token. `score` decodes every token, for the logits
+of every position (perplexity).
 
 The cache stays inside the interpreter: each signature's inputs and outputs are numpy views of its
 tensors (no copy), and after a call only the slots it wrote are copied from the output cache tensors
@@ -56,7 +58,7 @@ class LiteRtRunner:
         self.home: str | None = None  # the signature whose input tensors hold the cache
         self.length = 0
 
-    def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray:
+    def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
         sig = self.signatures[key]
         if self.home is None:
             for name in self.kv_names:
@@ -73,7 +75,7 @@ class LiteRtRunner:
         written = slice(start, min(start + n, self.max_len))
         for name in self.kv_names:  # the slots this call wrote, back into the input cache
             sig.input(name)[:, :, written] = sig.output(name)[:, :, written]
-        return sig.output("logits")[0].copy()
+        return sig.output("logits")[0].copy() if "logits" in sig.outputs else None
 
     def _room(self, n: int) -> None:
         if self.length + n > self.max_len:
@@ -83,26 +85,31 @@ class LiteRtRunner:
             )
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
+        """The prompt into the cache; logits [1, vocab] of its last token."""
         self.reset()
         self._room(len(tokens))
-        logits = []
-        pos = 0
-        while pos < len(tokens):
-            rest = tokens[pos:]
+        body, pos = tokens[:-1], 0
+        while pos < len(body):
+            rest = body[pos:]
             fits = [n for n in self.prefill_lens if n >= len(rest) and pos + n <= self.max_len]
             if self.prefill_lens and len(rest) >= self.prefill_lens[-1]:
                 n = self.prefill_lens[-1]
-                logits.append(self._call(f"prefill_{n}", rest[:n], pos))
+                self._call(f"prefill_{n}", rest[:n], pos)
             elif fits:  # the shortest signature that holds the rest, padded at the end
-                pad = rest + [0] * (fits[0] - len(rest))
-                logits.append(self._call(f"prefill_{fits[0]}", pad, pos)[: len(rest)])
+                self._call(f"prefill_{fits[0]}", rest + [0] * (fits[0] - len(rest)), pos)
                 n = len(rest)
             else:  # no signature fits before the cache's end: one token at a time
                 n = 1
-                logits.append(self._call("decode", rest[:1], pos))
+                self._call("decode", rest[:1], pos)
             pos += n
-        self.length = len(tokens)
-        return np.concatenate(logits, axis=0)
+        self.length = len(body)
+        return self.decode(tokens[-1])[None, :]
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of every position: each token decoded in turn."""
+        self.reset()
+        self._room(len(tokens))
+        return np.stack([self.decode(t) for t in tokens])
 
     def decode(self, token: int) -> np.ndarray:
         self._room(1)

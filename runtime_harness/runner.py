@@ -9,13 +9,21 @@ import numpy as np
 
 class Runner(Protocol):
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        """Run the prompt from an empty cache; return logits [len(tokens), vocab] (float32)."""
+        """Run the prompt from an empty cache; return logits [n, vocab] (float32): n = len(tokens), or 1
+        (the last token's only) for runners whose prompt pass computes no per-position logits."""
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token to the cache; return its logits [vocab]."""
 
     def reset(self) -> None:
         """Forget the cache."""
+
+
+def score(runner: Runner, tokens: list[int]) -> np.ndarray:
+    """Logits [len(tokens), vocab] of every position from an empty cache (a runner's `score` if it has
+    one, for runners whose `prefill` returns the last row only)."""
+    scorer = getattr(runner, "score", None)
+    return scorer(tokens) if scorer is not None else runner.prefill(tokens)
 
 
 def greedy(runner: Runner, prompt: list[int], n_new: int, eos: set[int] | None = None) -> list[int]:

@@ -41,10 +41,12 @@ def test_fp32_matches_transformers(family, fmt, tiny_hf, tiny_gguf, tmp_path):
     ours = LiteRtRunner(_write(source, tmp_path))
     assert ours.prefill_lens == [4, 8]
     ref = ReferenceRunner(tiny_hf(family))
-    assert ours.prefill(PROMPT).shape == (len(PROMPT), FAMILIES[family].tiny().vocab_size)
-    for prompt in (PROMPT, PROMPT[:3], PROMPT[:8]):  # chunked + padded, padded, exactly one signature
+    np.testing.assert_allclose(ours.score(PROMPT), ref.prefill(PROMPT), atol=1e-4, rtol=0)
+    # prefill: 10 tokens (prefill_8 + prefill_4 padded), 2 (padded), 8 (exactly one signature); then the
+    # last prompt token and 8 more decoded through the cache the prefill signatures wrote
+    for prompt in (PROMPT, PROMPT[:3], PROMPT[:9]):
         assert_tracks_reference(ref, ours, prompt)
-    assert ours.length == len(PROMPT[:8]) + 8
+    assert ours.length == len(PROMPT[:9]) + 8
 
 
 def test_prompt_near_the_cache_end_runs_token_by_token(tiny_hf, tmp_path):
@@ -54,7 +56,7 @@ def test_prompt_near_the_cache_end_runs_token_by_token(tiny_hf, tmp_path):
     ours = LiteRtRunner(_write(source, tmp_path, max_len=10, prefill=(8,)))
     ref = ReferenceRunner(source)
     prompt = PROMPT[:10]
-    np.testing.assert_allclose(ours.prefill(prompt), ref.prefill(prompt), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours.prefill(prompt), ref.prefill(prompt)[-1:], atol=1e-4, rtol=0)
     from mobilize.compiler.errors import MobilizeError
 
     with pytest.raises(MobilizeError, match="do not fit"):
@@ -80,7 +82,10 @@ def test_structure_signatures_kv_and_shared_weights(tiny_hf, tmp_path):
         inputs = {t.name.decode(): list(graph.tensors[t.tensorIndex].shape) for t in sigs[key].inputs}
         outputs = {t.name.decode(): list(graph.tensors[t.tensorIndex].shape) for t in sigs[key].outputs}
         assert inputs["tokens"] == [1, length] and inputs["input_pos"] == [length]
-        assert outputs["logits"] == [1, length, cfg.vocab_size]
+        if key == "decode":
+            assert outputs["logits"] == [1, 1, cfg.vocab_size]
+        else:  # prefill computes no logits (LiteRT-LM decodes the prompt's last token)
+            assert "logits" not in outputs
         for name in kv_names(cfg.num_layers):
             assert inputs[name] == kv_shape and outputs[name] == kv_shape
         codes = {m.operatorCodes[op.opcodeIndex].builtinCode for op in graph.operators}
@@ -119,7 +124,7 @@ def test_quantized_forms_run_close_to_fp32(quant, tiny_hf, tmp_path):
     if bits == 4:
         assert fc_weights[0].quantization.detailsType == fb.QuantizationDetails.BlockwiseQuantization
     ref = ReferenceRunner(source).prefill(PROMPT)
-    got = LiteRtRunner(path).prefill(PROMPT)
+    got = LiteRtRunner(path).score(PROMPT)
     corr = np.corrcoef(ref.ravel(), got.ravel())[0, 1]
     assert corr > (0.999 if bits == 8 else 0.95), corr
 
