@@ -156,6 +156,10 @@ def test_bench_json(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     genai = json.loads(r.stdout)
     assert genai["runtime"] == "genai" and genai["decode_tokens_per_s"] > 0
+    r = _cli("bench", str(out), "--runtime", "litert-lm")  # an ONNX package
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "mobilize: error: --runtime litert-lm runs tflite packages; this one is onnx"
+    ), r.stderr
 
 
 def test_export_std_opset_matches_reference(tiny_hf, tmp_path):
