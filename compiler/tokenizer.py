@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mobilize.compiler.errors import MobilizeError
+from mobilize.compiler.errors import CheckpointError, MobilizeError
 from mobilize.compiler.sources.aliases import cache_root
 from mobilize.compiler.sources.base import Checkpoint
 
@@ -60,12 +60,41 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
         written = []
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
+                if name.endswith(".json"):
+                    _check_json(src / name)
                 shutil.copyfile(src / name, out / name)
                 written.append(name)
         return written
     if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
         return _cached_from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
     return []
+
+
+MAX_JSON_BYTES = 256 << 20  # a 262k-token tokenizer.json is ~33 MB
+
+
+def _check_json(path: Path) -> None:
+    """A source's JSON file is a bounded JSON object, and tokenizer.json one the tokenizers library loads,
+    before it goes into a package that apps will parse."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path.name} is {path.stat().st_size:,} bytes, past the {MAX_JSON_BYTES:,} accepted")
+    text = path.read_bytes()
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path.name} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name} is not a JSON object")
+    if path.name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(text.decode())
+        except Exception as e:  # the Rust parser's errors: say which file, keep one line
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise CheckpointError(
+                f"tokenizer.json is not a tokenizer the tokenizers library can load: {reason}"
+            ) from None
 
 
 def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:

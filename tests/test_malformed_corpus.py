@@ -146,3 +146,29 @@ def test_malformed_config(case, tiny_hf, tmp_path):
         text = json.dumps(cfg)
     (d / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     _refused(_inspect(d), "config")
+
+
+TOKENIZER_EDITS = {
+    "tokenizer.json not JSON": ("tokenizer.json", b'{"version": ', "tokenizer.json is not valid JSON"),
+    "tokenizer.json a list": ("tokenizer.json", b"[1, 2, 3]", "tokenizer.json is not a JSON object"),
+    "tokenizer.json nested 100000 deep": ("tokenizer.json", b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+    "tokenizer.json not a tokenizer": ("tokenizer.json", b'{"model": {"type": "Nope"}}', "tokenizers library"),
+    "tokenizer.json not UTF-8": ("tokenizer.json", b"\xff\xfe{}", "tokenizer.json is not valid JSON"),
+    "tokenizer_config.json a string": ("tokenizer_config.json", b'"hello"', "tokenizer_config.json is not a JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKENIZER_EDITS))
+def test_malformed_tokenizer_files(case, tiny_hf, tmp_path):
+    """Tokenizer files are parsed before they are copied into a package: one line, no package."""
+    d = tmp_path / "m"
+    shutil.copytree(tiny_hf("llama"), d)
+    name, data, needle = TOKENIZER_EDITS[case]
+    (d / name).write_bytes(data)
+    out = tmp_path / "pkg"
+    r = subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", "export", str(d), "--out", str(out), "-q", "fp32"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    _refused(r, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
