@@ -200,7 +200,12 @@ def fit_(
     print(f"device          {r['device']} ({r['soc']}), {d['bandwidth_gb_s']} GB/s peak")
     print(f"weights         {mb(m['weights_bytes'])}")
     print(f"KV cache        {mb(m['kv_cache_bytes'])} (full length)")
-    print(f"activations     {mb(m['activation_bytes'])} (logits of a {prompt_len}-token prompt)")
+    what = (
+        "one token's logits and the longest prefill's attention scores"
+        if pkg.manifest["format"] == "tflite"
+        else f"logits of a {prompt_len}-token prompt"
+    )
+    print(f"activations     {mb(m['activation_bytes'])} ({what})")
     print(f"runtime         {mb(m['runtime_bytes'])} (allowance)")
     verdict = "fits" if m["fits"] else "DOES NOT FIT"
     print(f"total           {mb(m['total_bytes'])} of {mb(m['budget_bytes'])} an app can count on: {verdict}")

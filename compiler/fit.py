@@ -36,8 +36,13 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
             ]
             dims = [1 if d == "batch" else d for d in dims]
             kv += math.prod(dims) * _DTYPE_BYTES.get(value["dtype"], 4)
-    vocab = manifest["architecture"]["vocab_size"]
-    activations = prompt_len * vocab * 4  # the prompt's logits, the largest single tensor
+    arch = manifest["architecture"]
+    vocab = arch["vocab_size"]
+    if manifest.get("format") == "tflite":  # prefill computes no logits: one token's, and the longest prefill's
+        longest = max(manifest["target"].get("prefill_lens", [prompt_len]))  # attention scores
+        activations = vocab * 4 + longest * arch["num_heads"] * manifest["target"]["max_seq_len"] * 4
+    else:
+        activations = prompt_len * vocab * 4  # the prompt's logits, the largest single tensor
     need = weights + kv + activations + RUNTIME_BYTES
     budget = dev.ram_gb * 1e9 * dev.app_fraction
     read = per_token + kv
