@@ -164,7 +164,7 @@ def test_export_verify_run_and_reproducible_bytes(tiny_hf, tmp_path):
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    for cmd in (["verify", str(outs[1])], ["bench", str(outs[1])]):
+    for cmd in (["verify", str(outs[1])], ["bench", str(outs[1])], ["run", str(outs[1]), "-p", "hi"]):
         r = _mobilize(*cmd)
         assert r.returncode != 0 and "model.tflite does not match its sha256" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
