@@ -49,22 +49,27 @@ class LiteRtRunner:
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
         self.prefill_lens = sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
-        self.signatures = {k: _Signature(self.interpreter, k) for k in keys}
+        self._signatures: dict[str, _Signature] = {}  # allocated on first use: each holds its own cache tensors
         self.kv_names = [n for n in keys["decode"]["inputs"] if n.startswith("kv_cache_")]
-        self.max_len = self.signatures["decode"].input(self.kv_names[0]).shape[2]
+        self.max_len = self.signature("decode").input(self.kv_names[0]).shape[2]
         self.reset()
+
+    def signature(self, key: str) -> _Signature:
+        if key not in self._signatures:
+            self._signatures[key] = _Signature(self.interpreter, key)
+        return self._signatures[key]
 
     def reset(self) -> None:
         self.home: str | None = None  # the signature whose input tensors hold the cache
         self.length = 0
 
     def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
-        sig = self.signatures[key]
+        sig = self.signature(key)
         if self.home is None:
             for name in self.kv_names:
                 sig.input(name)[...] = 0
         elif self.home != key:  # move the cache once
-            home = self.signatures[self.home]
+            home = self.signature(self.home)
             for name in self.kv_names:
                 sig.input(name)[...] = home.input(name)
         self.home = key
