@@ -172,11 +172,11 @@ def eval_(
         )
 
 
-def _percent(value: str) -> float:
+def _percent(value: str, flag: str = "--max-ppl-increase") -> float:
     try:
         return float(value.strip().removesuffix("%")) / 100.0
     except ValueError:
-        raise MobilizeError(f"--max-ppl-increase {value!r} is not a percentage such as 5%") from None
+        raise MobilizeError(f"{flag} {value!r} is not a percentage such as 5%") from None
 
 
 @app.command(name="fit")
@@ -226,7 +226,23 @@ def verify(package: Path = typer.Argument(..., help="A package directory written
     print(f"ok: {package} ({len(manifest['files'])} files, {total:,} bytes, sha256 and I/O as the manifest says)")
 
 
-@app.command()
+class _BenchGroup(typer.core.TyperGroup):
+    """`mobilize bench PACKAGE ...` measures a package; `bench run|compare|plot` work on suites. A first
+    argument that is not a subcommand is the package."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["package", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup, no_args_is_help=True, help="Measure a package (bench PACKAGE), or run and compare suites."
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command(name="package", hidden=True)
 def bench(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
     prompt_len: int = typer.Option(128, "--prompt-len", min=1),
@@ -275,6 +291,66 @@ def bench(
     for r in result["records"]:
         print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
     print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@bench_app.command(name="run")
+def bench_run(
+    suite: str = typer.Argument(..., help="A suite: a name in bench/suites (ci, recipes) or a .toml file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results JSON to write."),
+    workdir: Path = typer.Option(Path("out/bench-suite"), "--workdir", help="Where the packages are exported."),
+) -> None:
+    """Export and measure every case of a suite (models x formats x recipes) into one results JSON."""
+    from mobilize.bench.suite import load_suite, run_suite
+
+    spec = load_suite(suite)
+    results = run_suite(spec, workdir.resolve(), log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for r in results["results"]:
+        m = r["metrics"]
+        print(f"{r['id']:<36} pp {m['prefill_tok_s']:8.1f}  tg {m['decode_tok_s']:7.1f} tok/s  ppl {m['ppl']:7.3f}  "
+              f"{m['package_bytes'] / 1e6:7.1f} MB  export {m['export_s']:5.1f} s")  # fmt: skip
+    print(f"wrote {out}")
+
+
+@bench_app.command(name="compare")
+def bench_compare(
+    base: Path = typer.Argument(..., help="Baseline results (mobilize bench run)."),
+    new: Path = typer.Argument(..., help="New results."),
+    max_regression: str = typer.Option("5%", "--max-regression", help="Allowed worsening of any metric."),
+    tolerance: list[str] = typer.Option(
+        [], "--tolerance", help="METRIC=PERCENT for one metric (repeat); the baseline's own tolerances apply first."
+    ),
+) -> None:
+    """A table of deltas; exit 1 when a metric regressed past its tolerance."""
+    from mobilize.bench.suite import compare, read_results
+
+    limits = {}
+    for item in tolerance:
+        metric, _, value = item.partition("=")
+        limits[metric] = _percent(value, "--tolerance")
+    rows, passed = compare(read_results(base), read_results(new), _percent(max_regression, "--max-regression"), limits)
+    print(f"{'case':<36} {'metric':<22} {'base':>12} {'new':>12} {'change':>8} {'limit':>7}")
+    for r in rows:
+        if "base" not in r:
+            print(f"{r['id']:<36} {r['metric']}")
+            continue
+        flag = "" if r["ok"] else "  REGRESSION"
+        print(f"{r['id']:<36} {r['metric']:<22} {r['base']:12.4g} {r['new']:12.4g} {r['change']:+8.1%} "
+              f"{r['limit']:7.0%}{flag}")  # fmt: skip
+    if not passed:
+        raise MobilizeError(f"{sum(not r['ok'] for r in rows)} regression(s) against {base}")
+
+
+@bench_app.command(name="plot")
+def bench_plot(
+    results: Path = typer.Argument(..., help="Results JSON (mobilize bench run)."),
+    out: Path = typer.Option(Path("out/plots"), "--out", "-o", help="Directory for the PNGs."),
+) -> None:
+    """PNG plots: tokens/s per case, perplexity against package size."""
+    from mobilize.bench.suite import plot, read_results
+
+    for path in plot(read_results(results), out):
+        print(f"wrote {path}")
 
 
 def main() -> None:
