@@ -256,6 +256,11 @@ def bench(
         help="default: onnxruntime or LiteRT, by the package's format; genai: ONNX Runtime GenAI (onnx); "
         "litert-lm: LiteRT-LM's engine on the package's model.litertlm (tflite --bundle litertlm).",
     ),  # fmt: skip
+    device: str = typer.Option(
+        None, "--device", help="Measure on another machine: ssh:HOST, adb:SERIAL or local (pushed, run, pulled)."
+    ),
+    remote_python: str = typer.Option("python3", "--remote-python", help="--device: the Python to run there."),
+    remote_dir: str = typer.Option(None, "--remote-dir", help="--device: working directory there."),
 ) -> None:
     """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
     from mobilize.runtime_harness.package import Package
@@ -269,8 +274,14 @@ def bench(
         raise MobilizeError(
             f"--runtime {runtime} runs {runtimes[runtime]} packages; this one is {pkg.manifest['format']}"
         )
-    with console.status(f"benchmarking {package.name}"):
-        if runtime == "litert-lm":
+    if device is not None and runtime not in ("default", "ort", "litert"):
+        raise MobilizeError(f"--device runs the package's own runtime; --runtime {runtime} is host-only")
+    with console.status(f"benchmarking {package.name}" + (f" on {device}" if device else "")):
+        if device is not None:
+            from mobilize.runtime_harness.device import bench_on_device
+
+            result = bench_on_device(package, device, remote_python, threads, prompt_len, gen_len, repeats, remote_dir)
+        elif runtime == "litert-lm":
             from mobilize.runtime_harness.litertlm_bench import measure_litertlm
 
             result = measure_litertlm(package / "model.litertlm", threads, prompt_len, gen_len, repeats)
@@ -284,6 +295,9 @@ def bench(
             result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
     result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
     result["runtime"] = runtime
+    if device is not None:
+        d = result["device"]
+        console.print(f"[dim]on {device}: {d.get('system')}, {d.get('cpus')} CPUs, Python {d.get('python')}[/]")
     if as_json:
         print(json.dumps(result, indent=2))
         return

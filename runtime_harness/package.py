@@ -11,8 +11,6 @@ import numpy as np
 
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.verify import read_manifest, verify_package
-from mobilize.runtime_harness.litert_runner import LiteRtRunner
-from mobilize.runtime_harness.ort_runner import OrtRunner
 
 
 @dataclasses.dataclass
@@ -26,6 +24,10 @@ class Package:
         package is refused before anything is loaded from it."""
         path = Path(path)
         manifest = verify_package(path) if verify else read_manifest(path)
+        return cls.checked(path, manifest)
+
+    @classmethod
+    def checked(cls, path: Path, manifest: dict) -> Package:
         if manifest.get("format") not in ("onnx", "tflite"):
             raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run (onnx, tflite)")
         return cls(path, manifest)
@@ -52,9 +54,14 @@ class Package:
             ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids
 
-    def runner(self, threads: int = 0) -> OrtRunner | LiteRtRunner:
+    def runner(self, threads: int = 0):
+        """The package's runner (imported here: a device has only its format's runtime)."""
         if self.manifest["format"] == "tflite":
+            from mobilize.runtime_harness.litert_runner import LiteRtRunner
+
             return LiteRtRunner(self.path / "model.tflite", threads=threads)
+        from mobilize.runtime_harness.ort_runner import OrtRunner
+
         return OrtRunner(self.path / "model.onnx", threads=threads)
 
 

@@ -33,3 +33,13 @@ def test_builder_package_and_ours_agree(tiny_hf, tmp_path):
     assert greedy(GenAIRunner(ours), prompt, 12) == ours_tokens
     peer_tokens = greedy(GenAIRunner(peer, max_length=256), prompt, 12)
     assert greedy(OrtRunner(peer / "model.onnx"), prompt, 12) == peer_tokens  # symbolic shared buffers sized
+
+
+def test_pytorch_eager_peer_is_measured_like_a_package(tiny_hf):
+    """The PyTorch-eager peer runs behind the Runner protocol and is timed by the same harness."""
+    from mobilize.bench.peers.pytorch_eager import pytorch_eager_runner
+    from mobilize.runtime_harness.perf import measure
+
+    m = measure(pytorch_eager_runner(tiny_hf("qwen2"), threads=2), 128, prompt_len=8, gen_len=4, repeats=2)
+    assert [r["test"] for r in m["records"]] == ["pp8", "tg4"]
+    assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0

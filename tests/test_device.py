@@ -1,0 +1,157 @@
+"""On-device benchmarks: `mobilize bench PACKAGE --device ssh:HOST` against a real OpenSSH server the
+test starts on loopback (keys made here), `--device local`, and `--device adb:SERIAL` through a stand-in
+`adb` (no phone here) that records the commands and plays the device on a local directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def package(tiny_hf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dev") / "pkg"
+    r = _cli("export", str(tiny_hf("llama")), "--format", "tflite", "-q", "int8", "--max-seq-len", "64",
+             "--prefill-len", "8", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ssh_config(tmp_path_factory):
+    """An OpenSSH server on 127.0.0.1 (this user, key login only) and a client config naming it."""
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "PermitRootLogin prohibit-password\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True) if os.geteuid() == 0 else None  # privilege separation dir
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    config = d / "ssh_config"
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    config.write_text(
+        f"Host mobilize-loopback\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n"
+        f"  IdentityFile {d / 'client_key'}\n  StrictHostKeyChecking no\n  UserKnownHostsFile {d / 'known_hosts'}\n"
+    )
+    yield config
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def _records(result: dict) -> list[str]:
+    assert all(r["avg_ts"] > 0 for r in result["records"])
+    return [r["test"] for r in result["records"]]
+
+
+def test_bench_over_ssh(package, ssh_config, tmp_path):
+    env = {**os.environ, "MOBILIZE_SSH_CONFIG": str(ssh_config)}
+    remote = tmp_path / "remote"
+    r = _cli("bench", str(package), "--device", "ssh:mobilize-loopback", "--remote-python", sys.executable,
+             "--remote-dir", str(remote), "--prompt-len", "8", "--gen-len", "4", "--repeats", "2", "--json",
+             env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert _records(result) == ["pp8", "tg4"] and len(result["records"][0]["samples_ts"]) == 2
+    assert result["device"]["spec"] == "ssh:mobilize-loopback" and result["device"]["cpus"] >= 1
+    # what went over: the package, byte for byte, and the runtime zip (nothing of mobilize installed is used)
+    assert sorted(p.name for p in remote.iterdir()) == ["mobilize-runtime.zip", "package"]
+    for f in package.iterdir():
+        assert (remote / "package" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_a_failure_on_the_device_is_one_line(package, ssh_config, tmp_path):
+    """The device's own error (here: no such Python there) comes back as one line, exit 1."""
+    env = {**os.environ, "MOBILIZE_SSH_CONFIG": str(ssh_config)}
+    r = _cli("bench", str(package), "--device", "ssh:mobilize-loopback", "--remote-python", "/nonexistent/python3",
+             "--remote-dir", str(tmp_path / "remote"), env=env)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("mobilize: error: the benchmark failed on ssh:mobilize-loopback: ")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_on_local_device_onnx(tiny_hf, tmp_path):
+    out = tmp_path / "onnx"
+    assert _cli("export", str(tiny_hf("llama")), "-q", "int4", "--max-seq-len", "64", "--out", str(out)).returncode == 0
+    r = _cli("bench", str(out), "--device", "local", "--remote-python", sys.executable, "--prompt-len", "8",
+             "--gen-len", "4", "--repeats", "1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _records(json.loads(r.stdout)) == ["pp8", "tg4"]
+
+
+FAKE_ADB = """#!/bin/sh
+# A stand-in for adb: logs each call, and plays the device on $FAKE_DEVICE (paths under / map into it).
+echo "$@" >> "$FAKE_ADB_LOG"
+[ "$1" = "-s" ] || exit 2
+serial=$2; shift 2
+[ "$serial" = "emulator-5554" ] || { echo "error: device '$serial' not found" >&2; exit 1; }
+case "$1" in
+  push) mkdir -p "$FAKE_DEVICE$(dirname "$3")"; cp -r "$2" "$FAKE_DEVICE$3" ;;
+  shell) shift; cmd=$(printf '%s' "$*" | sed "s#/data/#$FAKE_DEVICE/data/#g"); sh -c "$cmd" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_bench_over_adb_with_a_stand_in(package, tmp_path):
+    bin_dir, device, log = tmp_path / "bin", tmp_path / "phone", tmp_path / "adb.log"
+    bin_dir.mkdir()
+    (bin_dir / "adb").write_text(FAKE_ADB)
+    (bin_dir / "adb").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_DEVICE": str(device),
+        "FAKE_ADB_LOG": str(log),
+    }
+    r = _cli("bench", str(package), "--device", "adb:emulator-5554", "--remote-python", sys.executable,
+             "--prompt-len", "8", "--gen-len", "4", "--repeats", "1", "--json", env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _records(json.loads(r.stdout)) == ["pp8", "tg4"]
+    calls = log.read_text().splitlines()
+    assert calls[0] == "-s emulator-5554 shell mkdir -p /data/local/tmp/mobilize-bench"
+    assert any(c.startswith("-s emulator-5554 push ") and c.endswith("/data/local/tmp/mobilize-bench/package")
+               for c in calls)  # fmt: skip
+    assert "remote_bench package --threads 2" in calls[-1]
+    r = _cli("bench", str(package), "--device", "adb:0123", "--remote-python", sys.executable, env=env)
+    assert r.returncode == 1 and "adb push to 0123 failed: error: device '0123' not found" in r.stderr
+
+
+def test_device_spec_errors(package):
+    r = _cli("bench", str(package), "--device", "usb:1")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "mobilize: error: --device 'usb:1': expected local, ssh:HOST or adb:SERIAL"
+    )
