@@ -85,10 +85,20 @@ def run_suite(suite: dict[str, Any], work: Path, log=lambda msg: None) -> dict[s
             cmd += ["--max-seq-len", str(case["max_seq_len"])]
         for n in case.get("prefill_len", []):
             cmd += ["--prefill-len", str(n)]
+        if case.get("random_weights"):
+            cmd.append("--random-weights")
         try:
             export = timed_child(cmd)
         except RuntimeError as e:
             raise MobilizeError(f"{case['id']}: the export failed: {str(e).strip().splitlines()[-1]}") from None
+        export_metrics = {
+            "package_bytes": sum(p.stat().st_size for p in out.iterdir()),
+            "export_s": export["wall_s"],
+            "export_peak_rss_bytes": export["peak_rss_bytes"],
+        }
+        if suite.get("measure", "all") == "export":  # export cost only (random weights: nothing to score)
+            results.append({"id": case["id"], "case": case, "metrics": export_metrics})
+            continue
         pkg = Package.open(out)
         log(f"{case['id']}: speed")
         speed = measure(pkg.runner(threads), pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
@@ -98,9 +108,7 @@ def run_suite(suite: dict[str, Any], work: Path, log=lambda msg: None) -> dict[s
             "prefill_tok_s": speed["prefill_tokens_per_s"],
             "decode_tok_s": speed["decode_tokens_per_s"],
             "ppl": perplexity(pkg.runner(threads), ids, chunk=len(ids)),
-            "package_bytes": sum(p.stat().st_size for p in out.iterdir()),
-            "export_s": export["wall_s"],
-            "export_peak_rss_bytes": export["peak_rss_bytes"],
+            **export_metrics,
         }
         results.append({"id": case["id"], "case": case, "metrics": metrics, "records": speed["records"]})
     return {

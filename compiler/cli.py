@@ -321,8 +321,10 @@ def bench_run(
     out.write_text(json.dumps(results, indent=2) + "\n")
     for r in results["results"]:
         m = r["metrics"]
-        print(f"{r['id']:<36} pp {m['prefill_tok_s']:8.1f}  tg {m['decode_tok_s']:7.1f} tok/s  ppl {m['ppl']:7.3f}  "
-              f"{m['package_bytes'] / 1e6:7.1f} MB  export {m['export_s']:5.1f} s")  # fmt: skip
+        speed = (f"pp {m['prefill_tok_s']:8.1f}  tg {m['decode_tok_s']:7.1f} tok/s  ppl {m['ppl']:7.3f}  "
+                 if "ppl" in m else "")  # fmt: skip
+        print(f"{r['id']:<36} {speed}{m['package_bytes'] / 1e6:8.1f} MB  export {m['export_s']:6.1f} s  "
+              f"peak RSS {m['export_peak_rss_bytes'] / 2**30:5.2f} GB")  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -16,7 +16,7 @@ from mobilize.compiler.builder import build_decoder
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
-from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes
+from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes, summarize
 from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
 from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
@@ -110,6 +110,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         else:
             phase("writing model.onnx (weights streamed)")
             save_onnx(graph, tmp)
+            reports = summarize(reports)  # the quantization statistics came with the write
             io = graph_io(graph)
             target["opset"] = opts.opset
         phase("writing tokenizer")

@@ -68,7 +68,9 @@ def _is_head(name: str) -> bool:
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:
-    """Run the passes in order; return their reports. An error names the pass and what ran before it."""
+    """Run the passes in order; return their reports. An error names the pass and what ran before it.
+    Quantization statistics arrive when the model is written (the quantized tensors are lazy): call
+    `summarize` on the reports after saving."""
     reports, ran = [], []
     for p in passes:
         try:
@@ -79,8 +81,12 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:
         ran.append(type(p).__name__)
         report = getattr(p, "report", None)
         if report is not None:
-            reports.append(_summary(report.as_dict()))
+            reports.append(report.as_dict())
     return reports
+
+
+def summarize(reports: list[dict]) -> list[dict]:
+    return [_summary(dict(r)) for r in reports]
 
 
 def _summary(report: dict) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from mobilize.compiler.errors import MobilizeError
 from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
 from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.passes.report import PassReport
@@ -88,59 +89,44 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         make = weight.meta.get("block_codes")
         if make is None or (not self.carry_wider and self.bits < 8):
             return None
-        return make()
+        return make
 
-    def _carry(self, weight: ir.Value, w_nk: np.ndarray):
-        form = weight.meta.get("block_form")
-        if not self.carry_wider and form is not None and form[0] > self.bits:
+    def _plan(self, weight: ir.Value) -> tuple[str, int, int, str]:
+        """How a weight will be stored, decided from its metadata before any of its bytes are read:
+        (how: codes | grid | round, bits, block_size, zero points: none | uint8 | float)."""
+        if self.carry_blocks and self._source_codes(weight) is not None:
+            return "codes", 8, weight.meta["block_form"][1], "uint8"
+        form = weight.meta.get("block_form") if self.carry_blocks else None
+        if form is not None and not self.carry_wider and form[0] > self.bits:
             self.report.reject(f"source grid has {form[0]} bits: re-rounded to {self.bits}")
-            return None
-        make_grid = weight.meta.get("block_grid")
-        grid = make_grid() if make_grid is not None else None
-        if grid is None:
+        elif form is not None and weight.meta.get("block_grid") is not None:
+            # Q4_K is the one 4-bit grid, with a float zero point per block (w = s * q - m)
+            return "grid", form[0], form[1], "float" if form[0] == 4 else "uint8"
+        elif self.carry_blocks:
             self.report.reject("no source block grid: re-rounded")
-            return None
-        codes = _codes_on_grid(w_nk, grid)
-        if codes is None:
-            self.report.reject("weights off the source grid: re-rounded")
-            return None
-        return (*codes, grid.bits, grid.block_size)
+        return "round", self.bits, self.block_size, "none" if self.symmetric else "uint8"
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, transposed: bool) -> None:
-        codes = self._source_codes(weight) if self.carry_blocks else None
-        if codes is not None:  # exact by construction: the stored values are (q - zero_point) * scale
-            q, scale, zero_point = codes
-            n, k, bits, block_size = q.shape[0], q.shape[1] * q.shape[2], 8, q.shape[2]
-            carried, stats = True, {"rel_rms_error": 0.0, "max_abs_error": 0.0}
-        else:
-            w = weight.const_value.numpy()
-            w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
-            n, k = w_nk.shape
-            carried = self._carry(weight, w_nk) if self.carry_blocks else None
-            if carried is not None:
-                q, scale, zero_point, bits, block_size = carried
-            else:
-                bits, block_size = self.bits, self.block_size
-                q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
-            stats = error_stats(w_nk, q, scale, zero_point)
+        """MatMulNBits in place of the MatMul. The quantized tensors are lazy: the weight is read and
+        quantized when the model is written, one weight at a time, so an export holds at most a few
+        weights in memory whatever the model's size; the error statistics fill the report then."""
+        how, bits, block_size, zp_kind = self._plan(weight)
+        n, k = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+        n_blocks = -(-k // block_size)
+        entry = {"weight": weight.name, "shape": [n, k], "bits": bits, "block_size": block_size,
+                 "carried_from_source": how != "round"}  # fmt: skip
         self.report.matched += 1
-        self.report.details.append({
-            "weight": weight.name,
-            "shape": [n, k],
-            "bits": bits,
-            "block_size": block_size,
-            "carried_from_source": carried is not None,
-            **stats,
-        })  # fmt: skip
+        self.report.details.append(entry)
+        parts = _Parts(lambda: self._quantize(weight, transposed, how, bits, block_size, zp_kind, entry))
         base = f"{weight.name}.q{bits}b{block_size}"
         inputs = [
             node.inputs[0],
-            initializer(graph, base + ".qweight", pack_nbits(q, bits)),
-            initializer(graph, base + ".scales", scale.reshape(-1).astype(np.float32)),
+            _lazy(graph, base + ".qweight", ir.DataType.UINT8, (n, n_blocks, block_size * bits // 8), parts),
+            _lazy(graph, base + ".scales", ir.DataType.FLOAT, (n * n_blocks,), parts),
         ]
-        float_zp = zero_point.dtype != np.uint8  # a float zero point per block (Q4_K's w = s * q - m)
-        if not float_zp and (carried is not None or not self.symmetric):
-            inputs.append(initializer(graph, base + ".zero_points", pack_zero_points(zero_point, bits)))
+        if zp_kind == "uint8":
+            zp_len = n * n_blocks if bits == 8 else n * ((n_blocks + 1) // 2)
+            inputs.append(_lazy(graph, base + ".zero_points", ir.DataType.UINT8, (zp_len,), parts))
         new = ir.node(
             "MatMulNBits",
             inputs,
@@ -149,20 +135,74 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             name=(node.name or "") + "_nbits",
         )
         nodes = [new]
-        if float_zp:
-            nodes += _zero_point_correction(graph, base, node.inputs[0], new.outputs[0], scale, zero_point, bits)
+        if zp_kind == "float":
+            correction = _lazy(graph, base + ".zero_point_correction", ir.DataType.FLOAT, (n_blocks, n), parts)
+            nodes += _zero_point_correction(graph, n_blocks, node.inputs[0], new.outputs[0], correction)
         ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
 
+    def _quantize(self, weight, transposed, how, bits, block_size, zp_kind, entry) -> dict[str, np.ndarray]:
+        """The stored arrays of one weight, by name suffix; its error statistics into `entry`."""
+        if how == "codes":  # exact by construction: the stored values are (q - zero_point) * scale
+            q, scale, zero_point = self._source_codes(weight)()
+            stats = {"rel_rms_error": 0.0, "max_abs_error": 0.0}
+        else:
+            w = weight.const_value.numpy()
+            w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
+            if how == "grid":
+                codes = _codes_on_grid(w_nk, weight.meta["block_grid"]())
+                if codes is None:
+                    raise MobilizeError(f"{weight.name}: the weights are not on their source's block grid")
+                q, scale, zero_point = codes
+                if zp_kind == "float":
+                    zero_point = zero_point.astype(np.float32)
+            else:
+                q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
+            stats = error_stats(w_nk, q, scale, zero_point)
+            del w, w_nk
+        entry.update(stats)
+        out = {".qweight": pack_nbits(q, bits), ".scales": scale.reshape(-1).astype(np.float32)}
+        if zp_kind == "uint8":
+            out[".zero_points"] = pack_zero_points(zero_point.astype(np.uint8), bits)
+        elif zp_kind == "float":
+            delta = scale * ((1 << (bits - 1)) - zero_point)  # [N, n_blocks]
+            out[".zero_point_correction"] = np.ascontiguousarray(delta.astype(np.float32).T)
+        return out
 
-def _zero_point_correction(graph, base, x, y, scale, zero_point, bits) -> list[ir.Node]:
+
+class _Parts:
+    """One weight's quantized arrays, computed on the first request and handed out once each (so each is
+    freed after the writer takes it); a part asked for again (a cleanup read) is recomputed."""
+
+    def __init__(self, compute: Callable[[], dict[str, np.ndarray]]) -> None:
+        self.compute, self.ready = compute, {}
+
+    def take(self, suffix: str) -> np.ndarray:
+        if suffix not in self.ready:
+            self.ready = self.compute()
+        return self.ready.pop(suffix)
+
+
+def _lazy(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], parts: _Parts) -> ir.Value:
+    suffix = name[name.rindex(".") :]
+
+    def load() -> ir.Tensor:
+        arr = parts.take(suffix)
+        if arr.shape != shape:
+            raise MobilizeError(f"{name}: quantized to {arr.shape} where {shape} was planned")
+        return ir.Tensor(arr)
+
+    value = ir.Value(name=name, const_value=ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name))
+    value.shape, value.type = ir.Shape(shape), ir.TensorType(dtype)
+    graph.register_initializer(value)
+    return value
+
+
+def _zero_point_correction(graph, n_blocks: int, x, y, correction: ir.Value) -> list[ir.Node]:
     """Float zero points, exactly, on ONNX Runtime's fast integer path: the MatMulNBits runs with its
     default zero point z0 = 2**(bits-1), and the difference s * (z0 - zp), one number per block, is
     added back as sum(x over the block) @ that [K / block, N] matrix: w = s(q - zp) = s(q - z0) + s(z0 - zp)."""
-    n, n_blocks = scale.shape
-    delta = (scale * ((1 << (bits - 1)) - zero_point)).astype(np.float32).T  # [n_blocks, N]
     shape = initializer(graph, f"block_shape_{n_blocks}", np.asarray([0, 0, n_blocks, -1], np.int64))
     axis = initializer(graph, "axis_last", np.asarray([-1], np.int64))
-    correction = initializer(graph, base + ".zero_point_correction", np.ascontiguousarray(delta))
     blocks = ir.node("Reshape", [x, shape])
     sums = ir.node("ReduceSum", [blocks.outputs[0], axis], {"keepdims": 0})
     offset = ir.node("MatMul", [sums.outputs[0], correction])
