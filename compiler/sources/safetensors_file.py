@@ -8,6 +8,7 @@ views into a read-only memory map, so a 14 GB checkpoint costs nothing until a t
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 
@@ -108,9 +109,27 @@ def _loader(mm, offset: int, count: int, dtype: np.dtype, shape: tuple[int, ...]
     def load() -> np.ndarray:
         arr = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
         if dtype_name == "BF16":
-            return bf16_to_f32(arr)
-        if dtype_name in ("F16", "F64"):
-            return arr.astype(np.float32)
-        return arr
+            out = bf16_to_f32(arr)
+        elif dtype_name in ("F16", "F64"):
+            out = arr.astype(np.float32)
+        else:
+            out = np.array(arr)  # a copy, so the mapped pages can be let go now
+        del arr
+        _release(mm, offset, count * dtype.itemsize)
+        return out
 
     return load
+
+
+def _release(mm, offset: int, nbytes: int) -> None:
+    """Drop the tensor's pages from this process (they stay in the page cache): a checkpoint read through
+    one mapping would otherwise count, page by page, in the export's resident memory until it ends."""
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or not hasattr(raw, "madvise"):
+        return
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    try:
+        raw.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+    except (OSError, ValueError):
+        pass
