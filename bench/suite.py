@@ -56,7 +56,9 @@ def load_suite(spec: str | Path) -> dict[str, Any]:
             case = dict(zip(axes, values, strict=True))
             case.setdefault("format", "onnx")
             case.setdefault("quant", "int4")
-            case["id"] = f"{Path(str(case['model'])).stem}/{case['format']}/{case['quant']}"
+            model = str(case["model"])
+            name = Path(model).name if Path(model).exists() else model  # an alias may hold dots (llama-3.2-1b)
+            case["id"] = f"{name}/{case['format']}/{case['quant']}"
             cases.append(case)
     if not cases:
         raise MobilizeError(f"{path}: no cases")

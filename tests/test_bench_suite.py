@@ -36,6 +36,11 @@ def test_suite_expands_models_formats_recipes():
     assert sorted(c["id"] for c in suite["case"]) == sorted(
         f"gemma3-270m/{f}/{q}" for f in ("onnx", "tflite") for q in ("int4", "int8", "fp32")
     )
+    scale = load_suite("export-scale")
+    assert scale["measure"] == "export" and all(c["random_weights"] for c in scale["case"])
+    assert [c["id"] for c in scale["case"]] == [
+        f"{m}/{f}/int4" for m in ("llama-3.2-1b", "llama-7b") for f in ("onnx", "tflite")
+    ]
 
 
 def test_ci_suite_against_the_committed_baseline(results):
