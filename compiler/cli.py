@@ -237,7 +237,10 @@ class _BenchGroup(typer.core.TyperGroup):
 
 
 bench_app = typer.Typer(
-    cls=_BenchGroup, no_args_is_help=True, help="Measure a package (bench PACKAGE), or run and compare suites."
+    cls=_BenchGroup,
+    no_args_is_help=True,
+    help="Measure a package: `mobilize bench PACKAGE [OPTIONS]` (its options: `mobilize bench PACKAGE --help`); "
+    "or run, compare and plot benchmark suites.",
 )
 app.add_typer(bench_app, name="bench")
 
