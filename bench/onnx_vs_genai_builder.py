@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -98,25 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _speed(packages: dict[str, Path], args) -> dict:
     from mobilize.runtime_harness.genai_runner import GenAIRunner
-    from mobilize.runtime_harness.perf import measure
+    from mobilize.runtime_harness.perf import interleaved, measure
 
     runners = {name: GenAIRunner(path, args.threads) for name, path in packages.items()}
-    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in packages}
-    for _ in range(args.rounds):
-        for name, runner in runners.items():
-            m = measure(runner, 262144, args.prompt_len, args.gen_len, repeats=1)
-            samples[name]["ttft"].append(m["time_to_first_token_s"])
-            samples[name]["pp"].append(m["prefill_tokens_per_s"])
-            samples[name]["tg"].append(m["decode_tokens_per_s"])
-    return {
-        name: {
-            "time_to_first_token_s": statistics.median(s["ttft"]),
-            "prefill_tok_s": statistics.median(s["pp"]),
-            "decode_tok_s": statistics.median(s["tg"]),
-            "samples": s,
-        }
-        for name, s in samples.items()
-    }
+    return interleaved(
+        {
+            name: (lambda r=r: measure(r, 262144, args.prompt_len, args.gen_len, repeats=1))
+            for name, r in runners.items()
+        },
+        args.rounds,
+    )
 
 
 def _perplexity(gguf: Path, packages: dict[str, Path]) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -89,32 +88,19 @@ def _speed(package: Path, gguf: Path, args) -> dict:
     from mobilize.bench.peers.llama_cpp import LlamaCppRunner
     from mobilize.runtime_harness.litert_runner import LiteRtRunner
     from mobilize.runtime_harness.litertlm_bench import measure_litertlm
-    from mobilize.runtime_harness.perf import measure
+    from mobilize.runtime_harness.perf import interleaved, measure
 
-    runners = {
-        "mobilize_litert_python": LiteRtRunner(package / "model.tflite", args.threads),
-        "llama_cpp": LlamaCppRunner(gguf, args.threads, n_ctx=args.max_seq_len),
-    }
-    names = ["mobilize_litert_lm", *runners]
-    samples: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "pp": [], "tg": []} for n in names}
-    for _ in range(args.rounds):
-        for name in names:
-            if name == "mobilize_litert_lm":
-                m = measure_litertlm(package / "model.litertlm", args.threads, args.prompt_len, args.gen_len, 1)
-            else:
-                m = measure(runners[name], 262144, args.prompt_len, args.gen_len, repeats=1)
-            samples[name]["ttft"].append(m["time_to_first_token_s"])
-            samples[name]["pp"].append(m["prefill_tokens_per_s"])
-            samples[name]["tg"].append(m["decode_tokens_per_s"])
-    return {
-        name: {
-            "time_to_first_token_s": statistics.median(s["ttft"]),
-            "prefill_tok_s": statistics.median(s["pp"]),
-            "decode_tok_s": statistics.median(s["tg"]),
-            "samples": s,
-        }
-        for name, s in samples.items()
-    }
+    python_loop = LiteRtRunner(package / "model.tflite", args.threads)
+    llama = LlamaCppRunner(gguf, args.threads, n_ctx=args.max_seq_len)
+    p, g = args.prompt_len, args.gen_len
+    return interleaved(
+        {
+            "mobilize_litert_lm": lambda: measure_litertlm(package / "model.litertlm", args.threads, p, g, 1),
+            "mobilize_litert_python": lambda: measure(python_loop, 262144, p, g, repeats=1),
+            "llama_cpp": lambda: measure(llama, 262144, p, g, repeats=1),
+        },
+        args.rounds,
+    )
 
 
 def _perplexity(package: Path, gguf: Path, threads: int) -> dict:

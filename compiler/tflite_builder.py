@@ -69,14 +69,14 @@ class _Lowering:
     def reshape(self, g: TflGraph, x: int, shape: list[int]) -> int:
         options = fb.ReshapeOptionsT()
         options.newShape = list(shape)
-        return g.op(Op.RESHAPE, [x, g.const(shape)], shape, _dtype(g, x), options)
+        return g.op(Op.RESHAPE, [x, g.const(shape)], shape, g.dtype(x), options)
 
     def transpose(self, g: TflGraph, x: int, perm: list[int]) -> int:
         shape = [g.shape(x)[p] for p in perm]
-        return g.op(Op.TRANSPOSE, [x, g.const(perm)], shape, _dtype(g, x), fb.TransposeOptionsT())
+        return g.op(Op.TRANSPOSE, [x, g.const(perm)], shape, g.dtype(x), fb.TransposeOptionsT())
 
     def slice(self, g: TflGraph, x: int, begin: list[int], size: list[int]) -> int:
-        return g.op(Op.SLICE, [x, g.const(begin), g.const(size)], size, _dtype(g, x), fb.SliceOptionsT())
+        return g.op(Op.SLICE, [x, g.const(begin), g.const(size)], size, g.dtype(x), fb.SliceOptionsT())
 
     def unary(self, g: TflGraph, code: int, x: int) -> int:
         return g.op(code, [x], g.shape(x))
@@ -235,13 +235,6 @@ class _Lowering:
             options.approximate = True
             act = g.op(Op.GELU, [gate], g.shape(gate), F32, options)
         return self.fc(g, self.binary(g, Op.MUL, act, self.fc(g, h, p + "up_proj")), p + "down_proj")
-
-
-def _dtype(g: TflGraph, x: int):
-    from mobilize.targets.tflite_writer import TENSOR_TYPES
-
-    t = g.tensors[x].type
-    return next(k for k, v in TENSOR_TYPES.items() if v == t)
 
 
 def build_tflite(model: LoadedModel, recipe: Recipe, max_len: int, prefill_lens: list[int]) -> tuple[TflModel, dict]:

@@ -31,8 +31,9 @@ ZIP_NAME = "mobilize-runtime.zip"
 
 def runtime_zip() -> bytes:
     """mobilize's runtime modules as an importable zip (fixed timestamps: the same bytes every time)."""
-    here = Path(__file__).resolve().parent
-    roots = {"runtime_harness": here, "compiler": Path(__import__("mobilize.compiler").compiler.__file__).parent}
+    import mobilize.compiler
+
+    roots = {"runtime_harness": Path(__file__).resolve().parent, "compiler": Path(mobilize.compiler.__file__).parent}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr(zipfile.ZipInfo("mobilize/__init__.py", (1980, 1, 1, 0, 0, 0)), "")

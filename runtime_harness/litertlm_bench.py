@@ -4,11 +4,10 @@ prompt through the prefill signatures. Reported in the same records as `perf.mea
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from mobilize.compiler.errors import MobilizeError
-from mobilize.runtime_harness.perf import _record, peak_rss_bytes
+from mobilize.runtime_harness.perf import summarize
 
 
 def _engine_cache() -> Path:
@@ -46,11 +45,4 @@ def measure_litertlm(bundle: Path, threads: int, prompt_len: int, gen_len: int, 
             ttft.append(info.time_to_first_token_in_second)
             prefill_s.append(prompt_len / info.last_prefill_tokens_per_second)
             decode_s.append(gen_len / info.last_decode_tokens_per_second)
-    records = [_record(f"pp{prompt_len}", prompt_len, prefill_s), _record(f"tg{gen_len}", gen_len, decode_s)]
-    return {
-        "time_to_first_token_s": statistics.median(ttft),
-        "prefill_tokens_per_s": records[0]["avg_ts"],
-        "decode_tokens_per_s": records[1]["avg_ts"],
-        "peak_rss_bytes": peak_rss_bytes(),
-        "records": records,
-    }
+    return summarize(prompt_len, gen_len, ttft, prefill_s, decode_s)

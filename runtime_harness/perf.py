@@ -9,6 +9,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,13 +38,41 @@ def measure(runner: Runner, vocab_size: int, prompt_len: int = 128, gen_len: int
         if i:  # the first run is the warm-up
             prefill_s.append(t1 - t0)
             decode_s.append(t2 - t1)
+    return summarize(prompt_len, gen_len, prefill_s, prefill_s, decode_s)
+
+
+def summarize(
+    prompt_len: int, gen_len: int, ttft_s: list[float], prefill_s: list[float], decode_s: list[float]
+) -> dict:
+    """The result of timed runs (seconds per run): medians, llama-bench-like records, peak RSS."""
     records = [_record(f"pp{prompt_len}", prompt_len, prefill_s), _record(f"tg{gen_len}", gen_len, decode_s)]
     return {
-        "time_to_first_token_s": statistics.median(prefill_s),
+        "time_to_first_token_s": statistics.median(ttft_s),
         "prefill_tokens_per_s": records[0]["avg_ts"],
         "decode_tokens_per_s": records[1]["avg_ts"],
         "peak_rss_bytes": peak_rss_bytes(),
         "records": records,
+    }
+
+
+def interleaved(measurers: dict[str, Callable[[], dict]], rounds: int) -> dict[str, dict]:
+    """One measurement of each contender per round, rounds interleaved so drift on a shared machine hits
+    all alike; per contender the medians over rounds, with the samples."""
+    samples = {name: {"ttft": [], "pp": [], "tg": []} for name in measurers}
+    for _ in range(rounds):
+        for name, run in measurers.items():
+            m = run()
+            samples[name]["ttft"].append(m["time_to_first_token_s"])
+            samples[name]["pp"].append(m["prefill_tokens_per_s"])
+            samples[name]["tg"].append(m["decode_tokens_per_s"])
+    return {
+        name: {
+            "time_to_first_token_s": statistics.median(s["ttft"]),
+            "prefill_tok_s": statistics.median(s["pp"]),
+            "decode_tok_s": statistics.median(s["tg"]),
+            "samples": s,
+        }
+        for name, s in samples.items()
     }
 
 

@@ -149,12 +149,7 @@ class FcWeights:
         scales_shape = [n, k // block]
         buffer = g.model.weight_buffer(key, -(-n * k // 2), codes)
         scales = g.weight(key + ".scales", scales_shape, np.float16, 2 * n * (k // block), lambda: pending.pop("scale"))
-        if buffer in g._by_buffer:
-            return g._by_buffer[buffer]
-        q = Quant(block_scales=scales, block_size=block)
-        index = g.tensor(key, [n, k], INT4, buffer, q)
-        g._by_buffer[buffer] = index
-        return index
+        return g.buffer_tensor(buffer, key, [n, k], INT4, Quant(block_scales=scales, block_size=block))
 
     def _row_scales(self, name: str, bits: int) -> np.ndarray:
         if name not in self._scales:

@@ -101,13 +101,19 @@ class TflGraph:
 
     def weight(self, key: str, shape, dtype, nbytes: int, produce, quant: Quant | None = None) -> int:
         """A large constant by key: one buffer per model, one tensor per graph."""
-        buffer = self.model.weight_buffer(key, nbytes, produce)
+        return self.buffer_tensor(self.model.weight_buffer(key, nbytes, produce), key, shape, dtype, quant)
+
+    def buffer_tensor(self, buffer: int, name: str, shape, dtype, quant: Quant | None = None) -> int:
+        """This graph's one tensor over a model buffer."""
         if buffer not in self._by_buffer:
-            self._by_buffer[buffer] = self.tensor(key, shape, dtype, buffer, quant)
+            self._by_buffer[buffer] = self.tensor(name, shape, dtype, buffer, quant)
         return self._by_buffer[buffer]
 
     def shape(self, index: int) -> tuple[int, ...]:
         return self.shapes[index]
+
+    def dtype(self, index: int) -> np.dtype:
+        return next(k for k, v in TENSOR_TYPES.items() if v == self.tensors[index].type)
 
     def op(self, code: int, inputs: list[int], out_shape, out_dtype=np.float32, options=None, name: str = "") -> int:
         out = self.tensor(name or f"t{len(self.tensors)}", out_shape, out_dtype)
