@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mobilize.compiler import __version__
 from mobilize.compiler.builder import build_decoder
+from mobilize.compiler.calibrate import calibrate
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
@@ -85,19 +86,28 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
-    if opts.format == "tflite":
-        phase("lowering to TFLite")
-        tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens))
-    else:
-        passes = onnx_passes(recipe, max_seq_len, opts.opset)
-        phase("building graph")
-        graph = build_decoder(model)
-        phase(f"passes ({recipe.name})")
-        reports = run_passes(graph, passes)
-        kv = static_kv(graph)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
+        phase("writing tokenizer")
+        tokenizer_files = write_tokenizer(model.ckpt, tmp)
+        statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
+        calibrated = opts.format in recipe.calibrate
+        if calibrated and "tokenizer.json" not in tokenizer_files:
+            calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
+        elif calibrated:
+            phase("calibrating")
+            statistics, calibration = calibrate(model, tmp / "tokenizer.json")
+        if opts.format == "tflite":
+            phase("lowering to TFLite")
+            tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens), statistics)
+        else:
+            passes = onnx_passes(recipe, max_seq_len, opts.opset, statistics)
+            phase("building graph")
+            graph = build_decoder(model)
+            phase(f"passes ({recipe.name})")
+            reports = run_passes(graph, passes)
+            kv = static_kv(graph)
         config = dataclasses.asdict(model.config)
         target = {"name": opts.target, "max_seq_len": max_seq_len}
         if opts.format == "tflite":
@@ -113,8 +123,6 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             reports = summarize(reports)  # the quantization statistics came with the write
             io = graph_io(graph)
             target["opset"] = opts.opset
-        phase("writing tokenizer")
-        tokenizer_files = write_tokenizer(model.ckpt, tmp)
         if opts.bundle == "litertlm":
             phase("writing model.litertlm")
             ids = special_token_ids(model.ckpt)
@@ -133,7 +141,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "architecture": config,
             "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
-            "build_report": {"passes": reports},
+            "build_report": {"calibration": calibration, "passes": reports},
             "target": target,
             "kv_cache": kv or {"layout": "dynamic"},
             "io": io,

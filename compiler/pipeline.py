@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import onnx_ir as ir
 
 from mobilize.compiler.errors import MobilizeError
@@ -26,9 +29,12 @@ def recipe_named(name: str) -> Recipe:
 OPSETS = ("ort", "std")
 
 
-def onnx_passes(recipe: Recipe, max_seq_len: int, opset: str = "ort") -> list[ir.passes.PassBase]:
+def onnx_passes(
+    recipe: Recipe, max_seq_len: int, opset: str = "ort", statistics: Mapping[str, np.ndarray] | None = None
+) -> list[ir.passes.PassBase]:
     """ONNX Runtime (`ort`): contrib fused ops and an in-place static cache. Standard ONNX (`std`):
-    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache."""
+    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache. `statistics`:
+    calibration (compiler/calibrate.py), for the recipes that use it."""
     if opset not in OPSETS:
         raise MobilizeError(f"unknown --opset {opset!r} (known: {', '.join(OPSETS)})")
     std = opset == "std"
@@ -40,10 +46,13 @@ def onnx_passes(recipe: Recipe, max_seq_len: int, opset: str = "ort") -> list[ir
         passes += [FuseGroupQueryAttentionPass(), StaticKVCachePass(max_seq_len)]
     passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks))
     # phase: quantize
+    importance = None
+    if "onnx" in recipe.calibrate and statistics is not None:
+        importance = lambda name: input_statistics_of(statistics, name)  # noqa: E731
     if recipe.head is not None:
-        passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]"))
+        passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
-        passes.append(_matmul_pass(recipe, recipe.matmul))
+        passes.append(_matmul_pass(recipe, recipe.matmul, importance=importance))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric, recipe.carry_source_blocks and e.carry))
@@ -65,6 +74,14 @@ HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
 def _is_head(name: str) -> bool:
     # A MatMul on the embedding can only be the tied head (the embedding itself is a Gather).
     return name in HEAD_WEIGHTS
+
+
+def input_statistics_of(statistics: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    """A weight's calibration statistics: a tied head's are the head's input, a packed weight's
+    ("...q_proj+k_proj+v_proj.weight") those of its first part (they share one input)."""
+    if name in HEAD_WEIGHTS:
+        return statistics.get("lm_head.weight")
+    return statistics.get(name.split("+")[0].removesuffix(".weight") + ".weight")
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:

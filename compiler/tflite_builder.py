@@ -237,15 +237,17 @@ class _Lowering:
         return self.fc(g, self.binary(g, Op.MUL, act, self.fc(g, h, p + "up_proj")), p + "down_proj")
 
 
-def build_tflite(model: LoadedModel, recipe: Recipe, max_len: int, prefill_lens: list[int]) -> tuple[TflModel, dict]:
+def build_tflite(
+    model: LoadedModel, recipe: Recipe, max_len: int, prefill_lens: list[int], statistics=None
+) -> tuple[TflModel, dict]:
     """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode`. Returns the model
     (weights still lazy: they are read, quantized and written one buffer at a time by TflModel.write)
-    and the quantization report."""
+    and the quantization report. `statistics`: calibration, for recipes that use it."""
     cfg = model.config
     if max_len > cfg.max_position_embeddings:
         max_len = cfg.max_position_embeddings
     prefill_lens = sorted({min(n, max_len) for n in prefill_lens})  # a prompt never passes the cache
-    weights = FcWeights(model, recipe)
+    weights = FcWeights(model, recipe, statistics)
     lowering = _Lowering(model, recipe, max_len, weights)
     tfl = TflModel(f"mobilize {cfg.family}")
     for n in prefill_lens:

@@ -13,10 +13,12 @@ ROWS = 8192  # rows per chunk: temporaries stay a few MB whatever the matrix (a 
 
 
 def quantize_blockwise(
-    w: np.ndarray, bits: int, block_size: int, symmetric: bool
+    w: np.ndarray, bits: int, block_size: int, symmetric: bool, importance: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [N, K] float -> (q uint8 [N, n_blocks, block_size], scale float32 [N, n_blocks],
-    zero_point uint8 [N, n_blocks]). K is zero-padded up to a whole number of blocks."""
+    zero_point uint8 [N, n_blocks]). K is zero-padded up to a whole number of blocks. Rounds to nearest
+    over the block's range, or with `importance` (each input channel's mean square activation [K]) by
+    `search_blocks`."""
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: only 4 and 8 are supported")
     if block_size < 16 or block_size & (block_size - 1):
@@ -26,18 +28,32 @@ def quantize_blockwise(
     q = np.empty((n, n_blocks, block_size), np.uint8)
     scale = np.empty((n, n_blocks), np.float32)
     zero_point = np.empty((n, n_blocks), np.uint8)
+    weight = None
+    if importance is not None:
+        weight = np.zeros(n_blocks * block_size, np.float32)
+        weight[:k] = importance
+        weight = weight.reshape(n_blocks, block_size)
     for start in range(0, n, ROWS):
         rows = slice(start, start + ROWS)
-        q[rows], scale[rows], zero_point[rows] = _quantize_rows(w[rows], bits, block_size, symmetric)
+        if weight is None:
+            q[rows], scale[rows], zero_point[rows] = _quantize_rows(w[rows], bits, block_size, symmetric)
+        else:
+            q[rows], scale[rows], zero_point[rows] = search_blocks(
+                _blocks(w[rows], block_size), bits, symmetric, weight
+            )
     return q, scale, zero_point
 
 
-def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     n, k = w.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n, n_blocks * block_size), dtype=np.float32)
     padded[:, :k] = w
-    blocks = padded.reshape(n, n_blocks, block_size)
+    return padded.reshape(n, n_blocks, block_size)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
+    blocks = _blocks(w, block_size)
     qmax = (1 << bits) - 1
     if symmetric:
         # The largest magnitude maps to -2**(bits-1), the most negative code, as ORT's quantizer does:
@@ -56,6 +72,85 @@ def _quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool):
     safe = np.where(scale == 0, 1.0, scale)[..., None]
     q = np.clip(np.round(blocks / safe) + zero_point[..., None], 0, qmax).astype(np.uint8)
     return q, scale, zero_point
+
+
+CLIP_RATIOS = (1.0, 0.9, 0.8)
+
+
+def search_blocks(
+    blocks: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    weight: np.ndarray | None = None,
+    scale_dtype=np.float32,
+    ratios: tuple[float, ...] = CLIP_RATIOS,
+    polish: int = 1,
+    negative_scales: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Activation-aware rounding: blocks [N, n_blocks, block] -> (codes uint8, scale [N, n_blocks] in
+    `scale_dtype`, zero_point uint8), w ~= (code - zero_point) * scale.
+
+    Per block, the scale of least error E = sum_j h_j (w_j - dequantized_j)**2, where h [n_blocks, block]
+    (`weight`) is each input channel's mean square activation on calibration text (None: equal weights).
+    Each candidate scale (the block's range clipped by each of `ratios`) rounds the block once; the codes it
+    gives then fix the weighted least-squares scale s* = sum(h c w) / sum(h c c), whose error is at most
+    sum(h w w) - sum(h c w)**2 / sum(h c c) (rounding again at s* can only lower it). The block keeps the s*
+    with the least bound. Symmetric blocks keep the zero point at 2**(bits-1), the form ONNX Runtime's and
+    XNNPACK's fast kernels want; asymmetric ones shrink both ends of the range alike. A negative scale puts
+    a positive extreme on the most negative code; XNNPACK takes only positive scales (`negative_scales`)."""
+    qmax = (1 << bits) - 1
+    mid = 1 << (bits - 1)
+    h = np.ones(blocks.shape[1:], np.float32) if weight is None else np.asarray(weight, np.float32)
+    h = h / max(float(h.mean()), 1e-30)  # only the relative weights matter; keeps the sums in range
+    hw = blocks * h
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        zp = np.full(blocks.shape[:-1], mid, np.float32)
+        # the largest magnitude on the most negative code, or on the most positive one
+        candidates = [
+            (s * r, zp)
+            for s in (extreme / -mid if negative_scales else np.abs(extreme) / mid, np.abs(extreme) / (mid - 1))
+            for r in ratios
+        ]
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        candidates = []
+        for r in ratios:
+            s = (hi - lo) * (r / qmax)
+            candidates.append((s, np.clip(np.round(-lo * r / np.where(s == 0, 1.0, s)), 0, qmax)))
+    best_bound = best_scale = best_zp = None
+    for i in range(len(candidates) + polish):
+        # after the candidates, `polish` more rounds from the best scale so far (a Lloyd iteration)
+        scale, zero_point = candidates[i] if i < len(candidates) else (best_scale, best_zp)
+        c = _codes(blocks, scale.astype(scale_dtype).astype(np.float32), zero_point, qmax)
+        num = np.einsum("nbk,nbk->nb", hw, c)
+        den = np.einsum("nbk,nbk,bk->nb", c, c, h)
+        fitted = den > 0
+        refit = np.where(fitted, num / np.where(fitted, den, 1.0), 0.0)
+        # the error of these codes at s* (computed directly: sum(h w w) - num * s* cancels at 8 bits)
+        err = c * refit[..., None]
+        err -= blocks
+        bound = np.einsum("nbk,nbk,bk->nb", err, err, h)
+        if best_bound is None:
+            best_bound, best_scale, best_zp = bound, refit, zero_point
+        else:
+            better = bound < best_bound
+            best_bound = np.where(better, bound, best_bound)
+            best_scale = np.where(better, refit, best_scale)
+            best_zp = np.where(better, zero_point, best_zp)
+    scale = best_scale.astype(scale_dtype)
+    q = _codes(blocks, scale.astype(np.float32), best_zp, qmax) + best_zp[..., None]
+    return q.astype(np.uint8), scale, best_zp.astype(np.uint8)
+
+
+def _codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmax: int) -> np.ndarray:
+    """round(w / scale) within the code range, less the zero point (float32; 0 where the scale is 0)."""
+    c = blocks / np.where(scale == 0, np.inf, scale)[..., None]
+    np.rint(c, out=c)
+    z = zero_point[..., None]
+    return np.clip(c, -z, qmax - z, out=c)
 
 
 def dequantize_blockwise(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, k: int) -> np.ndarray:

@@ -30,10 +30,12 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         carry_blocks: bool = False,
         carry_wider: bool = True,
         accuracy_level: int = 0,
+        importance: Callable[[str], np.ndarray | None] | None = None,
     ):
         """`weights` selects weights by initializer name (default: all). With `carry_blocks`, a weight whose
         value carries a source block grid (meta "block_grid", from a GGUF) keeps that grid exactly, at the
-        grid's own bits and block size, instead of being re-rounded."""
+        grid's own bits and block size, instead of being re-rounded. `importance` gives a weight's mean
+        square input per channel (calibration): re-rounded weights then weigh each channel's error by it."""
         super().__init__()
         self.carry_blocks = carry_blocks
         self.carry_wider = carry_wider  # also carry grids with more bits than `bits` (else re-round them)
@@ -42,6 +44,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
         self.bits, self.block_size, self.symmetric, self.min_elements = bits, block_size, symmetric, min_elements
         self.weights = weights
+        self.importance = importance
         kind = "sym" if symmetric else "asym"
         self.report = PassReport(f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})")
 
@@ -156,7 +159,9 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
                 if zp_kind == "float":
                     zero_point = zero_point.astype(np.float32)
             else:
-                q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric)
+                h = self.importance(weight.name or "") if self.importance is not None else None
+                entry["calibrated"] = h is not None
+                q, scale, zero_point = quantize_blockwise(w_nk, bits, block_size, self.symmetric, h)
             stats = error_stats(w_nk, q, scale, zero_point)
             del w, w_nk
         entry.update(stats)

@@ -27,6 +27,10 @@ class Recipe:
     # MatMulNBits accuracy_level: 4 runs ONNX Runtime's int8-activation kernels (an order of magnitude faster
     # on CPU for 8-bit weights); 0 computes in float.
     accuracy_level: int = 4
+    # Formats ("onnx", "tflite") whose re-rounded 4-bit weights pick each block's scale for least error
+    # weighted by the mean square of each input channel on a calibration text (compiler/calibrate.py), where
+    # the source has a tokenizer. It costs export time (gemma3-270m: ~5 s forward + ~5 s search on the head).
+    calibrate: tuple[str, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {
@@ -43,11 +47,23 @@ RECIPES: dict[str, Recipe] = {
             "int4",
             "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly "
             "(Q5_0/Q6_K/Q8_0 as 8-bit); the output head 4-bit, re-rounded (it is read every token); the embedding "
-            "8-bit (a 4-bit lookup table costs the most accuracy per byte saved)",
+            "8-bit (a 4-bit lookup table costs the most accuracy per byte saved). TFLite (no zero points, so Q4_K "
+            "and the head are re-rounded symmetric): calibrated",
             WeightQuant(4, 32, False),
             head=WeightQuant(4, 32, False, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
+            calibrate=("tflite",),
+        ),
+        Recipe(
+            "int4-sym-head",
+            "as int4, with the head 4-bit symmetric (ONNX Runtime's fastest kernel for the largest matrix) and "
+            "calibrated, in both formats",
+            WeightQuant(4, 32, False),
+            head=WeightQuant(4, 32, True, carry=False),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+            calibrate=("onnx", "tflite"),
         ),
         Recipe(
             "int4-fast",
@@ -60,6 +76,12 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "int4-all", "4-bit weights everywhere, head included, blocks of 32, asymmetric", WeightQuant(4, 32, False)
+        ),
+        Recipe(
+            "int4-all-cal",
+            "int4-all, calibrated: each block's scale chosen for least activation-weighted error",
+            WeightQuant(4, 32, False),
+            calibrate=("onnx", "tflite"),
         ),
         Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),
         Recipe("int4-b128-asym", "4-bit weights, blocks of 128, asymmetric", WeightQuant(4, 128, False)),

@@ -14,12 +14,14 @@ most one weight is in memory at a time; the error statistics are gathered then, 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.gguf_grid import GRID_FORMS
+from mobilize.passes.quant_primitives import search_blocks
 from mobilize.passes.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite_writer import INT4, Quant, TflGraph
 
@@ -29,29 +31,12 @@ ROWS = 8192  # rows quantized at a time: temporaries stay tens of MB whatever th
 EMBEDDING = "model.embed_tokens.weight"
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
-
-
-def quantize_sym4_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """blocks [N, n_blocks, block] -> (codes int8 in [-8, 7], fp16 scales [N, n_blocks]). Per block, the
-    scale of least squared error among a few clipping ratios of max|w| / 7 (and max|w| / 8, which puts a
-    negative extreme exactly on -8); scales are rounded to fp16 before the codes are chosen."""
-    amax = np.abs(blocks).max(axis=-1)
-    base = np.where(amax == 0, 1.0, amax)
-    best_err = best_q = best_s = None
-    for s in [base / 7.0 * r for r in CLIP_RATIOS] + [base / 8.0]:
-        s16 = s.astype(np.float16)
-        s32 = s16.astype(F32)[..., None]
-        q = np.clip(np.round(blocks / s32), -8, 7)
-        err = np.square(q * s32 - blocks).sum(axis=-1)
-        if best_err is None:
-            best_err, best_q, best_s = err, q, s16
-        else:
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_q = np.where(better[..., None], q, best_q)
-            best_s = np.where(better, s16, best_s)
-    return best_q.astype(np.int8), best_s
+def quantize_sym4_blocks(blocks: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [N, n_blocks, block] -> (codes int8 in [-8, 7], fp16 scales [N, n_blocks]): the symmetric
+    search of passes/quant_primitives (least squared error among clipped ranges, each refitted; weighted by
+    calibration statistics [n_blocks, block] when given), with the scales rounded to fp16 first."""
+    q, scale, _ = search_blocks(blocks, 4, True, weight, scale_dtype=np.float16, negative_scales=False)
+    return (q.astype(np.int8) - 8).astype(np.int8), scale
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -63,8 +48,10 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
 
 
 class FcWeights:
-    def __init__(self, model: LoadedModel, recipe: Recipe) -> None:
+    def __init__(self, model: LoadedModel, recipe: Recipe, statistics: Mapping[str, np.ndarray] | None = None) -> None:
         self.cfg, self.ckpt, self.recipe = model.config, model.weights, recipe
+        # calibration (compiler/calibrate.py): re-rounded 4-bit blocks weigh each input channel's error by it
+        self.statistics = statistics if "tflite" in recipe.calibrate else None
         self.stats: dict[str, dict] = {}
         self._scales: dict[str, np.ndarray] = {}
 
@@ -125,13 +112,18 @@ class FcWeights:
         n, k = self.ckpt[name].shape
         pending: dict[str, np.ndarray] = {}
 
+        stats = None
+        if self.statistics is not None:
+            stats = self.statistics.get("lm_head.weight" if key.endswith(".head") else name)
+        weight = None if stats is None else stats.reshape(k // block, block)
+
         def codes():
             w = self._load(name)
             sq_err = sq_w = max_abs = 0.0
             scales = []
             for start in range(0, n, ROWS):
                 blocks = w[start : start + ROWS].reshape(-1, k // block, block)
-                q, scale = quantize_sym4_blocks(blocks)
+                q, scale = quantize_sym4_blocks(blocks, weight)
                 err = q.astype(F32) * scale.astype(F32)[..., None] - blocks
                 sq_err += float(np.square(err, dtype=np.float64).sum())
                 sq_w += float(np.square(blocks, dtype=np.float64).sum())
@@ -141,6 +133,7 @@ class FcWeights:
             self.stats[key] = {
                 "bits": 4,
                 "form": f"blockwise {block} sym, fp16 scales",
+                "calibrated": weight is not None,
                 "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
                 "max_abs_error": max_abs,
             }
