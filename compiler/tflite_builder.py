@@ -88,7 +88,15 @@ class _Lowering:
         n = g.shape(w)[0]
         options = fb.FullyConnectedOptionsT()
         options.keepNumDims = True
-        return g.op(Op.FULLY_CONNECTED, [x, w, b], (*g.shape(x)[:-1], n), F32, options)
+        y = g.op(Op.FULLY_CONNECTED, [x, w, b], (*g.shape(x)[:-1], n), F32, options)
+        c = self.fc_weights.correction(name + ".weight")
+        if c is None:
+            return y
+        # a carried Q4_K weight's float zero points: + (x summed over each block of 32) @ Cᵀ
+        lead, k = g.shape(x)[:-1], g.shape(x)[-1]
+        sums = g.op(Op.SUM, [self.reshape(g, x, [*lead, k // 32, 32]), g.const([-1])], [*lead, k // 32], F32,
+                    fb.ReducerOptionsT())  # fmt: skip
+        return self.binary(g, Op.ADD, y, g.op(Op.FULLY_CONNECTED, [sums, c, -1], (*lead, n), F32, options))
 
     def rms_norm(self, g: TflGraph, x: int, weight_name: str) -> int:
         options = fb.ReducerOptionsT()

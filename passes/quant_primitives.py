@@ -199,3 +199,23 @@ def pack_zero_points(zero_point: np.ndarray, bits: int) -> np.ndarray:
     padded = np.zeros((n, n_blocks + (n_blocks & 1)), dtype=np.uint8)
     padded[:, :n_blocks] = zero_point
     return pack_nbits(padded, 4).reshape(-1)
+
+
+def codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The integer codes of w on a source grid, or None if w does not lie on it (then it is re-rounded)."""
+    n, k = w_nk.shape
+    if k % grid.block_size or grid.scale.shape != (n, k // grid.block_size):
+        return None
+    blocks = w_nk.reshape(n, -1, grid.block_size)
+    scale, zp = grid.scale[..., None], grid.zero_point[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(scale != 0, np.round(blocks / np.where(scale != 0, scale, 1) + zp), 0)
+    if q.min() < 0 or q.max() > (1 << grid.bits) - 1:
+        return None
+    q = q.astype(np.uint8)
+    exact = np.abs((q - zp) * scale - blocks).max() <= 1e-5 * max(float(np.abs(w_nk).max()), 1e-30)
+    if not exact:
+        return None
+    integral = np.array_equal(grid.zero_point, np.round(grid.zero_point))
+    zero_point = grid.zero_point.astype(np.uint8) if integral else grid.zero_point.astype(np.float32)
+    return q, grid.scale.astype(np.float32), zero_point

@@ -14,7 +14,13 @@ import onnx_ir as ir
 
 from mobilize.compiler.errors import MobilizeError
 from mobilize.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
-from mobilize.passes.quant_primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
+from mobilize.passes.quant_primitives import (
+    codes_on_grid,
+    error_stats,
+    pack_nbits,
+    pack_zero_points,
+    quantize_blockwise,
+)
 from mobilize.passes.report import PassReport
 
 
@@ -152,7 +158,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
             w = weight.const_value.numpy()
             w_nk = w if transposed else w.T  # MatMulNBits wants [N, K]
             if how == "grid":
-                codes = _codes_on_grid(w_nk, weight.meta["block_grid"]())
+                codes = codes_on_grid(w_nk, weight.meta["block_grid"]())
                 if codes is None:
                     raise MobilizeError(f"{weight.name}: the weights are not on their source's block grid")
                 q, scale, zero_point = codes
@@ -213,23 +219,3 @@ def _zero_point_correction(graph, n_blocks: int, x, y, correction: ir.Value) -> 
     offset = ir.node("MatMul", [sums.outputs[0], correction])
     total = ir.node("Add", [y, offset.outputs[0]])
     return [blocks, sums, offset, total]
-
-
-def _codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The integer codes of w on a source grid, or None if w does not lie on it (then it is re-rounded)."""
-    n, k = w_nk.shape
-    if k % grid.block_size or grid.scale.shape != (n, k // grid.block_size):
-        return None
-    blocks = w_nk.reshape(n, -1, grid.block_size)
-    scale, zp = grid.scale[..., None], grid.zero_point[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(scale != 0, np.round(blocks / np.where(scale != 0, scale, 1) + zp), 0)
-    if q.min() < 0 or q.max() > (1 << grid.bits) - 1:
-        return None
-    q = q.astype(np.uint8)
-    exact = np.abs((q - zp) * scale - blocks).max() <= 1e-5 * max(float(np.abs(w_nk).max()), 1e-30)
-    if not exact:
-        return None
-    integral = np.array_equal(grid.zero_point, np.round(grid.zero_point))
-    zero_point = grid.zero_point.astype(np.uint8) if integral else grid.zero_point.astype(np.float32)
-    return q, grid.scale.astype(np.float32), zero_point

@@ -20,8 +20,8 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.compiler.checkpoint import LoadedModel
-from mobilize.compiler.sources.gguf_grid import GRID_FORMS
-from mobilize.passes.quant_primitives import search_blocks
+from mobilize.compiler.sources.gguf_grid import GRID_FORMS, block_grid
+from mobilize.passes.quant_primitives import codes_on_grid, search_blocks
 from mobilize.passes.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite_writer import INT4, Quant, TflGraph
 
@@ -53,6 +53,7 @@ class FcWeights:
         # calibration (compiler/calibrate.py): re-rounded 4-bit blocks weigh each input channel's error by it
         self.statistics = statistics if "tflite" in recipe.calibrate else None
         self.stats: dict[str, dict] = {}
+        self._corrections: dict[str, int] = {}
         self._scales: dict[str, np.ndarray] = {}
 
     def _load(self, name: str) -> np.ndarray:
@@ -87,7 +88,7 @@ class FcWeights:
         if quant.bits == 4 and self._keep_wider(name, quant):
             quant = WeightQuant(8, 0, True)
         if quant.bits == 4 and quant.block_size and k % quant.block_size == 0 and k > quant.block_size:
-            return self._blockwise(g, name, quant.block_size, key)
+            return self._blockwise(g, name, quant.block_size, key, self._carry_q4k(name, quant))
         # The scales are needed in the flatbuffer (before any buffer is written): computed from row maxima
         # here, and the codes recomputed from the same rows when the buffer is written.
         scale = self._row_scales(name, quant.bits)
@@ -106,10 +107,28 @@ class FcWeights:
         form = GRID_FORMS.get(self.ckpt[name].dtype)
         return bool(self.recipe.carry_source_blocks and quant.carry and quant.carry_wider and form and form[0] > 4)
 
-    def _blockwise(self, g: TflGraph, name: str, block: int, key: str) -> int:
+    def _carry_q4k(self, name: str, quant: WeightQuant) -> bool:
+        """A GGUF's Q4_K weight kept exactly: its codes and scales as INT4 blocks of 32, and its float zero
+        points as a correction (see `correction`)."""
+        return bool(
+            self.recipe.carry_source_blocks
+            and quant.carry
+            and quant.block_size == 32
+            and self.ckpt[name].dtype == "Q4_K"
+        )
+
+    def correction(self, name: str) -> int | None:
+        """For a weight carried from Q4_K (w = s * (q - zp), zp a float per block of 32): the tensor C [N, K / 32],
+        C = s * (8 - zp), such that x @ wᵀ = FC(x, s * (q - 8)) + FC(sum of x over each block, C). The codes
+        q - 8 are exactly TFLite's symmetric INT4; the lowering adds the second term."""
+        return self._corrections.get(name)
+
+    def _blockwise(self, g: TflGraph, name: str, block: int, key: str, carry: bool = False) -> int:
         """INT4 codes [N, K] and fp16 scales [N, K / block]; both from one read of the weight, at the
-        codes' write (the scales' buffer is laid out right after and takes them from `pending`)."""
+        codes' write (the scales' buffer is laid out right after and takes them from `pending`). With
+        `carry`, a Q4_K weight's own codes and scales, and its zero-point correction after them."""
         n, k = self.ckpt[name].shape
+        nb = k // block
         pending: dict[str, np.ndarray] = {}
 
         stats = None
@@ -119,29 +138,48 @@ class FcWeights:
 
         def codes():
             w = self._load(name)
+            grid = None
+            if carry:
+                ref = self.ckpt[name]
+                grid = codes_on_grid(w, block_grid(ref.dtype, ref.raw()))
+                if grid is not None and (grid[1] < 0).any():
+                    grid = None  # a negative scale has no positive-scale INT4 form: re-rounded
             sq_err = sq_w = max_abs = 0.0
-            scales = []
+            scales, corrections = [], []
             for start in range(0, n, ROWS):
-                blocks = w[start : start + ROWS].reshape(-1, k // block, block)
-                q, scale = quantize_sym4_blocks(blocks, weight)
-                err = q.astype(F32) * scale.astype(F32)[..., None] - blocks
+                blocks = w[start : start + ROWS].reshape(-1, nb, block)
+                if grid is None:
+                    q, scale = quantize_sym4_blocks(blocks, weight)
+                    corr = np.zeros(blocks.shape[:2], F32)
+                else:
+                    codes_, s, zp = (a[start : start + ROWS] for a in grid)
+                    q = (codes_.astype(np.int8) - 8).astype(np.int8)
+                    scale, corr = s.astype(np.float16), s * (F32(8.0) - zp.astype(F32))
+                err = q.astype(F32) * scale.astype(F32)[..., None] + corr[..., None] - blocks
                 sq_err += float(np.square(err, dtype=np.float64).sum())
                 sq_w += float(np.square(blocks, dtype=np.float64).sum())
                 max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
                 scales.append(scale)
+                corrections.append(corr)
                 yield pack_int4(q)
             self.stats[key] = {
                 "bits": 4,
-                "form": f"blockwise {block} sym, fp16 scales",
-                "calibrated": weight is not None,
+                "form": f"blockwise {block} sym, fp16 scales" + (" + Q4_K zero points" if grid is not None else ""),
+                "carried_from_source": grid is not None,
+                "calibrated": weight is not None and grid is None,
                 "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
                 "max_abs_error": max_abs,
             }
             pending["scale"] = np.concatenate(scales)
+            if carry:
+                pending["correction"] = np.concatenate(corrections).astype(F32)
 
-        scales_shape = [n, k // block]
         buffer = g.model.weight_buffer(key, -(-n * k // 2), codes)
-        scales = g.weight(key + ".scales", scales_shape, np.float16, 2 * n * (k // block), lambda: pending.pop("scale"))
+        scales = g.weight(key + ".scales", [n, nb], np.float16, 2 * n * nb, lambda: pending.pop("scale"))
+        if carry:
+            self._corrections[name] = g.weight(
+                key + ".zero_point_correction", [n, nb], F32, 4 * n * nb, lambda: pending.pop("correction")
+            )
         return g.buffer_tensor(buffer, key, [n, k], INT4, Quant(block_scales=scales, block_size=block))
 
     def _row_scales(self, name: str, bits: int) -> np.ndarray:

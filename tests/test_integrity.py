@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -221,15 +222,28 @@ def test_gemma3_tflite_bundle_rebuilds_byte_identical_and_runs_in_litert_lm(tmp_
     pkg = Package.open(first)
     tok = pkg.tokenizer()
     prompt = "The river runs through the old town and"
-    ours = tok.decode(greedy(pkg.runner(2), [2, *tok.encode(prompt).ids], 12))  # BOS, as the engine adds it
+    ids = [2, *tok.encode(prompt).ids]  # BOS, as the engine adds it
+    ours = greedy(pkg.runner(2), ids, 16)
     engine = litert_lm.Engine(
         str(first / "model.litertlm"), backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=str(tmp_path),
         activation_data_type=litert_lm.ActivationDataType.FLOAT32,
     )  # fmt: skip
-    session = engine.create_session(apply_prompt_template=False, max_output_tokens=12)
+    # top_p 0 leaves the most likely token only (the CPU engine implements no greedy sampler type)
+    greedy_sampler = litert_lm.SamplerConfig(top_k=1, top_p=0.0, temperature=1.0, seed=0)
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=16, sampler_config=greedy_sampler)
     session.run_prefill([prompt])
     text = session.run_decode().texts[0]
-    assert text == ours, (text, ours)
+    theirs = tok.encode(text, add_special_tokens=False).ids
+    # The same model in both: the engine's first tokens are ours, and every token it picks has, fed back
+    # through our runner, a logit within 1.5 of our largest. (XNNPACK quantizes activations to int8 at run
+    # time and the two runtimes set it up differently: here their logits part by up to ~1.0, so a near tie may
+    # break the other way and the texts part after it.)
+    assert len(theirs) >= 8 and theirs[:4] == ours[:4], (text, tok.decode(ours))
+    runner = pkg.runner(2)
+    logits = np.atleast_2d(runner.prefill(ids))[-1]
+    for t in theirs:
+        assert logits.max() - logits[t] <= 1.5, (text, tok.decode(ours), tok.decode([t]))
+        logits = runner.decode(t).reshape(-1)
     r = _cli("bench", str(first), "--runtime", "litert-lm", "--repeats", "1", "--prompt-len", "32", "--gen-len", "8",
              "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
