@@ -20,7 +20,7 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.compiler.checkpoint import LoadedModel
-from mobilize.compiler.sources.gguf_grid import GRID_FORMS, block_grid
+from mobilize.compiler.sources.gguf_grid import GRID_FORMS, block_codes, block_grid
 from mobilize.passes.quant_primitives import codes_on_grid, search_blocks
 from mobilize.passes.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite_writer import INT4, Quant, TflGraph
@@ -37,6 +37,12 @@ def quantize_sym4_blocks(blocks: np.ndarray, weight: np.ndarray | None = None) -
     calibration statistics [n_blocks, block] when given), with the scales rounded to fp16 first."""
     q, scale, _ = search_blocks(blocks, 4, True, weight, scale_dtype=np.float16, negative_scales=False)
     return (q.astype(np.int8) - 8).astype(np.int8), scale
+
+
+def _reshape(g: TflGraph, x: int, shape: list[int]) -> int:
+    options = fb.ReshapeOptionsT()
+    options.newShape = list(shape)
+    return g.op(Op.RESHAPE, [x, g.const(shape)], shape, g.dtype(x), options)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -201,6 +207,8 @@ class FcWeights:
         if quant is None:
             return g.weight(EMBEDDING, shape, F32, 4 * math.prod(shape), lambda: self._load(EMBEDDING))
         # Rows looked up, then scaled: GATHER returns the int8 rows, CAST and MUL by the gathered row scale.
+        if self._carry_q8_0():
+            return g.weight(EMBEDDING + ".q8_0", shape, np.int8, math.prod(shape), self._q8_0_codes)
         key = EMBEDDING + ".int8"
 
         def produce():
@@ -208,10 +216,47 @@ class FcWeights:
 
         return g.weight(key, shape, np.int8, math.prod(shape), produce)
 
+    def _carry_q8_0(self) -> bool:
+        """A GGUF's Q8_0 embedding kept exactly: its int8 codes as the table, and its per-block scales
+        gathered with the rows (the lookup multiplies each block of 32 by its own scale)."""
+        q = self.recipe.embedding
+        ref = self.ckpt[EMBEDDING]
+        return bool(
+            q is not None and q.bits == 8 and q.carry and self.recipe.carry_source_blocks
+            and ref.dtype == "Q8_0" and ref.raw is not None
+        )  # fmt: skip
+
+    def _q8_0_codes(self):
+        raw = self.ckpt[EMBEDDING].raw()
+        for start in range(0, raw.shape[0], ROWS):
+            codes, _, _ = block_codes("Q8_0", np.asarray(raw[start : start + ROWS]))
+            yield (codes.astype(np.int16) - 128).astype(np.int8)
+        key = EMBEDDING + ".q8_0"
+        self.stats[key] = {"bits": 8, "form": "Q8_0, blocks of 32 (carried)", "carried_from_source": True,
+                           "rel_rms_error": 0.0, "max_abs_error": 0.0}  # fmt: skip
+
+    def _q8_0_scales(self) -> np.ndarray:
+        raw = self.ckpt[EMBEDDING].raw()
+        return np.concatenate(
+            [block_grid("Q8_0", np.asarray(raw[i : i + ROWS])).scale for i in range(0, raw.shape[0], ROWS)]
+        ).astype(F32)
+
     def dequantize_rows(self, g: TflGraph, rows: int, tokens: int) -> int:
         """After GATHER: the float rows (a no-op for an fp32 table)."""
         if self.recipe.embedding is None:
             return rows
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        if self._carry_q8_0():
+            n, k = self.ckpt[EMBEDDING].shape
+            scales = g.weight(EMBEDDING + ".q8_0.scales", [n, k // 32], F32, 4 * n * (k // 32), self._q8_0_scales)
+            lead = list(g.shape(tokens))
+            block_scale = g.op(Op.GATHER, [scales, tokens], (*lead, k // 32), F32, gather)
+            block_scale = _reshape(g, block_scale, [*lead, k // 32, 1])
+            as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
+            blocks = _reshape(g, as_float, [*lead, k // 32, 32])
+            scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, k // 32, 32), F32, fb.MulOptionsT())
+            return _reshape(g, scaled, [*lead, k])
         scale = self._row_scales(EMBEDDING, 8)
         scales = g.weight(EMBEDDING + ".scale", [len(scale), 1], F32, 4 * len(scale), lambda: scale[:, None])
         options = fb.GatherOptionsT()
