@@ -102,3 +102,29 @@ def test_real_int4_package_in_genai_and_our_runner(runners, hf_tokenizer, tmp_pa
     got = OrtRunner(out / "model.onnx", threads=2).prefill(ids).argmax(-1)
     agreement = float((ref == got).mean())
     assert agreement >= 0.8, agreement  # measured 0.84 (int4 head and 4-bit body parts)
+
+
+def test_real_tflite_int4_carries_gguf_blocks_within_the_accuracy_budget(runners, hf_tokenizer, tmp_path):
+    """TFLite int4 of the real model: Q4_K tensors carried exactly (INT4 codes + zero-point correction), the
+    Q8_0 embedding carried exactly, the head re-rounded with calibration; perplexity on the plain English
+    text within +5% of the fp32 reference (issue 4's accuracy target; measured 20.80 vs 20.01)."""
+    import json
+
+    from mobilize.compiler.export import ExportOptions, export
+    from mobilize.runtime_harness.accuracy import perplexity
+    from mobilize.runtime_harness.package import Package
+
+    out = export(ExportOptions("gemma3-270m", tmp_path / "tfl", format="tflite", quant="int4", max_seq_len=512))
+    report = json.loads((out / "manifest.json").read_text())["build_report"]
+    assert report["calibration"]["used"] and report["calibration"]["tokens"] > 1000
+    tensors = report["passes"][0]["tensors"]
+    carried = {k: v for k, v in tensors.items() if v.get("carried_from_source")}
+    q4k = [v for v in carried.values() if "Q4_K" in v["form"]]
+    assert len(q4k) == 27 and max(v["rel_rms_error"] for v in q4k) < 1e-3  # fp16 block scales, nothing else
+    assert "model.embed_tokens.weight.q8_0" in carried
+    assert tensors["model.embed_tokens.weight.head"]["calibrated"]
+
+    ids = hf_tokenizer((Path(__file__).parents[1] / "bench" / "data" / "river.txt").read_text()).input_ids
+    reference = perplexity(runners[0], ids, chunk=len(ids))
+    ours = perplexity(Package.open(out).runner(2), ids, chunk=len(ids))
+    assert ours <= 1.05 * reference, (ours, reference)
