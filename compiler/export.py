@@ -83,6 +83,10 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     if out.exists() and not opts.overwrite:
         raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
     recipe = recipe_named(opts.quant)
+    if opts.format not in recipe.formats:
+        raise MobilizeError(
+            f"recipe {recipe.name!r} has no {opts.format} form (it is for: {', '.join(recipe.formats)})"
+        )
     phase("reading checkpoint")
     model = load_model(open_checkpoint(opts.source, opts.random_weights))
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)

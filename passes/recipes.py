@@ -31,6 +31,7 @@ class Recipe:
     # weighted by the mean square of each input channel on a calibration text (compiler/calibrate.py), where
     # the source has a tokenizer. It costs export time (gemma3-270m: ~5 s forward + ~5 s search on the head).
     calibrate: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
 
 
 RECIPES: dict[str, Recipe] = {
@@ -84,6 +85,13 @@ RECIPES: dict[str, Recipe] = {
             calibrate=("onnx", "tflite"),
         ),
         Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),
+        Recipe(
+            "int4-channel",
+            "4-bit weights, one scale per output channel, symmetric (TFLite's INT4 per channel; no ONNX form)",
+            WeightQuant(4, 0, True),
+            embedding=WeightQuant(8, 0, True),
+            formats=("tflite",),
+        ),
         Recipe("int4-b128-asym", "4-bit weights, blocks of 128, asymmetric", WeightQuant(4, 128, False)),
     ]
 }

@@ -60,7 +60,7 @@ class FcWeights:
         self.statistics = statistics if "tflite" in recipe.calibrate else None
         self.stats: dict[str, dict] = {}
         self._corrections: dict[str, int] = {}
-        self._scales: dict[str, np.ndarray] = {}
+        self._scales: dict[tuple[str, int], np.ndarray] = {}
 
     def _load(self, name: str) -> np.ndarray:
         return np.asarray(self.ckpt[name].load(), dtype=F32)
@@ -189,13 +189,13 @@ class FcWeights:
         return g.buffer_tensor(buffer, key, [n, k], INT4, Quant(block_scales=scales, block_size=block))
 
     def _row_scales(self, name: str, bits: int) -> np.ndarray:
-        if name not in self._scales:
+        if (name, bits) not in self._scales:  # a tied table may be an 8-bit lookup and a 4-bit head
             qmax = (1 << (bits - 1)) - 1
             w = self._load(name)
             amax = np.concatenate([np.abs(w[i : i + ROWS]).max(axis=1) for i in range(0, w.shape[0], ROWS)])
             del w
-            self._scales[name] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
-        return self._scales[name]
+            self._scales[name, bits] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
+        return self._scales[name, bits]
 
     def tensor(self, g: TflGraph, name: str) -> int:
         return self._fc_tensor(g, name, self.recipe.matmul, name)

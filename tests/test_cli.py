@@ -118,6 +118,14 @@ def test_unknown_recipe(tiny_hf, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_tflite_only_recipe_refused_for_onnx(tiny_hf, tmp_path):
+    r = _cli("export", str(tiny_hf("llama")), "--out", str(tmp_path / "x"), "--quant", "int4-channel")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "mobilize: error: recipe 'int4-channel' has no onnx form (it is for: tflite)"
+    ]
+    assert not (tmp_path / "x").exists()
+
+
 def test_run_streams_text_from_an_hf_package(tiny_hf, tmp_path):
     """A package from a HF directory carries its tokenizer; `mobilize run` decodes with our runner."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -105,7 +105,7 @@ def test_structure_signatures_kv_and_shared_weights(tiny_hf, tmp_path):
     assert three.stat().st_size - one.stat().st_size < 2 * 32 * 1024  # the two graphs' descriptions
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4-b32-sym"])
+@pytest.mark.parametrize("quant", ["int8", "int4-b32-sym", "int4-channel"])
 def test_quantized_forms_run_close_to_fp32(quant, tiny_hf, tmp_path):
     source = tiny_hf("qwen2")
     model = load_model(open_checkpoint(str(source)))
@@ -121,8 +121,10 @@ def test_quantized_forms_run_close_to_fp32(quant, tiny_hf, tmp_path):
     fc_weights = [t for g in m.subgraphs[:1] for t in g.tensors if t.name.decode().endswith("up_proj.weight")]
     expected_type = fb.TensorType.INT8 if bits == 8 else fb.TensorType.INT4
     assert fc_weights and all(t.type == expected_type for t in fc_weights)
-    if bits == 4:
+    if quant == "int4-b32-sym":
         assert fc_weights[0].quantization.detailsType == fb.QuantizationDetails.BlockwiseQuantization
+    elif bits == 4:  # per output channel: a scale per row, no blockwise details
+        assert len(fc_weights[0].quantization.scale) == fc_weights[0].shape[0]
     ref = ReferenceRunner(source).prefill(PROMPT)
     got = LiteRtRunner(path).score(PROMPT)
     corr = np.corrcoef(ref.ravel(), got.ravel())[0, 1]
