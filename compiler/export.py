@@ -93,10 +93,13 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
-        phase("writing tokenizer")
-        tokenizer_files = write_tokenizer(model.ckpt, tmp)
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         calibrated = opts.format in recipe.calibrate
+        tokenizer_files = None
+        if calibrated:  # calibration tokenizes its text first; else the tokenizer is written last (its
+            # parsing leaves heap that would add to the quantization's peak)
+            phase("writing tokenizer")
+            tokenizer_files = write_tokenizer(model.ckpt, tmp)
         if calibrated and "tokenizer.json" not in tokenizer_files:
             calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
         elif calibrated:
@@ -127,6 +130,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             reports = summarize(reports)  # the quantization statistics came with the write
             io = graph_io(graph)
             target["opset"] = opts.opset
+        if tokenizer_files is None:
+            phase("writing tokenizer")
+            tokenizer_files = write_tokenizer(model.ckpt, tmp)
         if opts.bundle == "litertlm":
             phase("writing model.litertlm")
             ids = special_token_ids(model.ckpt)
