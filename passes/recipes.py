@@ -57,16 +57,6 @@ RECIPES: dict[str, Recipe] = {
             calibrate=("tflite",),
         ),
         Recipe(
-            "int4-sym-head",
-            "as int4, with the head 4-bit symmetric (ONNX Runtime's fastest kernel for the largest matrix) and "
-            "calibrated, in both formats",
-            WeightQuant(4, 32, False),
-            head=WeightQuant(4, 32, True, carry=False),
-            embedding=WeightQuant(8, 32, True),
-            carry_source_blocks=True,
-            calibrate=("onnx", "tflite"),
-        ),
-        Recipe(
             "int4-fast",
             "4-bit everywhere it is read per token: a GGUF's Q4_K blocks carried exactly, its 8-bit formats "
             "re-rounded to 4-bit, head 4-bit; the embedding 8-bit (fewer bytes per token than int4, less accurate)",
