@@ -130,16 +130,26 @@ class _Lowering:
         # The cache write position, [0, 0, input_pos[0], 0], and the masks from positions.
         start = g.op(Op.PAD, [self.slice(g, input_pos, [0], [1]), g.const([[2, 1]])], [4], I32, fb.PadOptionsT())
         q_pos = self.reshape(g, input_pos, [length, 1])
-        k_pos = g.const(np.arange(T, dtype=I32)[None, :])
         masks, ropes = {}, {}
         for kind in sorted(set(cfg.layer_types)):
-            allowed = g.op(Op.LESS_EQUAL, [k_pos, q_pos], [length, T], np.bool_, fb.LessEqualOptionsT())
+            k_pos, span, slots = g.const(np.arange(T, dtype=I32)[None, :]), T, None
+            if kind == SLIDING and cfg.sliding_window + length - 1 < T:
+                # Sliding layers read only the slots their window can reach: `span` from `first` (clamped into
+                # the cache), gathered; a full-length read made the 2048-slot cache most of decode's traffic.
+                span = cfg.sliding_window + length - 1
+                first = self.binary(g, Op.SUB, self.slice(g, input_pos, [0], [1]), g.const([span - length], I32), I32)
+                first = g.op(Op.MAXIMUM, [first, g.const([0], I32)], [1], I32, fb.MaximumMinimumOptionsT())
+                first = g.op(Op.MINIMUM, [first, g.const([T - span], I32)], [1], I32, fb.MaximumMinimumOptionsT())
+                slots = self.binary(g, Op.ADD, first, g.const(np.arange(span, dtype=I32)), I32)
+                k_pos = self.reshape(g, slots, [1, span])
+            allowed = g.op(Op.LESS_EQUAL, [k_pos, q_pos], [length, span], np.bool_, fb.LessEqualOptionsT())
             if kind == SLIDING:
                 lo = self.binary(g, Op.SUB, q_pos, g.const([cfg.sliding_window]), I32)
-                inside = g.op(Op.GREATER, [k_pos, lo], [length, T], np.bool_, fb.GreaterOptionsT())
-                allowed = g.op(Op.LOGICAL_AND, [allowed, inside], [length, T], np.bool_, fb.LogicalAndOptionsT())
+                inside = g.op(Op.GREATER, [k_pos, lo], [length, span], np.bool_, fb.GreaterOptionsT())
+                allowed = g.op(Op.LOGICAL_AND, [allowed, inside], [length, span], np.bool_, fb.LogicalAndOptionsT())
             neg = [g.const([0.0], F32), g.const([_NEG], F32)]
-            masks[kind] = g.op(Op.SELECT_V2, [allowed, *neg], [length, T], F32, fb.SelectV2OptionsT())
+            mask = g.op(Op.SELECT_V2, [allowed, *neg], [length, span], F32, fb.SelectV2OptionsT())
+            masks[kind] = (mask, slots)
             cos, sin = self.rope_tables(g, kind)
             ropes[kind] = tuple(self.reshape(g, self.gather_rows(g, t, input_pos), [length, 1, cfg.head_dim])
                                 for t in (cos, sin))  # fmt: skip
@@ -217,6 +227,13 @@ class _Lowering:
             g.op_into(Op.DYNAMIC_UPDATE_SLICE, [cache, new, start], [out])
             updated.append(out)
         keys, values = (self.reshape(g, c, [kvh, T, d]) for c in updated)
+        mask, slots = mask
+        if slots is not None:  # a sliding layer's reachable slots only
+            gather = fb.GatherOptionsT()
+            gather.axis = 1
+            span = g.shape(slots)[0]
+            keys, values = (g.op(Op.GATHER, [c, slots], [kvh, span, d], F32, gather) for c in (keys, values))
+        T = g.shape(keys)[1]
 
         q = self.reshape(g, self.transpose(g, q, [1, 0, 2]), [kvh, groups * length, d])
         bmm = fb.BatchMatMulOptionsT()

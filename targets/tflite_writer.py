@@ -283,6 +283,7 @@ _OPTION_TYPES = {
         "NegOptions",
         "DynamicUpdateSliceOptions",
         "CastOptions",
+        "MaximumMinimumOptions",
     )
 }
 
