@@ -16,7 +16,8 @@ so unwritten or stale slots past the current position are never read. Prefill ma
 padded tokens write slots past the prompt that the next decode steps overwrite before reading them.
 
 Attention is grouped without copying the cache: queries as [kv_heads, groups * L, head_dim] against keys
-[kv_heads, max_len, head_dim] in BATCH_MATMUL (adj_y), so the cache is read where it lies.
+[kv_heads, max_len, head_dim] in BATCH_MATMUL (adj_y), so a global layer reads the cache where it lies; a
+sliding-window layer gathers just the window + L - 1 slots its queries can reach (static shapes throughout).
 Weights are shared by every signature (one buffer each); a tied head reuses the embedding's buffer.
 """
 
