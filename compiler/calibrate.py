@@ -13,6 +13,7 @@ activations whatever the model's size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,15 @@ def input_statistics(model: LoadedModel, sequences: list[list[int]]) -> dict[str
         h = _rms(x, norm, cfg.rms_norm_eps)
         sums[HEAD] = sums.get(HEAD, 0.0) + np.einsum("sk,sk->k", h, h, dtype=np.float64)
     return {(k if k == HEAD else k + ".weight"): (v / count).astype(F32) for k, v in sums.items()}
+
+
+def statistics_for(statistics: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    """A weight's statistics by its name: the head's for the head (lm_head, or the tied embedding: the
+    embedding is only ever a linear layer's weight as the head); a packed weight's
+    ("...q_proj+k_proj+v_proj.weight") those of its first part (the parts share one input)."""
+    if name in (HEAD, "model.embed_tokens.weight"):
+        return statistics.get(HEAD)
+    return statistics.get(name.split("+")[0].removesuffix(".weight") + ".weight")
 
 
 def _embedding_rows(ref, ids: list[int]) -> np.ndarray:

@@ -94,17 +94,15 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
-        calibrated = opts.format in recipe.calibrate
-        tokenizer_files = None
-        if calibrated:  # calibration tokenizes its text first; else the tokenizer is written last (its
-            # parsing leaves heap that would add to the quantization's peak)
+        tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
+        if opts.format in recipe.calibrate:
             phase("writing tokenizer")
             tokenizer_files = write_tokenizer(model.ckpt, tmp)
-        if calibrated and "tokenizer.json" not in tokenizer_files:
-            calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
-        elif calibrated:
-            phase("calibrating")
-            statistics, calibration = calibrate(model, tmp / "tokenizer.json")
+            if "tokenizer.json" in tokenizer_files:
+                phase("calibrating")
+                statistics, calibration = calibrate(model, tmp / "tokenizer.json")
+            else:
+                calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
         if opts.format == "tflite":
             phase("lowering to TFLite")
             tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens), statistics)

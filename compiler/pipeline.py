@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from mobilize.compiler.calibrate import statistics_for
 from mobilize.compiler.errors import MobilizeError
 from mobilize.passes.cleanup import CleanupPass
 from mobilize.passes.fuse_attention import FuseGroupQueryAttentionPass
@@ -47,8 +48,8 @@ def onnx_passes(
     passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks))
     # phase: quantize
     importance = None
-    if "onnx" in recipe.calibrate and statistics is not None:
-        importance = lambda name: input_statistics_of(statistics, name)  # noqa: E731
+    if statistics is not None:
+        importance = lambda name: statistics_for(statistics, name)  # noqa: E731
     if recipe.head is not None:
         passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
@@ -74,14 +75,6 @@ HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
 def _is_head(name: str) -> bool:
     # A MatMul on the embedding can only be the tied head (the embedding itself is a Gather).
     return name in HEAD_WEIGHTS
-
-
-def input_statistics_of(statistics: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
-    """A weight's calibration statistics: a tied head's are the head's input, a packed weight's
-    ("...q_proj+k_proj+v_proj.weight") those of its first part (they share one input)."""
-    if name in HEAD_WEIGHTS:
-        return statistics.get("lm_head.weight")
-    return statistics.get(name.split("+")[0].removesuffix(".weight") + ".weight")
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:

@@ -67,11 +67,6 @@ class _Lowering:
         options = {Op.ADD: fb.AddOptionsT, Op.MUL: fb.MulOptionsT, Op.SUB: fb.SubOptionsT, Op.DIV: fb.DivOptionsT}
         return g.op(code, [a, b], shape, dtype, options[code]() if code in options else None)
 
-    def reshape(self, g: TflGraph, x: int, shape: list[int]) -> int:
-        options = fb.ReshapeOptionsT()
-        options.newShape = list(shape)
-        return g.op(Op.RESHAPE, [x, g.const(shape)], shape, g.dtype(x), options)
-
     def transpose(self, g: TflGraph, x: int, perm: list[int]) -> int:
         shape = [g.shape(x)[p] for p in perm]
         return g.op(Op.TRANSPOSE, [x, g.const(perm)], shape, g.dtype(x), fb.TransposeOptionsT())
@@ -93,10 +88,10 @@ class _Lowering:
         c = self.fc_weights.correction(name + ".weight")
         if c is None:
             return y
-        # a carried Q4_K weight's float zero points: + (x summed over each block of 32) @ Cᵀ
-        lead, k = g.shape(x)[:-1], g.shape(x)[-1]
-        sums = g.op(Op.SUM, [self.reshape(g, x, [*lead, k // 32, 32]), g.const([-1])], [*lead, k // 32], F32,
-                    fb.ReducerOptionsT())  # fmt: skip
+        # a carried Q4_K weight's float zero points: + (x summed over each block) @ Cᵀ, C [N, n_blocks]
+        lead, k, n_blocks = g.shape(x)[:-1], g.shape(x)[-1], g.shape(c)[1]
+        blocks = g.reshape(x, [*lead, n_blocks, k // n_blocks])
+        sums = g.op(Op.SUM, [blocks, g.const([-1])], [*lead, n_blocks], F32, fb.ReducerOptionsT())
         return self.binary(g, Op.ADD, y, g.op(Op.FULLY_CONNECTED, [sums, c, -1], (*lead, n), F32, options))
 
     def rms_norm(self, g: TflGraph, x: int, weight_name: str) -> int:
@@ -130,7 +125,7 @@ class _Lowering:
 
         # The cache write position, [0, 0, input_pos[0], 0], and the masks from positions.
         start = g.op(Op.PAD, [self.slice(g, input_pos, [0], [1]), g.const([[2, 1]])], [4], I32, fb.PadOptionsT())
-        q_pos = self.reshape(g, input_pos, [length, 1])
+        q_pos = g.reshape(input_pos, [length, 1])
         masks, ropes = {}, {}
         for kind in sorted(set(cfg.layer_types)):
             k_pos, span, slots = g.const(np.arange(T, dtype=I32)[None, :]), T, None
@@ -142,7 +137,7 @@ class _Lowering:
                 first = g.op(Op.MAXIMUM, [first, g.const([0], I32)], [1], I32, fb.MaximumMinimumOptionsT())
                 first = g.op(Op.MINIMUM, [first, g.const([T - span], I32)], [1], I32, fb.MaximumMinimumOptionsT())
                 slots = self.binary(g, Op.ADD, first, g.const(np.arange(span, dtype=I32)), I32)
-                k_pos = self.reshape(g, slots, [1, span])
+                k_pos = g.reshape(slots, [1, span])
             allowed = g.op(Op.LESS_EQUAL, [k_pos, q_pos], [length, span], np.bool_, fb.LessEqualOptionsT())
             if kind == SLIDING:
                 lo = self.binary(g, Op.SUB, q_pos, g.const([cfg.sliding_window]), I32)
@@ -152,7 +147,7 @@ class _Lowering:
             mask = g.op(Op.SELECT_V2, [allowed, *neg], [length, span], F32, fb.SelectV2OptionsT())
             masks[kind] = (mask, slots)
             cos, sin = self.rope_tables(g, kind)
-            ropes[kind] = tuple(self.reshape(g, self.gather_rows(g, t, input_pos), [length, 1, cfg.head_dim])
+            ropes[kind] = tuple(g.reshape(self.gather_rows(g, t, input_pos), [length, 1, cfg.head_dim])
                                 for t in (cos, sin))  # fmt: skip
 
         for i, kind in enumerate(cfg.layer_types):
@@ -163,7 +158,7 @@ class _Lowering:
         if name != "decode":
             return
         x = self.rms_norm(g, x, "model.norm.weight")
-        logits = self.fc_weights.head(g, x, self)
+        logits = self.fc_weights.head(g, x)
         if cfg.final_logit_softcapping:
             logits = self.softcap(g, logits, cfg.final_logit_softcapping)
         g.tensors[logits].name = "logits"
@@ -212,7 +207,7 @@ class _Lowering:
         kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
 
         def heads(name: str, n: int) -> int:
-            y = self.reshape(g, self.fc(g, h, p + name, cfg.attention_bias), [length, n, d])
+            y = g.reshape(self.fc(g, h, p + name, cfg.attention_bias), [length, n, d])
             if cfg.qk_norm and name in ("q_proj", "k_proj"):
                 y = self.rms_norm(g, y, p + name[0] + "_norm.weight")
             return y
@@ -223,11 +218,11 @@ class _Lowering:
 
         updated = []
         for new, cache, kind in ((k, caches[0], "k"), (v, caches[1], "v")):
-            new = self.reshape(g, self.transpose(g, new, [1, 0, 2]), [1, kvh, length, d])
+            new = g.reshape(self.transpose(g, new, [1, 0, 2]), [1, kvh, length, d])
             out = g.tensor(f"kv_cache_{kind}_{i}", [1, kvh, T, d], F32)
             g.op_into(Op.DYNAMIC_UPDATE_SLICE, [cache, new, start], [out])
             updated.append(out)
-        keys, values = (self.reshape(g, c, [kvh, T, d]) for c in updated)
+        keys, values = (g.reshape(c, [kvh, T, d]) for c in updated)
         mask, slots = mask
         if slots is not None:  # a sliding layer's reachable slots only
             gather = fb.GatherOptionsT()
@@ -236,20 +231,20 @@ class _Lowering:
             keys, values = (g.op(Op.GATHER, [c, slots], [kvh, span, d], F32, gather) for c in (keys, values))
         T = g.shape(keys)[1]
 
-        q = self.reshape(g, self.transpose(g, q, [1, 0, 2]), [kvh, groups * length, d])
+        q = g.reshape(self.transpose(g, q, [1, 0, 2]), [kvh, groups * length, d])
         bmm = fb.BatchMatMulOptionsT()
         bmm.adjY = True
         scores = g.op(Op.BATCH_MATMUL, [q, keys], [kvh, groups * length, T], F32, bmm)
         scores = self.binary(g, Op.MUL, scores, g.const([cfg.attn_scale], F32))
         if cfg.attn_logit_softcapping:
             scores = self.softcap(g, scores, cfg.attn_logit_softcapping)
-        scores = self.binary(g, Op.ADD, self.reshape(g, scores, [kvh, groups, length, T]), mask)
+        scores = self.binary(g, Op.ADD, g.reshape(scores, [kvh, groups, length, T]), mask)
         softmax = fb.SoftmaxOptionsT()
         softmax.beta = 1.0
-        probs = self.reshape(g, g.op(Op.SOFTMAX, [scores], g.shape(scores), F32, softmax), [kvh, groups * length, T])
+        probs = g.reshape(g.op(Op.SOFTMAX, [scores], g.shape(scores), F32, softmax), [kvh, groups * length, T])
         out = g.op(Op.BATCH_MATMUL, [probs, values], [kvh, groups * length, d], F32, fb.BatchMatMulOptionsT())
-        out = self.transpose(g, self.reshape(g, out, [cfg.num_heads, length, d]), [1, 0, 2])
-        out = self.reshape(g, out, [1, length, cfg.q_size])
+        out = self.transpose(g, g.reshape(out, [cfg.num_heads, length, d]), [1, 0, 2])
+        out = g.reshape(out, [1, length, cfg.q_size])
         return self.fc(g, out, p + "o_proj"), updated[0], updated[1]
 
     def mlp(self, g: TflGraph, p: str, h: int) -> int:

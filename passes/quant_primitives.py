@@ -93,11 +93,12 @@ def search_blocks(
     Per block, the scale of least error E = sum_j h_j (w_j - dequantized_j)**2, where h [n_blocks, block]
     (`weight`) is each input channel's mean square activation on calibration text (None: equal weights).
     Each candidate scale (the block's range clipped by each of `ratios`) rounds the block once; the codes it
-    gives then fix the weighted least-squares scale s* = sum(h c w) / sum(h c c), whose error is at most
-    sum(h w w) - sum(h c w)**2 / sum(h c c) (rounding again at s* can only lower it). The block keeps the s*
-    with the least bound. Symmetric blocks keep the zero point at 2**(bits-1), the form ONNX Runtime's and
-    XNNPACK's fast kernels want; asymmetric ones shrink both ends of the range alike. A negative scale puts
-    a positive extreme on the most negative code; XNNPACK takes only positive scales (`negative_scales`)."""
+    gives then fix the weighted least-squares scale s* = sum(h c w) / sum(h c c), and the error of those
+    codes at s* bounds the error after rounding again at s* (which can only lower it). The block keeps the
+    s* with the least bound; `polish` more rounds start from it. Symmetric blocks keep the zero point at
+    2**(bits-1), the form ONNX Runtime's and XNNPACK's fast kernels want; asymmetric ones shrink both ends of
+    the range alike. A negative scale puts a positive extreme on the most negative code; XNNPACK takes only
+    positive scales (`negative_scales`)."""
     qmax = (1 << bits) - 1
     mid = 1 << (bits - 1)
     h = np.ones(blocks.shape[1:], np.float32) if weight is None else np.asarray(weight, np.float32)
@@ -199,6 +200,13 @@ def pack_zero_points(zero_point: np.ndarray, bits: int) -> np.ndarray:
     padded = np.zeros((n, n_blocks + (n_blocks & 1)), dtype=np.uint8)
     padded[:, :n_blocks] = zero_point
     return pack_nbits(padded, 4).reshape(-1)
+
+
+def zero_point_correction(scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
+    """Float zero points on a symmetric kernel: w = s(q - zp) = s(q - z0) + s(z0 - zp) with z0 = 2**(bits-1),
+    so a kernel with the default zero point plus sum(x over each block) @ s(z0 - zp) is exact. Returns
+    s(z0 - zp) [N, n_blocks], float32."""
+    return (scale * (np.float32(1 << (bits - 1)) - zero_point.astype(np.float32))).astype(np.float32)
 
 
 def codes_on_grid(w_nk: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -20,6 +20,7 @@ from mobilize.passes.quant_primitives import (
     pack_nbits,
     pack_zero_points,
     quantize_blockwise,
+    zero_point_correction,
 )
 from mobilize.passes.report import PassReport
 
@@ -175,8 +176,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         if zp_kind == "uint8":
             out[".zero_points"] = pack_zero_points(zero_point.astype(np.uint8), bits)
         elif zp_kind == "float":
-            delta = scale * ((1 << (bits - 1)) - zero_point)  # [N, n_blocks]
-            out[".zero_point_correction"] = np.ascontiguousarray(delta.astype(np.float32).T)
+            out[".zero_point_correction"] = np.ascontiguousarray(zero_point_correction(scale, zero_point, bits).T)
         return out
 
 

@@ -48,8 +48,8 @@ RECIPES: dict[str, Recipe] = {
             "int4",
             "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly "
             "(Q5_0/Q6_K/Q8_0 as 8-bit); the output head 4-bit, re-rounded (it is read every token); the embedding "
-            "8-bit (a 4-bit lookup table costs the most accuracy per byte saved). TFLite (no zero points, so Q4_K "
-            "and the head are re-rounded symmetric): calibrated",
+            "8-bit (a 4-bit lookup table costs the most accuracy per byte saved). TFLite: Q4_K as symmetric INT4 plus "
+            "a zero-point correction, Q5_0/Q6_K/Q8_0 as int8 per channel, the head re-rounded with calibration",
             WeightQuant(4, 32, False),
             head=WeightQuant(4, 32, False, carry=False),
             embedding=WeightQuant(8, 32, True),

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
+from mobilize.compiler.calibrate import statistics_for
 from mobilize.compiler.checkpoint import LoadedModel
 from mobilize.compiler.sources.gguf_grid import GRID_FORMS, block_codes, block_grid
-from mobilize.passes.quant_primitives import codes_on_grid, search_blocks
+from mobilize.passes.quant_primitives import codes_on_grid, search_blocks, zero_point_correction
 from mobilize.passes.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite_writer import INT4, Quant, TflGraph
 
@@ -39,12 +40,6 @@ def quantize_sym4_blocks(blocks: np.ndarray, weight: np.ndarray | None = None) -
     return (q.astype(np.int8) - 8).astype(np.int8), scale
 
 
-def _reshape(g: TflGraph, x: int, shape: list[int]) -> int:
-    options = fb.ReshapeOptionsT()
-    options.newShape = list(shape)
-    return g.op(Op.RESHAPE, [x, g.const(shape)], shape, g.dtype(x), options)
-
-
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """int8 values in [-8, 7] -> bytes, two per byte, the first in the low nibble (TFLite's INT4 layout)."""
     flat = q.reshape(-1).astype(np.uint8) & 0x0F
@@ -57,7 +52,7 @@ class FcWeights:
     def __init__(self, model: LoadedModel, recipe: Recipe, statistics: Mapping[str, np.ndarray] | None = None) -> None:
         self.cfg, self.ckpt, self.recipe = model.config, model.weights, recipe
         # calibration (compiler/calibrate.py): re-rounded 4-bit blocks weigh each input channel's error by it
-        self.statistics = statistics if "tflite" in recipe.calibrate else None
+        self.statistics = statistics
         self.stats: dict[str, dict] = {}
         self._corrections: dict[str, int] = {}
         self._scales: dict[tuple[str, int], np.ndarray] = {}
@@ -137,10 +132,8 @@ class FcWeights:
         nb = k // block
         pending: dict[str, np.ndarray] = {}
 
-        stats = None
-        if self.statistics is not None:
-            stats = self.statistics.get("lm_head.weight" if key.endswith(".head") else name)
-        weight = None if stats is None else stats.reshape(k // block, block)
+        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        weight = None if stats is None else stats.reshape(nb, block)
 
         def codes():
             w = self._load(name)
@@ -160,7 +153,7 @@ class FcWeights:
                 else:
                     codes_, s, zp = (a[start : start + ROWS] for a in grid)
                     q = (codes_.astype(np.int8) - 8).astype(np.int8)
-                    scale, corr = s.astype(np.float16), s * (F32(8.0) - zp.astype(F32))
+                    scale, corr = s.astype(np.float16), zero_point_correction(s, zp, 4)
                 err = q.astype(F32) * scale.astype(F32)[..., None] + corr[..., None] - blocks
                 sq_err += float(np.square(err, dtype=np.float64).sum())
                 sq_w += float(np.square(blocks, dtype=np.float64).sum())
@@ -252,11 +245,11 @@ class FcWeights:
             scales = g.weight(EMBEDDING + ".q8_0.scales", [n, k // 32], F32, 4 * n * (k // 32), self._q8_0_scales)
             lead = list(g.shape(tokens))
             block_scale = g.op(Op.GATHER, [scales, tokens], (*lead, k // 32), F32, gather)
-            block_scale = _reshape(g, block_scale, [*lead, k // 32, 1])
+            block_scale = g.reshape(block_scale, [*lead, k // 32, 1])
             as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
-            blocks = _reshape(g, as_float, [*lead, k // 32, 32])
+            blocks = g.reshape(as_float, [*lead, k // 32, 32])
             scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, k // 32, 32), F32, fb.MulOptionsT())
-            return _reshape(g, scaled, [*lead, k])
+            return g.reshape(scaled, [*lead, k])
         scale = self._row_scales(EMBEDDING, 8)
         scales = g.weight(EMBEDDING + ".scale", [len(scale), 1], F32, 4 * len(scale), lambda: scale[:, None])
         options = fb.GatherOptionsT()
@@ -265,7 +258,7 @@ class FcWeights:
         as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
         return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
 
-    def head(self, g: TflGraph, x: int, lowering) -> int:
+    def head(self, g: TflGraph, x: int) -> int:
         name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
         quant = self.recipe.head if self.recipe.head is not None else self.recipe.matmul
         key = name if quant is None else name + ".head"

@@ -115,6 +115,11 @@ class TflGraph:
     def dtype(self, index: int) -> np.dtype:
         return next(k for k, v in TENSOR_TYPES.items() if v == self.tensors[index].type)
 
+    def reshape(self, x: int, shape: list[int]) -> int:
+        options = fb.ReshapeOptionsT()
+        options.newShape = list(shape)
+        return self.op(fb.BuiltinOperator.RESHAPE, [x, self.const(shape)], shape, self.dtype(x), options)
+
     def op(self, code: int, inputs: list[int], out_shape, out_dtype=np.float32, options=None, name: str = "") -> int:
         out = self.tensor(name or f"t{len(self.tensors)}", out_shape, out_dtype)
         self.op_into(code, inputs, [out], options)
