@@ -1,14 +1,16 @@
 """Benchmark: mobilize's int4 ONNX package of Gemma 3 270M against ONNX Runtime GenAI's own model builder
 (int4, cpu) on the same checkpoint, measured in one run on this machine.
 
-    python -m mobilize.bench.onnx_vs_genai_builder [--threads 2] [--rounds 3] [--json FILE]
+    python -m mobilize.bench.onnx_vs_genai_builder [--threads 2] [--rounds 10] [--json FILE]
 
 Export: wall time and peak RSS of each tool in its own child process. Speed: both packages run by ONNX
-Runtime GenAI (the runtime an app embeds), rounds interleaved so drift hits both alike; medians of
-time to first token, prefill and decode tokens/s. Accuracy: perplexity on a plain English text
-(bench/data/river.txt, written for this project) through onnxruntime with full logits, against the
-reference model (transformers, fp32, on the same GGUF). Targets (issue 3): decode and prefill >= the
-builder's, export time and peak RSS <= 0.5x, perplexity within +5% of the reference.
+Runtime GenAI (the runtime an app embeds), rounds interleaved (A B, B A, ...) so drift hits both
+alike; medians of time to first token, prefill and decode tokens/s, and the speed ratios also round by
+round (the median of each round's ratio: on a shared machine a round's load moves both together).
+Accuracy: perplexity on a plain English text (bench/data/river.txt, written for this project) through
+onnxruntime with full logits, against the reference model (transformers, fp32, on the same GGUF).
+Targets (issue 3): decode and prefill >= the builder's, export time and peak RSS <= 0.5x, perplexity
+within +5% of the reference.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from mobilize.bench.peers.genai_builder import FLAT_ROPE_NOTE, build, hf_dir_from_gguf, timed_child
+from mobilize.runtime_harness.perf import paired_ratio
 
 TEXT = Path(__file__).parent / "data" / "river.txt"
 
@@ -28,7 +31,7 @@ TEXT = Path(__file__).parent / "data" / "river.txt"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds after one warm-up each")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds after one warm-up each")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--quant", default="int4")
@@ -86,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         "export_wall (ours / builder, target <= 0.5)": ours_export["wall_s"] / peer_export["wall_s"],
         "export_peak_rss (ours / builder, target <= 0.5)": ours_export["peak_rss_bytes"]
         / peer_export["peak_rss_bytes"],
+        "decode_tok_s, round by round (median of per-round ratios)": paired_ratio(
+            speed["mobilize"]["samples"]["tg"], speed["genai_builder"]["samples"]["tg"]
+        ),
+        "prefill_tok_s, round by round (median of per-round ratios)": paired_ratio(
+            speed["mobilize"]["samples"]["pp"], speed["genai_builder"]["samples"]["pp"]
+        ),
         "perplexity (ours / reference, target <= 1.05)": ppl["mobilize"] / ppl["reference"],
         "perplexity (builder / reference)": ppl["genai_builder"] / ppl["reference"],
     }

@@ -19,7 +19,7 @@ from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
 from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes, summarize
 from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
-from mobilize.compiler.tokenizer import special_token_ids, write_tokenizer
+from mobilize.compiler.tokenizer import convert_in_background, special_token_ids, write_tokenizer
 from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
 from mobilize.targets.genai_config import genai_config, graph_io
@@ -88,7 +88,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             f"recipe {recipe.name!r} has no {opts.format} form (it is for: {', '.join(recipe.formats)})"
         )
     phase("reading checkpoint")
-    model = load_model(open_checkpoint(opts.source, opts.random_weights))
+    ckpt = open_checkpoint(opts.source, opts.random_weights)
+    tokenizer_ready = convert_in_background(ckpt)
+    model = load_model(ckpt)
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -97,6 +99,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
         if opts.format in recipe.calibrate:
             phase("writing tokenizer")
+            tokenizer_ready()
             tokenizer_files = write_tokenizer(model.ckpt, tmp)
             if "tokenizer.json" in tokenizer_files:
                 phase("calibrating")
@@ -130,6 +133,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             target["opset"] = opts.opset
         if tokenizer_files is None:
             phase("writing tokenizer")
+            tokenizer_ready()
             tokenizer_files = write_tokenizer(model.ckpt, tmp)
         if opts.bundle == "litertlm":
             phase("writing model.litertlm")

@@ -50,8 +50,9 @@ def onnx_passes(
     importance = None
     if statistics is not None:
         importance = lambda name: statistics_for(statistics, name)  # noqa: E731
-    if recipe.head is not None:
-        passes.append(_matmul_pass(recipe, recipe.head, weights=_is_head, label="[head]", importance=importance))
+    head = recipe.onnx_head or recipe.head
+    if head is not None:
+        passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
         passes.append(_matmul_pass(recipe, recipe.matmul, importance=importance))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
@@ -65,7 +66,8 @@ def onnx_passes(
 def _matmul_pass(recipe: Recipe, q, **kwargs) -> QuantizeMatMulPass:
     return QuantizeMatMulPass(
         q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks and q.carry,
-        carry_wider=q.carry_wider, accuracy_level=recipe.accuracy_level, **kwargs,
+        carry_wider=q.carry_wider, wide_block_size=q.wide_block_size,
+        widen_below=q.widen_below, accuracy_level=recipe.accuracy_level, **kwargs,
     )  # fmt: skip
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from mobilize.compiler.errors import CheckpointError, MobilizeError
@@ -97,16 +99,21 @@ def _check_json(path: Path) -> None:
             ) from None
 
 
-def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
-    """The conversion takes seconds for a 262k-token vocabulary: do it once per distinct tokenizer (keyed
-    by the hash of every tokenizer.* key of the file) and copy the result afterwards."""
+def _cached_dir(meta: dict) -> Path:
+    """Where a GGUF's converted tokenizer is cached: keyed by the hash of every tokenizer.* key."""
     digest = hashlib.sha256()
     for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
         digest.update(key.encode())
         digest.update(json.dumps(meta[key], default=repr).encode())
-    cached = cache_root() / "tokenizers" / digest.hexdigest()[:32]
-    names = ["tokenizer.json", "tokenizer_config.json"]
-    if not all((cached / n).is_file() for n in names):
+    return cache_root() / "tokenizers" / digest.hexdigest()[:32]
+
+
+_CACHED_NAMES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _ensure_cached(file_name: str, meta: dict) -> Path:
+    cached = _cached_dir(meta)
+    if not all((cached / n).is_file() for n in _CACHED_NAMES):
         tmp = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=_mkdir(cached.parent)))
         try:
             _from_gguf(file_name, meta, tmp)
@@ -117,12 +124,52 @@ def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    for n in names:
+    return cached
+
+
+def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
+    """The conversion takes seconds for a 262k-token vocabulary: do it once per distinct tokenizer and copy
+    the result afterwards."""
+    cached = _ensure_cached(file_name, meta)
+    for n in _CACHED_NAMES:
         shutil.copyfile(cached / n, out / n)
     config = json.loads((out / "tokenizer_config.json").read_text())
     config["source"] = f"converted from the GGUF metadata of {file_name}"
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return names
+    return list(_CACHED_NAMES)
+
+
+def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
+    """Start converting a GGUF's tokenizer into the cache in a child process, so the conversion (pure Python,
+    ~5 s for a 262k vocabulary) runs on another core while the export quantizes. Returns the function that
+    waits for it; `write_tokenizer` then copies the cached files, or converts in this process (and reports
+    any error in one line) if the child did not finish."""
+    meta = ckpt.gguf_metadata
+    if ckpt.format != "gguf" or not meta or "tokenizer.ggml.tokens" not in meta:
+        return lambda: None
+    if all((_cached_dir(meta) / n).is_file() for n in _CACHED_NAMES):
+        return lambda: None
+    keys = {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
+    # spawn, not fork: a clean interpreter, none of the parent's threads or locks
+    child = multiprocessing.get_context("spawn").Process(
+        target=_convert_quietly, args=(Path(ckpt.files[0]).name, keys), daemon=True
+    )
+    child.start()
+
+    def wait() -> None:
+        child.join(timeout=300)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+    return wait
+
+
+def _convert_quietly(file_name: str, meta: dict) -> None:
+    try:
+        _ensure_cached(file_name, meta)
+    except BaseException:
+        os._exit(1)  # the parent converts again and reports the error itself
 
 
 def _mkdir(path: Path) -> Path:

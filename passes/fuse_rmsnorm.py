@@ -95,6 +95,8 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
             name=(norm.name or "") + "_skip",
         )
         graph.insert_before(norm, new)
+        for unused in new.outputs[1:3]:  # mean and 1/std: left unnamed, so ONNX Runtime does not produce them
+            unused.name = ""
         y, total = new.outputs[0], new.outputs[3]
         y.shape, y.type = norm.outputs[0].shape, norm.outputs[0].type
         total.shape, total.type = add.outputs[0].shape, add.outputs[0].type

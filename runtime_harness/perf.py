@@ -57,11 +57,13 @@ def summarize(
 
 def interleaved(measurers: dict[str, Callable[[], dict]], rounds: int) -> dict[str, dict]:
     """One measurement of each contender per round, rounds interleaved so drift on a shared machine hits
-    all alike; per contender the medians over rounds, with the samples."""
+    all alike, and every other round in reverse order (A B, B A, ...) so no contender always runs right
+    after another; per contender the medians over rounds, with the samples (in round order)."""
     samples = {name: {"ttft": [], "pp": [], "tg": []} for name in measurers}
-    for _ in range(rounds):
-        for name, run in measurers.items():
-            m = run()
+    names = list(measurers)
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            m = measurers[name]()
             samples[name]["ttft"].append(m["time_to_first_token_s"])
             samples[name]["pp"].append(m["prefill_tokens_per_s"])
             samples[name]["tg"].append(m["decode_tokens_per_s"])
@@ -74,6 +76,12 @@ def interleaved(measurers: dict[str, Callable[[], dict]], rounds: int) -> dict[s
         }
         for name, s in samples.items()
     }
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a[i] / b[i]: two contenders' samples from the same rounds compared round
+    by round, so what moved the whole machine in a round cancels."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _record(test: str, n_tokens: int, seconds: list[float]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mobilize.bench.peers.genai_builder import build
 from mobilize.runtime_harness.genai_runner import GenAIRunner
 from mobilize.runtime_harness.ort_runner import OrtRunner
@@ -43,3 +45,24 @@ def test_pytorch_eager_peer_is_measured_like_a_package(tiny_hf):
     m = measure(pytorch_eager_runner(tiny_hf("qwen2"), threads=2), 128, prompt_len=8, gen_len=4, repeats=2)
     assert [r["test"] for r in m["records"]] == ["pp8", "tg4"]
     assert m["prefill_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0
+
+
+def test_interleaved_rounds_alternate_order_and_ratios_pair_by_round():
+    from mobilize.runtime_harness.perf import interleaved, paired_ratio
+
+    calls = []
+
+    def contender(name, rates):
+        def run():
+            calls.append(name)
+            rate = rates[len([c for c in calls if c == name]) - 1]
+            return {"time_to_first_token_s": 1 / rate, "prefill_tokens_per_s": rate, "decode_tokens_per_s": rate}
+
+        return run
+
+    # the machine's load moves both in each round; b is 10% faster than a in every round
+    a, b = [100.0, 50.0, 80.0, 40.0], [110.0, 55.0, 88.0, 44.0]
+    res = interleaved({"a": contender("a", a), "b": contender("b", b)}, 4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert res["b"]["samples"]["tg"] == b and res["a"]["decode_tok_s"] == 65.0
+    assert paired_ratio(res["b"]["samples"]["tg"], res["a"]["samples"]["tg"]) == pytest.approx(1.1)

@@ -63,6 +63,25 @@ def test_package_tokenizer_matches_transformers(hf_tokenizer, tmp_path):
         )
 
 
+def test_tokenizer_converted_in_a_child_process_while_the_export_runs(tmp_path, monkeypatch):
+    """With an empty cache, export starts the GGUF tokenizer conversion in a child process (it runs on the
+    other core meanwhile); the files it caches are what converting in this process writes."""
+    from mobilize.compiler.tokenizer import _cached_dir, convert_in_background
+
+    ckpt = open_checkpoint("gemma3-270m")
+    monkeypatch.setenv("MOBILIZE_CACHE", str(tmp_path / "cache"))
+    cached = _cached_dir(ckpt.gguf_metadata)
+    wait = convert_in_background(ckpt)
+    assert not (cached / "tokenizer.json").exists()  # not converted here: the child is at it
+    wait()
+    assert sorted(p.name for p in cached.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    child_made = (cached / "tokenizer.json").read_bytes()
+    assert convert_in_background(ckpt)() is None  # cached now: nothing to start
+    monkeypatch.setenv("MOBILIZE_CACHE", str(tmp_path / "cache2"))
+    assert write_tokenizer(ckpt, tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    assert (tmp_path / "tokenizer.json").read_bytes() == child_made
+
+
 def test_real_gemma3_270m_matches_transformers(runners, hf_tokenizer):
     ref, ours, _ = runners
     prompt = _prompt(hf_tokenizer)
@@ -74,21 +93,25 @@ def test_real_gemma3_270m_matches_transformers(runners, hf_tokenizer):
 
 
 def test_real_int4_package_in_genai_and_our_runner(runners, hf_tokenizer, tmp_path):
-    """The int4 package of the real model: ONNX Runtime GenAI and our runner give the same greedy tokens,
-    and its next-token choices agree with the fp32 reference's on real text."""
-    from mobilize.compiler.export import ExportOptions, export
-
-    out = export(ExportOptions("gemma3-270m", tmp_path / "pkg", quant="int4"))
+    """The int4 package of the real model: ONNX Runtime GenAI and our runner give the same greedy tokens, its
+    next-token choices agree with the fp32 reference's on real text, and its perplexity on the plain English
+    text is within +5% of the reference's (issue 3's accuracy target; measured 20.17 vs 20.01)."""
     import json
 
+    from mobilize.compiler.export import ExportOptions, export
+    from mobilize.runtime_harness.accuracy import perplexity
+
+    out = export(ExportOptions("gemma3-270m", tmp_path / "pkg", quant="int4"))
     manifest = json.loads((out / "manifest.json").read_text())
     passes = {p["pass"].split("(")[0]: p for p in manifest["build_report"]["passes"]}
     head, body = passes["quantize_matmul[head]"], passes["quantize_matmul"]
-    # Q4_K/Q5_0/Q6_K/Q8_0 blocks carried over exactly: 18 layers x (q+k+v, o, gate+up, down); the head
-    # re-rounded to 4-bit.
+    # 18 layers x (q+k+v, o, gate+up, down). Q5_0/Q6_K/Q8_0 are wider than 4 bits and the Q4_K tensors are
+    # small (< 4M elements), so all 72 go to 8-bit symmetric blocks of 128 from their source grids (~0.6%
+    # error); the head (the GGUF's Q8_0 table) to 8-bit blocks of 128 as well; the embedding exactly.
     assert passes["pack_matmul"]["matched"] == 36 and passes["fuse_attention"]["matched"] == 18
-    assert body["matched"] == 72 and all(t["carried_from_source"] for t in body["tensors"])
-    assert body["rel_rms_error"]["max"] < 1e-6 and 0 < head["rel_rms_error"]["max"] < 0.1
+    assert body["matched"] == 72 and all((t["bits"], t["block_size"]) == (8, 128) for t in body["tensors"])
+    assert body["rel_rms_error"]["max"] < 0.01 and 0 < head["rel_rms_error"]["max"] < 0.015
+    assert passes["quantize_embedding"]["rel_rms_error"]["max"] == 0.0
     # Fixed KV buffers: 2048 positions for the 3 global layers, window + 16 for the 15 sliding ones.
     lengths = [i["shape"][2] for i in manifest["io"]["inputs"] if i["name"].startswith("past_key_values")]
     assert sorted(set(lengths)) == [528, 2048] and lengths.count(2048) == 2 * 3
@@ -97,11 +120,14 @@ def test_real_int4_package_in_genai_and_our_runner(runners, hf_tokenizer, tmp_pa
     theirs = genai_greedy(out, prompt, 16)
     assert theirs == ours
     text = (Path(__file__).parents[1] / "bench" / "data" / "river.txt").read_text()
-    ids = hf_tokenizer(text).input_ids[:160]
-    ref = runners[0].prefill(ids).argmax(-1)
-    got = OrtRunner(out / "model.onnx", threads=2).prefill(ids).argmax(-1)
-    agreement = float((ref == got).mean())
-    assert agreement >= 0.8, agreement  # measured 0.84 (int4 head and 4-bit body parts)
+    ids = hf_tokenizer(text).input_ids
+    ref = runners[0].prefill(ids[:160]).argmax(-1)
+    runner = OrtRunner(out / "model.onnx", threads=2)
+    agreement = float((ref == runner.prefill(ids[:160]).argmax(-1)).mean())
+    assert agreement >= 0.85, agreement  # measured 0.9
+    runner.reset()
+    reference = perplexity(runners[0], ids, chunk=len(ids))
+    assert perplexity(runner, ids, chunk=len(ids)) <= 1.05 * reference
 
 
 def test_real_tflite_int4_carries_gguf_blocks_within_the_accuracy_budget(runners, hf_tokenizer, tmp_path):

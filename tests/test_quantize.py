@@ -108,3 +108,54 @@ def test_non_constant_weight_is_not_quantized():
     assert not qpass(model).modified
     assert [n.op_type for n in model.graph] == ["MatMul"]
     assert qpass.report.rejected == {"weight is not a constant initializer": 1}
+
+
+def _grid_model(k: int, n: int, bits: int, float_zero_points: bool) -> tuple[ir.Model, np.ndarray]:
+    """A MatMul whose weight lies on a source block grid (as a GGUF's Q4_K or Q5_0 would): blocks of 32 along
+    K with a scale each and a zero point (float for the Q4_K-like grid)."""
+    from mobilize.compiler.sources.gguf_grid import BlockGrid
+
+    rng = np.random.default_rng(3)
+    scale = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)
+    zp = rng.uniform(2, 13, scale.shape) if float_zero_points else np.full(scale.shape, 1 << (bits - 1))
+    zp = zp.astype(np.float32)
+    q = rng.integers(0, 1 << bits, (n, k // 32, 32))
+    w_nk = ((q - zp[..., None]) * scale[..., None]).reshape(n, k).astype(np.float32)
+    model, _ = _matmul_model(k, n, tied=False)
+    wv = model.graph.initializers["w"]
+    wv.const_value = ir.Tensor(np.ascontiguousarray(w_nk.T))
+    wv.meta["block_form"] = (4 if float_zero_points else 8, 32)
+    wv.meta["block_grid"] = lambda: BlockGrid(4 if float_zero_points else 5, 32, scale, zp)
+    return model, w_nk.T
+
+
+@pytest.mark.parametrize(
+    ("grid", "wide_block_size", "widen_below", "stored"),
+    [
+        ("q5", 0, 0, (8, 32, ["MatMulNBits"])),  # carried exactly, its own blocks
+        ("q5", 128, 0, (8, 128, ["MatMulNBits"])),  # wider than 4 bits: 8-bit symmetric blocks of 128
+        ("q4k", 128, 0, (4, 32, ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"])),  # exact + correction
+        ("q4k", 128, 10**6, (8, 128, ["MatMulNBits"])),  # smaller than widen_below: 8-bit, no correction ops
+        ("q4k", 128, 256 * 48, (4, 32, ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"])),  # not smaller
+    ],
+)
+def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, stored):
+    k, n = 256, 48
+    model, w_kn = _grid_model(k, n, 5 if grid == "q5" else 4, float_zero_points=grid == "q4k")
+    x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
+    qpass = QuantizeMatMulPass(
+        bits=4, block_size=32, carry_blocks=True, wide_block_size=wide_block_size, widen_below=widen_below
+    )
+    assert qpass(model).modified
+    bits, block, ops = stored
+    assert [n.op_type for n in model.graph] == ops
+    detail = qpass.report.details[0]
+    assert (detail["bits"], detail["block_size"]) == (bits, block)
+    assert detail["carried_from_source"] == (block == 32)
+    after, exact = _run(model, {"x": x}), x @ w_kn
+    rel = np.sqrt(((after - exact) ** 2).mean() / (exact**2).mean())
+    if block == 32:  # exact to float rounding
+        assert rel < 1e-5 and detail["rel_rms_error"] < 1e-6
+    else:  # re-rounded onto 8-bit blocks of 128: far finer than the 4/5-bit source grid, not exact
+        assert 1e-5 < rel < 0.01 and 0 < detail["rel_rms_error"] < 0.01
+    assert not QuantizeMatMulPass(bits=4, carry_blocks=True, wide_block_size=wide_block_size)(model).modified
