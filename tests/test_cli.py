@@ -80,7 +80,7 @@ def test_passes_and_targets_never_import_torch():
 
 def test_export_int4_package(tiny_hf, tmp_path):
     """--quant int4: every linear layer becomes 4-bit MatMulNBits (q/k/v and gate/up packed), the tied head
-    4-bit in blocks of 16, the embedding an 8-bit lookup; the report says so."""
+    8-bit in blocks of 128 (the ONNX head), the embedding an 8-bit lookup; the report says so."""
     import onnx
 
     out = tmp_path / "pkg4"
@@ -93,12 +93,12 @@ def test_export_int4_package(tiny_hf, tmp_path):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert embedding["matched"] == 1 and "GatherBlockQuantized" in {n.op_type for n in m.graph.node}
     assert head["matched"] == 1 and head["tensors"][0]["weight"] == "model.embed_tokens.weight"
-    assert head["tensors"][0]["block_size"] == 32 and head["tensors"][0]["bits"] == 4
+    assert head["tensors"][0]["block_size"] == 128 and head["tensors"][0]["bits"] == 8
     assert passes["pack_matmul"]["matched"] == 6 * 2
     assert body["matched"] == 6 * 4 and body["rel_rms_error"]["max"] < 0.2
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
-    assert bits == [4] * 25
+    assert bits == [4] * 24 + [8]
     prompt = [5, 6, 7, 8, 9, 10]
     ref = ReferenceRunner(tiny_hf("gemma3")).prefill(prompt)
 

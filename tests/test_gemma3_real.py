@@ -124,7 +124,7 @@ def test_real_int4_package_in_genai_and_our_runner(runners, hf_tokenizer, tmp_pa
     ref = runners[0].prefill(ids[:160]).argmax(-1)
     runner = OrtRunner(out / "model.onnx", threads=2)
     agreement = float((ref == runner.prefill(ids[:160]).argmax(-1)).mean())
-    assert agreement >= 0.85, agreement  # measured 0.9
+    assert agreement >= 0.85, agreement  # measured 0.94 (0.84 with the 4-bit head before)
     runner.reset()
     reference = perplexity(runners[0], ids, chunk=len(ids))
     assert perplexity(runner, ids, chunk=len(ids)) <= 1.05 * reference
