@@ -17,6 +17,7 @@ from mobilize.compiler.calibrate import calibrate
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
+from mobilize.compiler.partials import remove_dead
 from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes, summarize
 from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
 from mobilize.compiler.tokenizer import convert_in_background, special_token_ids, write_tokenizer
@@ -200,13 +201,5 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def _remove_stale_partials(out: Path) -> None:
-    """Temporary directories of exports that were killed (SIGKILL leaves no chance to clean up): the pid
-    in the name is no longer running."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(stale.name.split("partial-", 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except (ValueError, PermissionError, IndexError):
-            continue
+    """Temporary directories of exports that were killed: the pid in the name is no longer running."""
+    remove_dead(out.parent, f".{out.name}.partial-*", "partial-")

@@ -8,11 +8,14 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from mobilize.compiler.errors import CheckpointError, MobilizeError
+from mobilize.compiler.partials import remove_dead
 from mobilize.compiler.sources.aliases import cache_root
 from mobilize.compiler.sources.base import Checkpoint
 
@@ -114,7 +117,8 @@ _CACHED_NAMES = ("tokenizer.json", "tokenizer_config.json")
 def _ensure_cached(file_name: str, meta: dict) -> Path:
     cached = _cached_dir(meta)
     if not all((cached / n).is_file() for n in _CACHED_NAMES):
-        tmp = Path(tempfile.mkdtemp(prefix="tokenizer-", dir=_mkdir(cached.parent)))
+        remove_dead(_mkdir(cached.parent), "tokenizer-*", "tokenizer-")  # conversions killed midway
+        tmp = Path(tempfile.mkdtemp(prefix=f"tokenizer-{os.getpid()}-", dir=cached.parent))
         try:
             _from_gguf(file_name, meta, tmp)
             if cached.exists():  # another export converted it meanwhile
@@ -166,6 +170,10 @@ def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
 
 
 def _convert_quietly(file_name: str, meta: dict) -> None:
+    # The parent's Ctrl-C is the parent's to handle; when it exits it terminates this child (SIGTERM): leave
+    # through the cleanup then, not past it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
         _ensure_cached(file_name, meta)
     except BaseException:

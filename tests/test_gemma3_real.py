@@ -3,6 +3,8 @@ same GGUF. Logits within 1e-3 over a 64-token prompt; a 32-token greedy continua
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +73,14 @@ def test_tokenizer_converted_in_a_child_process_while_the_export_runs(tmp_path, 
     ckpt = open_checkpoint("gemma3-270m")
     monkeypatch.setenv("MOBILIZE_CACHE", str(tmp_path / "cache"))
     cached = _cached_dir(ckpt.gguf_metadata)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cached.parent / f"tokenizer-{int(gone.stdout)}-abc"  # a conversion whose process was killed
+    stale.mkdir(parents=True)
     wait = convert_in_background(ckpt)
     assert not (cached / "tokenizer.json").exists()  # not converted here: the child is at it
     wait()
     assert sorted(p.name for p in cached.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert not stale.exists()
     child_made = (cached / "tokenizer.json").read_bytes()
     assert convert_in_background(ckpt)() is None  # cached now: nothing to start
     monkeypatch.setenv("MOBILIZE_CACHE", str(tmp_path / "cache2"))

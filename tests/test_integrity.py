@@ -4,6 +4,7 @@ byte in any file, and exports that a SIGKILL cannot leave half-written under the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -178,13 +179,19 @@ def test_a_full_filesystem_leaves_the_old_package(fmt, package, tiny_hf, tmp_pat
 
 
 def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
-    """Ctrl-C while the model is written: one line, exit 130, the old package whole, nothing left over."""
-    dest = tmp_path / "pkg"
+    """Ctrl-C while the model is written: one line, exit 130, the old package whole, nothing left over, not
+    even in the cache, where the tokenizer was being converted in a child process (a fresh cache)."""
+    from mobilize.compiler.sources.aliases import bundled_gguf
+
+    dest, cache = tmp_path / "pkg", tmp_path / "cache"
     shutil.copytree(package, dest)
+    cache.mkdir()
+    (cache / bundled_gguf().name).symlink_to(bundled_gguf())
     cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
     proc = subprocess.Popen(
         [*cmd, "--out", str(dest), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background runner may ignore it
+        env={**os.environ, "MOBILIZE_CACHE": str(cache)},
     )  # fmt: skip
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -196,7 +203,10 @@ def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
     assert proc.returncode == 130, err
     assert err.decode().strip() == "mobilize: interrupted; nothing was left half-written"
     assert _cli("verify", str(dest)).returncode == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pkg"]
+    # the child converting the tokenizer either finished (a complete cache entry) or cleaned up after itself
+    leftovers = [p.name for p in (cache / "tokenizers").glob("tokenizer-*")] if (cache / "tokenizers").exists() else []
+    assert leftovers == []
 
 
 def test_gemma3_tflite_bundle_rebuilds_byte_identical_and_runs_in_litert_lm(tmp_path):
