@@ -95,13 +95,17 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+
+    def tokenizer() -> list[str]:
+        phase("writing tokenizer")
+        tokenizer_ready()  # the conversion started above, if one was needed
+        return write_tokenizer(model.ckpt, tmp)
+
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
         if opts.format in recipe.calibrate:
-            phase("writing tokenizer")
-            tokenizer_ready()
-            tokenizer_files = write_tokenizer(model.ckpt, tmp)
+            tokenizer_files = tokenizer()
             if "tokenizer.json" in tokenizer_files:
                 phase("calibrating")
                 statistics, calibration = calibrate(model, tmp / "tokenizer.json")
@@ -133,9 +137,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             io = graph_io(graph)
             target["opset"] = opts.opset
         if tokenizer_files is None:
-            phase("writing tokenizer")
-            tokenizer_ready()
-            tokenizer_files = write_tokenizer(model.ckpt, tmp)
+            tokenizer_files = tokenizer()
         if opts.bundle == "litertlm":
             phase("writing model.litertlm")
             ids = special_token_ids(model.ckpt)

@@ -114,9 +114,13 @@ def _cached_dir(meta: dict) -> Path:
 _CACHED_NAMES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def _complete(cached: Path) -> bool:
+    return all((cached / n).is_file() for n in _CACHED_NAMES)
+
+
 def _ensure_cached(file_name: str, meta: dict) -> Path:
     cached = _cached_dir(meta)
-    if not all((cached / n).is_file() for n in _CACHED_NAMES):
+    if not _complete(cached):
         remove_dead(_mkdir(cached.parent), "tokenizer-*", "tokenizer-")  # conversions killed midway
         tmp = Path(tempfile.mkdtemp(prefix=f"tokenizer-{os.getpid()}-", dir=cached.parent))
         try:
@@ -151,7 +155,7 @@ def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
     meta = ckpt.gguf_metadata
     if ckpt.format != "gguf" or not meta or "tokenizer.ggml.tokens" not in meta:
         return lambda: None
-    if all((_cached_dir(meta) / n).is_file() for n in _CACHED_NAMES):
+    if _complete(_cached_dir(meta)):
         return lambda: None
     keys = {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
     # spawn, not fork: a clean interpreter, none of the parent's threads or locks

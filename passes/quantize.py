@@ -121,8 +121,8 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         """How a weight will be stored, decided from its metadata before any of its bytes are read:
         (how: codes | grid | round, bits, block_size, zero points: none | uint8 | float)."""
         form = weight.meta.get("block_form") if self.carry_blocks else None
-        if form is not None and self.wide_block_size and self.carry_wider:
-            wider = form[0] > self.bits
+        if form is not None and self.wide_block_size:
+            wider = form[0] > self.bits and self.carry_wider
             small_grid4 = form[0] == 4 and weight.shape[0] * weight.shape[1] < self.widen_below
             if wider or small_grid4:
                 return "round", 8, self.wide_block_size, "none"
