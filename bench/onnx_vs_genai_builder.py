@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "model": "gemma3-270m (bundled Q4_K_M GGUF)",
+        "quant": args.quant,
         "threads": args.threads,
         "note": FLAT_ROPE_NOTE,
         "export": {

@@ -11,16 +11,23 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from mobilize.compiler import __version__
 from mobilize.compiler.builder import build_decoder
-from mobilize.compiler.calibrate import calibrate
+from mobilize.compiler.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.errors import MobilizeError
 from mobilize.compiler.fit import fit
 from mobilize.compiler.partials import remove_dead
 from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_passes, summarize
 from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
-from mobilize.compiler.tokenizer import convert_in_background, special_token_ids, write_tokenizer
+from mobilize.compiler.tokenizer import (
+    convert_in_background,
+    has_tokenizer_json,
+    special_token_ids,
+    write_tokenizer,
+)
 from mobilize.compiler.verify import sha256_file
 from mobilize.passes.kv_cache import static_kv
 from mobilize.targets.genai_config import genai_config, graph_io
@@ -92,6 +99,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     ckpt = open_checkpoint(opts.source, opts.random_weights)
     tokenizer_ready = convert_in_background(ckpt)
     model = load_model(ckpt)
+    needs_statistics = recipe.needs_statistics(opts.format) and has_tokenizer_json(ckpt)
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -101,19 +109,38 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         tokenizer_ready()  # the conversion started above, if one was needed
         return write_tokenizer(model.ckpt, tmp)
 
+    meanwhile = None
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
-        if opts.format in recipe.calibrate:
+        if recipe.needs_statistics(opts.format) and not needs_statistics:
+            calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
+        elif needs_statistics and opts.format == "onnx":
+            # ONNX weights are quantized as they are written, those that use the statistics last: calibrate in
+            # a child process meanwhile (a split head only ranks channels: a shorter text does)
+            max_tokens = None if "onnx" in recipe.calibrate else RANKING_TOKENS
+            meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens)
+            done: list = []
+
+            def statistics() -> dict[str, np.ndarray]:
+                if not done:
+                    result = meanwhile.result()
+                    if result is None:  # the child failed: convert (any error reported) and calibrate here
+                        nonlocal tokenizer_files
+                        tokenizer_files = tokenizer()
+                        result = calibrate(model, tmp / "tokenizer.json", max_tokens)
+                    done.append(result)
+                return done[0][0]
+
+        elif needs_statistics:
             tokenizer_files = tokenizer()
-            if "tokenizer.json" in tokenizer_files:
-                phase("calibrating")
-                statistics, calibration = calibrate(model, tmp / "tokenizer.json")
-            else:
-                calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
+            phase("calibrating")
+            computed, calibration = calibrate(model, tmp / "tokenizer.json")
+            statistics = lambda: computed  # noqa: E731
         if opts.format == "tflite":
             phase("lowering to TFLite")
-            tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens), statistics)
+            stats = None if statistics is None else statistics()
+            tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens), stats)
         else:
             passes = onnx_passes(recipe, max_seq_len, opts.opset, statistics)
             phase("building graph")
@@ -134,6 +161,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             phase("writing model.onnx (weights streamed)")
             save_onnx(graph, tmp)
             reports = summarize(reports)  # the quantization statistics came with the write
+            if meanwhile is not None:
+                statistics()  # had no weight asked for them, the manifest still says what was done
+                calibration = done[0][1]
             io = graph_io(graph)
             target["opset"] = opts.opset
         if tokenizer_files is None:
@@ -178,6 +208,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if meanwhile is not None:
+            meanwhile.stop()
     return out
 
 

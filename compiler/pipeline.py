@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +18,7 @@ from mobilize.passes.kv_cache import StaticKVCachePass
 from mobilize.passes.pack_matmul import PackMatMulPass
 from mobilize.passes.quantize import QuantizeMatMulPass
 from mobilize.passes.quantize_embedding import QuantizeGatherPass
-from mobilize.passes.recipes import RECIPES, Recipe
+from mobilize.passes.recipes import RECIPES, Recipe, WeightQuant
 
 
 def recipe_named(name: str) -> Recipe:
@@ -31,11 +31,15 @@ OPSETS = ("ort", "std")
 
 
 def onnx_passes(
-    recipe: Recipe, max_seq_len: int, opset: str = "ort", statistics: Mapping[str, np.ndarray] | None = None
+    recipe: Recipe,
+    max_seq_len: int,
+    opset: str = "ort",
+    statistics: Callable[[], Mapping[str, np.ndarray]] | None = None,
 ) -> list[ir.passes.PassBase]:
     """ONNX Runtime (`ort`): contrib fused ops and an in-place static cache. Standard ONNX (`std`):
-    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache. `statistics`:
-    calibration (compiler/calibrate.py), for the recipes that use it."""
+    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache. `statistics`: gives the
+    calibration (compiler/calibrate.py) when the first weight that uses it is written, so it may still be
+    running while the graph is built and the other weights are written."""
     if opset not in OPSETS:
         raise MobilizeError(f"unknown --opset {opset!r} (known: {', '.join(OPSETS)})")
     std = opset == "std"
@@ -49,12 +53,13 @@ def onnx_passes(
     # phase: quantize
     importance = None
     if statistics is not None:
-        importance = lambda name: statistics_for(statistics, name)  # noqa: E731
+        importance = lambda name: statistics_for(statistics(), name)  # noqa: E731
+    searched = importance if "onnx" in recipe.calibrate else None  # a split head's statistics are its own
     head = recipe.onnx_head or recipe.head
     if head is not None:
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
-        passes.append(_matmul_pass(recipe, recipe.matmul, importance=importance))
+        passes.append(_matmul_pass(recipe, recipe.matmul, importance=searched))
     if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
         e = recipe.embedding
         passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric, recipe.carry_source_blocks and e.carry))
@@ -63,11 +68,13 @@ def onnx_passes(
     return passes
 
 
-def _matmul_pass(recipe: Recipe, q, **kwargs) -> QuantizeMatMulPass:
+def _matmul_pass(recipe: Recipe, q: WeightQuant, **kwargs) -> QuantizeMatMulPass:
+    rest = q.split_rest
     return QuantizeMatMulPass(
         q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks and q.carry,
         carry_wider=q.carry_wider, wide_block_size=q.wide_block_size,
-        widen_below=q.widen_below, accuracy_level=recipe.accuracy_level, **kwargs,
+        widen_below=q.widen_below, accuracy_level=recipe.accuracy_level,
+        split=(q.split_keep, rest.bits, rest.block_size, rest.symmetric) if rest is not None else None, **kwargs,
     )  # fmt: skip
 
 

@@ -75,6 +75,23 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
     return []
 
 
+def has_tokenizer_json(ckpt: Checkpoint) -> bool:
+    """Whether `write_tokenizer` will give a tokenizer.json (copied from the source, or converted)."""
+    if ckpt.format == "hf":
+        return (Path(ckpt.files[0]).parent / "tokenizer.json").is_file()
+    return ckpt.format == "gguf" and bool(ckpt.gguf_metadata) and "tokenizer.ggml.tokens" in ckpt.gguf_metadata
+
+
+def ensure_tokenizer_json(ckpt: Checkpoint) -> Path:
+    """The source's tokenizer.json (checked), or a GGUF's converted one in the cache (converted now if it is
+    not there yet), for a source that has one (`has_tokenizer_json`)."""
+    if ckpt.format == "hf":
+        path = Path(ckpt.files[0]).parent / "tokenizer.json"
+        _check_json(path)
+        return path
+    return _ensure_cached(Path(ckpt.files[0]).name, ckpt.gguf_metadata) / "tokenizer.json"
+
+
 MAX_JSON_BYTES = 256 << 20  # a 262k-token tokenizer.json is ~33 MB
 
 

@@ -35,9 +35,14 @@ def producer(value: ir.Value | None, *op_types: str, domain: str = "") -> ir.Nod
     return node
 
 
+# meta key: an initializer the writer puts after the others (its lazy value waits on calibration still running)
+WRITE_LAST = "mobilize.write_last"
+
+
 def small_const(value: ir.Value | None) -> np.ndarray | None:
-    """The value of a small constant (initializer or Constant node), else None."""
-    if value is None:
+    """The value of a small constant (initializer or Constant node), else None. A lazy tensor (quantized
+    when the model is written, perhaps from calibration still running) is not read here."""
+    if value is None or isinstance(value.const_value, ir.LazyTensor):
         return None
     tensor = value.const_value
     if tensor is None:

@@ -16,6 +16,11 @@ class WeightQuant:
     # (0: their own blocks, exactly), and Q4_K weights with fewer than `widen_below` elements likewise
     wide_block_size: int = 0
     widen_below: int = 0
+    # ONNX only, with calibration statistics: the `split_keep` input channels of largest mean square input keep
+    # this form and the rest take `split_rest`'s (rounded to nearest; the statistics choose the channels, not
+    # the scales). A Gather puts the kept channels first, a Split parts them, two MatMulNBits and an Add follow.
+    split_keep: int = 0
+    split_rest: WeightQuant | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,11 @@ class Recipe:
     calibrate: tuple[str, ...] = ()
     formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
 
+    def needs_statistics(self, fmt: str) -> bool:
+        """Whether an export to `fmt` runs calibration: to search scales, or to choose a split head's channels."""
+        head = self.onnx_head or self.head
+        return fmt in self.calibrate or (fmt == "onnx" and head is not None and head.split_rest is not None)
+
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -53,16 +63,27 @@ RECIPES: dict[str, Recipe] = {
             "int4",
             "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K blocks carried over exactly, its wider "
             "Q5_0/Q6_K/Q8_0 blocks kept at 8 bits (ONNX: symmetric blocks of 128, and Q4_K weights under 4M "
-            "elements too, where the exact form's correction ops cost more than the bytes); the output head 8-bit "
-            "in ONNX (blocks of 128: as fast in ONNX Runtime as 4-bit blocks of 32, a tenth of the error) and "
-            "4-bit calibrated in TFLite; the embedding 8-bit. TFLite: Q4_K as symmetric INT4 plus a zero-point "
-            "correction, Q5_0/Q6_K/Q8_0 as int8 per channel",
+            "elements too, where the exact form's correction ops cost more than the bytes); the output head in "
+            "ONNX split by input channel: the 256 of largest mean square input on the calibration text 8-bit "
+            "(symmetric blocks of 128), the others 4-bit (asymmetric blocks of 128), all of it 8-bit where the "
+            "source has no tokenizer to calibrate with; in TFLite 4-bit calibrated; the embedding 8-bit. TFLite: "
+            "Q4_K as symmetric INT4 plus a zero-point correction, Q5_0/Q6_K/Q8_0 as int8 per channel",
             WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
             head=WeightQuant(4, 32, False, carry=False),
-            onnx_head=WeightQuant(8, 128, True, carry=False),
+            onnx_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
             calibrate=("tflite",),
+        ),
+        Recipe(
+            "int4-head8",
+            "int4 with the whole ONNX head 8-bit (symmetric blocks of 128): prefills faster, exports without a "
+            "calibration pass and is a little more accurate; decodes slower (more bytes per token)",
+            WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
+            onnx_head=WeightQuant(8, 128, True, carry=False),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+            formats=("onnx",),
         ),
         Recipe(
             "int4-fast",

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.calibrate import TEXT, input_statistics
+from mobilize.compiler.calibrate import (
+    RANKING_TOKENS,
+    TEXT,
+    CalibrationInBackground,
+    fewest_pieces_tokenizer,
+    input_statistics,
+)
 from mobilize.compiler.checkpoint import load_model, open_checkpoint
 from mobilize.compiler.export import ExportOptions, export
 from mobilize.passes.quant_primitives import quantize_blockwise, search_blocks
@@ -100,16 +106,23 @@ def _with_word_tokenizer(src, dst):
     return dst
 
 
-@pytest.mark.parametrize(("fmt", "quant"), [("tflite", "int4"), ("onnx", "int4-all-cal")])
+@pytest.mark.parametrize(("fmt", "quant"), [("tflite", "int4"), ("onnx", "int4-all-cal"), ("onnx", "int4")])
 def test_export_calibrates_where_the_recipe_says(fmt, quant, tiny_hf, tmp_path):
     src = _with_word_tokenizer(tiny_hf("gemma3"), tmp_path / "src")
     out = export(ExportOptions(str(src), tmp_path / "pkg", format=fmt, quant=quant))
     report = json.loads((out / "manifest.json").read_text())["build_report"]
-    assert report["calibration"]["used"] is True and report["calibration"]["tokens"] > 500
+    assert report["calibration"]["used"] is True and report["calibration"]["tokenized_by"] == "tokenizer.json"
+    if (fmt, quant) == ("onnx", "int4"):  # calibrates (in a child process) only to rank the head's input channels
+        assert report["calibration"]["tokens"] == RANKING_TOKENS + 1  # and BOS
+    else:
+        assert report["calibration"]["tokens"] > 500
     if fmt == "tflite":
         tensors = report["passes"][0]["tensors"]
         calibrated = [k for k, v in tensors.items() if v.get("calibrated")]
         assert "model.embed_tokens.weight.head" in calibrated and len(calibrated) == len(tensors) - 1
+    elif quant == "int4":  # ONNX: the tiny model's head has fewer channels than the 256 kept: not split, 8-bit
+        (head,) = next(p for p in report["passes"] if p["pass"].startswith("quantize_matmul[head]"))["tensors"]
+        assert "split" not in head and head["bits"] == 8
     else:
         matmuls = next(p for p in report["passes"] if p["pass"].startswith("quantize_matmul"))
         names = [t["weight"] for t in matmuls["tensors"]]
@@ -120,3 +133,19 @@ def test_export_calibrates_where_the_recipe_says(fmt, quant, tiny_hf, tmp_path):
     plain = export(ExportOptions(str(tiny_hf("gemma3")), tmp_path / "plain", format=fmt, quant=quant))
     calibration = json.loads((plain / "manifest.json").read_text())["build_report"]["calibration"]
     assert calibration == {"used": False, "why": "the source has no tokenizer.json: rounded to nearest"}
+
+
+def test_calibration_child_that_fails_returns_none(tmp_path):
+    """The export then converts and calibrates in its own process, and reports any error in one line."""
+    assert CalibrationInBackground(str(tmp_path / "missing.gguf"), False, 16).result() is None
+
+
+def test_fewest_pieces_tokenizer_only_for_sentencepiece_vocabularies():
+    from types import SimpleNamespace
+
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "\u2581the", "\u2581t", "he", "."]}
+    tok = fewest_pieces_tokenizer(SimpleNamespace(format="gguf", gguf_metadata=meta))
+    assert tok.encode(" the.", add_special_tokens=False).ids == [1, 4]
+    byte_level = meta | {"tokenizer.ggml.model": "gpt2"}
+    assert fewest_pieces_tokenizer(SimpleNamespace(format="gguf", gguf_metadata=byte_level)) is None
+    assert fewest_pieces_tokenizer(SimpleNamespace(format="hf", gguf_metadata=None)) is None

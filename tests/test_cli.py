@@ -80,7 +80,8 @@ def test_passes_and_targets_never_import_torch():
 
 def test_export_int4_package(tiny_hf, tmp_path):
     """--quant int4: every linear layer becomes 4-bit MatMulNBits (q/k/v and gate/up packed), the tied head
-    8-bit in blocks of 128 (the ONNX head), the embedding an 8-bit lookup; the report says so."""
+    8-bit in blocks of 128 (the ONNX head: this source has no tokenizer to rank its input channels with, so
+    none go to 4 bits), the embedding an 8-bit lookup; the report says so."""
     import onnx
 
     out = tmp_path / "pkg4"

@@ -102,6 +102,72 @@ def test_matmul_nbits_equals_dequantized(bits, symmetric, k, tied):
     assert not QuantizeMatMulPass(bits=bits, block_size=32, symmetric=symmetric)(model).modified
 
 
+def _split_case(tied: bool, k: int = 96, n: int = 40, keep: int = 32):
+    """A MatMul whose input has `keep` loud channels (mean square ~100x the others), and that loudness."""
+    model, w_kn = _matmul_model(k, n, tied)
+    rng = np.random.default_rng(2)
+    loudness = rng.random(k) + 0.5
+    loud = rng.choice(k, keep, replace=False)
+    loudness[loud] *= 100
+    x = (rng.standard_normal((2, 3, k)) * np.sqrt(loudness)).astype(np.float32)
+    return model, w_kn, loudness, np.sort(loud), x
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
+    from mobilize.passes.graph import WRITE_LAST
+    from mobilize.targets.onnx_writer import save_onnx
+
+    model, w_kn, loudness, loud, x = _split_case(tied)
+    before = _run(model, {"x": x})
+    qpass = QuantizeMatMulPass(8, 32, True, importance=lambda name: loudness, split=(32, 4, 32, False))
+    assert qpass(model).modified
+    assert [n.op_type for n in model.graph] == ["Gather", "Split", "MatMulNBits", "MatMulNBits", "Add"]
+    kept, rest = (n for n in model.graph if n.op_type == "MatMulNBits")
+    assert (kept.attributes["K"].value, kept.attributes["bits"].value, len(kept.inputs)) == (32, 8, 3)
+    assert (rest.attributes["K"].value, rest.attributes["bits"].value, len(rest.inputs)) == (64, 4, 4)
+    after = _run(model, {"x": x})
+    quiet = np.setdiff1d(np.arange(96), loud)
+    w_nk = w_kn.T
+    hi = dequantize_blockwise(*quantize_blockwise(w_nk[:, loud], 8, 32, True), 32)
+    lo = dequantize_blockwise(*quantize_blockwise(w_nk[:, quiet], 4, 32, False), 64)
+    np.testing.assert_allclose(after, x[..., loud] @ hi.T + x[..., quiet] @ lo.T, atol=1e-3, rtol=1e-3)
+    detail = qpass.report.details[0]
+    assert detail["split"] == {"kept": {"channels": 32, "bits": 8, "block_size": 32},
+                               "rest": {"channels": 64, "bits": 4, "block_size": 32}}  # fmt: skip
+    whole = np.concatenate([hi, lo], axis=1) - np.concatenate([w_nk[:, loud], w_nk[:, quiet]], axis=1)
+    expected_rel = np.sqrt((whole**2).sum() / (w_nk**2).sum())
+    assert abs(detail["rel_rms_error"] - expected_rel) < 1e-4 * expected_rel
+    # against the same weight all in the narrow form, the loud channels' error is what it saves
+    narrow, _ = _matmul_model(96, 40, tied)
+    QuantizeMatMulPass(4, 32, False)(narrow)
+    error = lambda y: float(np.sqrt(((y - before) ** 2).mean()))  # noqa: E731
+    assert error(after) < 0.5 * error(_run(narrow, {"x": x}))
+    assert not QuantizeMatMulPass(8, 32, True, importance=lambda name: loudness, split=(32, 4, 32, False))(
+        model
+    ).modified
+    # written after every other initializer, even those added later (an embedding's): they wait on calibration
+    assert all(v.meta.get(WRITE_LAST) for v in model.graph.initializers.values() if ".split32." in v.name)
+    import onnx
+
+    from mobilize.passes.graph import initializer
+
+    initializer(model.graph, "added_later", np.zeros(300, np.float32))
+    save_onnx(model, tmp_path)
+    names = [t.name for t in onnx.load(tmp_path / "model.onnx", load_external_data=False).graph.initializer]
+    assert names[0] == "added_later" and len(names) == 8, names
+
+
+@pytest.mark.parametrize("case", ["no statistics", "no more channels than kept"])
+def test_split_needs_statistics_and_more_channels_than_it_keeps(case):
+    model, w_kn, loudness, _, x = _split_case(False)
+    importance, keep = (None, 32) if case == "no statistics" else (lambda name: loudness, 96)
+    qpass = QuantizeMatMulPass(8, 32, True, importance=importance, split=(keep, 4, 32, False))
+    assert qpass(model).modified
+    assert [n.op_type for n in model.graph] == ["MatMulNBits"]  # the plain form: all of it 8-bit
+    assert "split" not in qpass.report.details[0] and qpass.report.details[0]["bits"] == 8
+
+
 def test_non_constant_weight_is_not_quantized():
     model, _ = _matmul_model(64, 8, tied=False, constant=False)
     qpass = QuantizeMatMulPass()
