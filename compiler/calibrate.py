@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -244,13 +242,11 @@ class CalibrationInBackground:
 
 
 def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, send) -> None:
-    # The parent's Ctrl-C is the parent's to handle; when it exits it terminates this child (SIGTERM): leave
-    # through the tokenizer conversion's cleanup then, not past it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    from mobilize.compiler.tokenizer import as_export_child, ensure_tokenizer_json
+
+    as_export_child()
     try:
         from mobilize.compiler.checkpoint import load_model, open_checkpoint
-        from mobilize.compiler.tokenizer import ensure_tokenizer_json
 
         ckpt = open_checkpoint(spec, random_weights)
         model = load_model(ckpt)

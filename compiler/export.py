@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from mobilize.compiler.pipeline import OPSETS, onnx_passes, recipe_named, run_pa
 from mobilize.compiler.tflite_builder import build_tflite, tflite_io, tflite_kv
 from mobilize.compiler.tokenizer import (
     convert_in_background,
+    ensure_tokenizer_json,
     has_tokenizer_json,
     special_token_ids,
     write_tokenizer,
@@ -120,17 +122,15 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             # a child process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if "onnx" in recipe.calibrate else RANKING_TOKENS
             meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens)
-            done: list = []
 
-            def statistics() -> dict[str, np.ndarray]:
-                if not done:
-                    result = meanwhile.result()
-                    if result is None:  # the child failed: convert (any error reported) and calibrate here
-                        nonlocal tokenizer_files
-                        tokenizer_files = tokenizer()
-                        result = calibrate(model, tmp / "tokenizer.json", max_tokens)
-                    done.append(result)
-                return done[0][0]
+            @functools.cache
+            def calibrated() -> tuple[dict[str, np.ndarray], dict]:
+                if (result := meanwhile.result()) is not None:
+                    return result
+                tokenizer_ready()  # the child failed: calibrate here (a conversion's error reported in one line)
+                return calibrate(model, ensure_tokenizer_json(model.ckpt), max_tokens)
+
+            statistics = lambda: calibrated()[0]  # noqa: E731
 
         elif needs_statistics:
             tokenizer_files = tokenizer()
@@ -161,9 +161,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             phase("writing model.onnx (weights streamed)")
             save_onnx(graph, tmp)
             reports = summarize(reports)  # the quantization statistics came with the write
-            if meanwhile is not None:
-                statistics()  # had no weight asked for them, the manifest still says what was done
-                calibration = done[0][1]
+            if meanwhile is not None:  # (had no weight asked for them, the manifest still says what was done)
+                calibration = calibrated()[1]
             io = graph_io(graph)
             target["opset"] = opts.opset
         if tokenizer_files is None:

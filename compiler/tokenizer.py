@@ -190,11 +190,16 @@ def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
     return wait
 
 
-def _convert_quietly(file_name: str, meta: dict) -> None:
-    # The parent's Ctrl-C is the parent's to handle; when it exits it terminates this child (SIGTERM): leave
-    # through the cleanup then, not past it.
+def as_export_child() -> None:
+    """In a child process of an export: the parent's Ctrl-C is the parent's to handle; when it exits it
+    terminates the child (SIGTERM), which leaves through its cleanups then (a conversion's temporary
+    directory), not past them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
+def _convert_quietly(file_name: str, meta: dict) -> None:
+    as_export_child()
     try:
         _ensure_cached(file_name, meta)
     except BaseException:

@@ -196,7 +196,9 @@ def _loader(mm, offset: int, nbytes: int, type_id: int, shape: tuple[int, ...]):
 
             return bf16_to_f32(raw.view(np.uint16)).reshape(shape)
         if kind in ("Q8_0", "Q5_0"):  # vectorized over all blocks at once (gguf's loop over rows: 3-4x slower)
-            return _dequantize_q8_0_q5_0(kind, raw).reshape(shape)
+            from mobilize.compiler.sources.gguf_grid import dequantize_blocks
+
+            return dequantize_blocks(kind, raw).reshape(shape)
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
@@ -204,18 +206,3 @@ def _loader(mm, offset: int, nbytes: int, type_id: int, shape: tuple[int, ...]):
         return dequantize(rows, GGMLQuantizationType(type_id)).reshape(shape).astype(np.float32, copy=False)
 
     return load
-
-
-def _dequantize_q8_0_q5_0(kind: str, raw: np.ndarray) -> np.ndarray:
-    """Blocks of 32 with one fp16 scale d: Q8_0 w = d * q (int8 q); Q5_0 w = d * (q - 16), q's low 4 bits
-    packed two per byte (first half of the block in the low nibbles) and its 5th bits in a 32-bit word."""
-    size = 34 if kind == "Q8_0" else 22
-    blocks = raw.reshape(-1, size)
-    d = np.ascontiguousarray(blocks[:, :2]).view(np.float16).astype(np.float32)
-    if kind == "Q8_0":
-        return blocks[:, 2:].view(np.int8) * d
-    high = np.ascontiguousarray(blocks[:, 2:6]).view("<u4")
-    fifth = ((high >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-    packed = blocks[:, 6:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1) | fifth
-    return (q.view(np.int8) - np.int8(16)) * d

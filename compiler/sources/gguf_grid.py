@@ -59,6 +59,20 @@ def block_grid(kind: str, rows: np.ndarray) -> BlockGrid | None:
     return None
 
 
+def dequantize_blocks(kind: str, raw: np.ndarray) -> np.ndarray:
+    """Q8_0 or Q5_0 bytes -> float32 [n_blocks, 32], one numpy expression for all blocks: Q8_0 w = d * q
+    (int8 q); Q5_0 w = d * (q - 16), q's low 4 bits two per byte (the block's first half in the low nibbles)
+    and its 5th bits in a little-endian 32-bit word."""
+    blocks = raw.reshape(-1, 34 if kind == "Q8_0" else 22)
+    d = _f16(blocks[:, 0:2])[:, None]
+    if kind == "Q8_0":
+        return blocks[:, 2:].view(np.int8) * d
+    fifth = ((np.ascontiguousarray(blocks[:, 2:6]).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1) << 4
+    packed = blocks[:, 6:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1) | fifth.astype(np.uint8)
+    return (q.view(np.int8) - np.int8(16)) * d
+
+
 def block_codes(kind: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The codes themselves, straight from the bytes, where that is a view: Q8_0 (w = d * q, q int8) as
     (uint8 q + 128 [n, n_blocks, 32], d [n, n_blocks], zero point 128). None for other formats."""
