@@ -3,10 +3,12 @@
 
     python -m mobilize.bench.onnx_vs_genai_builder [--threads 2] [--rounds 10] [--json FILE]
 
-Export: wall time and peak RSS of each tool in its own child process. Speed: both packages run by ONNX
-Runtime GenAI (the runtime an app embeds), rounds interleaved (A B, B A, ...) so drift hits both
-alike; medians of time to first token, prefill and decode tokens/s, and the speed ratios also round by
-round (the median of each round's ratio: on a shared machine a round's load moves both together).
+Export: wall time and peak RSS of each tool in its own child process, medians of `--export-rounds` runs
+each (ours from an empty cache, then again warm; the builder from a fresh cache), alternating which goes
+first. Speed: both packages run by ONNX Runtime GenAI (the runtime an app embeds), rounds interleaved
+(A B, B A, ...) so drift hits both alike; medians of time to first token, prefill and decode tokens/s,
+and the speed ratios also round by round (the median of each round's ratio: on a shared machine a round's
+load moves both together).
 Accuracy: perplexity on a plain English text (bench/data/river.txt, written for this project) through
 onnxruntime with full logits, against the reference model (transformers, fp32, on the same GGUF).
 Targets (issue 3): decode and prefill >= the builder's, export time and peak RSS <= 0.5x, perplexity
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timed rounds after one warm-up each")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--export-rounds", type=int, default=3, help="exports of each tool, alternating; medians")
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--workdir", type=Path, default=Path("out/bench-vs-genai-builder"))
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -46,20 +50,31 @@ def main(argv: list[str] | None = None) -> int:
     gguf = bundled_gguf()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    log("export: mobilize, cold (empty cache: the tokenizer is converted) and warm")
-    ours_dir = work / f"mobilize-{args.quant}"
+    log("export: the genai builder's input written once from the GGUF by transformers (untimed)")
+    hf_dir = hf_dir_from_gguf(gguf, work / "gemma3-270m-hf")
+    ours_dir, peer_dir = work / f"mobilize-{args.quant}", work / "genai-builder-int4"
     cmd = [
         sys.executable, "-m", "mobilize.compiler.cli", "export", str(gguf), "--target", "android",
         "--quant", args.quant, "--out", str(ours_dir), "--overwrite",
     ]  # fmt: skip
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "MOBILIZE_CACHE": cache}
-        ours_export = timed_child(cmd, env=env)
-        ours_warm = timed_child(cmd, env=env)
-    log("export: genai builder (its input written once from the GGUF by transformers, untimed)")
-    hf_dir = hf_dir_from_gguf(gguf, work / "gemma3-270m-hf")
-    peer_dir = work / "genai-builder-int4"
-    peer_export = build(hf_dir, peer_dir, work / "builder-cache")
+    runs: dict[str, list[dict]] = {"mobilize": [], "mobilize_warm_cache": [], "genai_builder": []}
+    for i in range(args.export_rounds):
+        log(f"export round {i + 1}/{args.export_rounds}: mobilize cold (empty cache: the tokenizer is converted) "
+            "and warm, the genai builder (fresh cache), in alternating order")  # fmt: skip
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "MOBILIZE_CACHE": cache}
+
+            def ours(env=env) -> None:
+                runs["mobilize"].append(timed_child(cmd, env=env))
+                runs["mobilize_warm_cache"].append(timed_child(cmd, env=env))
+
+            def peer(cache=Path(cache)) -> None:
+                runs["genai_builder"].append(build(hf_dir, peer_dir, cache / "builder-cache"))
+
+            for step in (ours, peer) if i % 2 == 0 else (peer, ours):
+                step()
+    export = {name: _median_run(r) for name, r in runs.items()}
+    ours_export, peer_export = export["mobilize"], export["genai_builder"]
 
     log("speed: both packages in ONNX Runtime GenAI, interleaved rounds")
     speed = _speed({"mobilize": ours_dir, "genai_builder": peer_dir}, args)
@@ -71,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "quant": args.quant,
         "threads": args.threads,
         "note": FLAT_ROPE_NOTE,
-        "export": {
-            name: {"wall_s": r["wall_s"], "peak_rss_bytes": r["peak_rss_bytes"]}
-            for name, r in (
-                ("mobilize", ours_export),
-                ("mobilize_warm_cache", ours_warm),
-                ("genai_builder", peer_export),
-            )
-        },
+        "export": export,
         "speed": speed,
         "perplexity": ppl,
     }
@@ -90,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         "export_wall (ours / builder, target <= 0.5)": ours_export["wall_s"] / peer_export["wall_s"],
         "export_peak_rss (ours / builder, target <= 0.5)": ours_export["peak_rss_bytes"]
         / peer_export["peak_rss_bytes"],
+        "export_wall, round by round (median of per-round ratios)": paired_ratio(
+            ours_export["samples"]["wall_s"], peer_export["samples"]["wall_s"]
+        ),
         "decode_tok_s, round by round (median of per-round ratios)": paired_ratio(
             speed["mobilize"]["samples"]["tg"], speed["genai_builder"]["samples"]["tg"]
         ),
@@ -103,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Medians of one tool's export runs (wall seconds, peak RSS), with the samples in round order."""
+    keys = ("wall_s", "peak_rss_bytes")
+    samples = {k: [r[k] for r in runs] for k in keys}
+    return {k: statistics.median(v) for k, v in samples.items()} | {"samples": samples}
 
 
 def _speed(packages: dict[str, Path], args) -> dict:

@@ -8,6 +8,7 @@ torch.onnx or optimum. Weights stay lazy (onnx_ir.LazyTensor) until the graph is
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -26,8 +27,9 @@ _NEG = float(np.finfo(np.float32).min)
 
 
 class _Builder:
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, last_logits: bool = False) -> None:
         self.cfg = model.config
+        self.last_logits = last_logits
         self.weights = model.weights
         self.t = Tape()
         self._consts: dict[tuple, ir.Value] = {}
@@ -58,7 +60,8 @@ class _Builder:
             value.meta["block_grid"] = _grid(ref)
             value.meta["block_form"] = GRID_FORMS[ref.dtype]
             if ref.dtype == "Q8_0":  # codes readable without dequantizing: no fp32 copy at all
-                value.meta["block_codes"] = lambda: block_codes(ref.dtype, ref.raw())
+                # computed once: a tied table's embedding and head read the same codes
+                value.meta["block_codes"] = functools.cache(lambda: block_codes(ref.dtype, ref.raw()))
         self._initializers[name] = value
         return value
 
@@ -104,6 +107,9 @@ class _Builder:
             presents.extend(present)
 
         x = self.rms_norm(x, "model.norm.weight")
+        if self.last_logits:  # the head on the last position only: a prompt's logits cost one token's
+            end = np.iinfo(np.int64).max
+            x = self.op("Slice", x, self.const([-1]), self.const([end]), self.const([1]))
         if cfg.tie_word_embeddings:
             head = self.op("Transpose", self.weight("model.embed_tokens.weight"), perm=[1, 0])
             logits = self.op("MatMul", x, head)
@@ -113,7 +119,8 @@ class _Builder:
             cap = self.const(cfg.final_logit_softcapping, np.float32)
             logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
         logits.name = "logits"
-        logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", "seq", cfg.vocab_size])
+        positions = 1 if self.last_logits else "seq"
+        logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", positions, cfg.vocab_size])
 
         inputs = [input_ids, attention_mask, position_ids] + [v for pair in pasts for v in pair]
         graph = ir.Graph(
@@ -238,6 +245,7 @@ def _grid(ref: TensorRef):
     return lambda: block_grid(ref.dtype, ref.raw())
 
 
-def build_decoder(model: LoadedModel) -> ir.Model:
-    """The plain fp32 ONNX decoder of a loaded checkpoint (weights still lazy)."""
-    return _Builder(model).build()
+def build_decoder(model: LoadedModel, last_logits: bool = False) -> ir.Model:
+    """The plain fp32 ONNX decoder of a loaded checkpoint (weights still lazy). `last_logits`: the logits
+    output is the last position's only ([batch, 1, vocab]), what generation reads; else every position's."""
+    return _Builder(model, last_logits).build()

@@ -79,6 +79,9 @@ def export(
     max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
     opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
     bundle: str = typer.Option(None, "--bundle", help="tflite: also write a LiteRT-LM bundle (litertlm)."),
+    logits: str = typer.Option(
+        "last", "--logits", help="onnx: logits of the last position only (generation), or of all (scoring)."
+    ),
     prefill_len: list[int] = typer.Option(
         [32, 128], "--prefill-len", help="tflite: a prefill_<L> signature for each (repeat the flag)."
     ),
@@ -92,6 +95,7 @@ def export(
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
+        logits=logits,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")

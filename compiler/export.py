@@ -41,6 +41,9 @@ from mobilize.targets.presets import FORMATS, PRESETS
 MANIFEST_SCHEMA = 1
 
 
+LOGITS = ("last", "all")  # --logits: the ONNX logits output's positions
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     source: str
@@ -54,6 +57,7 @@ class ExportOptions:
     opset: str = "ort"
     prefill_lens: tuple[int, ...] = (32, 128)  # tflite: one prefill_<L> signature each
     bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
+    logits: str = "last"  # onnx: the logits output of the "last" position only, or of "all"
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -67,6 +71,10 @@ class ExportOptions:
             raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
         if self.bundle not in (None, "litertlm"):
             raise MobilizeError(f"unknown --bundle {self.bundle!r} (known: litertlm)")
+        if self.logits not in LOGITS:
+            raise MobilizeError(f"unknown --logits {self.logits!r} (known: {', '.join(LOGITS)})")
+        if self.logits != "last" and fmt != "onnx":
+            raise MobilizeError("--logits all is for ONNX packages (TFLite's signatures give the last position's)")
         if self.bundle and fmt != "tflite":
             raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
@@ -144,7 +152,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         else:
             passes = onnx_passes(recipe, max_seq_len, opts.opset, statistics)
             phase("building graph")
-            graph = build_decoder(model)
+            graph = build_decoder(model, last_logits=opts.logits == "last")
             phase(f"passes ({recipe.name})")
             reports = run_passes(graph, passes)
             kv = static_kv(graph)
@@ -165,6 +173,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
                 calibration = calibrated()[1]
             io = graph_io(graph)
             target["opset"] = opts.opset
+            target["logits"] = opts.logits
         if tokenizer_files is None:
             tokenizer_files = tokenizer()
         if opts.bundle == "litertlm":

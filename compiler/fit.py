@@ -41,8 +41,10 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
     if manifest.get("format") == "tflite":  # prefill computes no logits: one token's, and the longest prefill's
         longest = max(manifest["target"].get("prefill_lens", [prompt_len]))  # attention scores
         activations = vocab * 4 + longest * arch["num_heads"] * manifest["target"]["max_seq_len"] * 4
-    else:
-        activations = prompt_len * vocab * 4  # the prompt's logits, the largest single tensor
+    else:  # the prompt's logits, the largest single tensor: one row where the package gives the last only
+        logits = next((v["shape"] for v in manifest["io"]["outputs"] if v["name"] == "logits"), [])
+        rows = logits[1] if len(logits) == 3 and isinstance(logits[1], int) else prompt_len
+        activations = rows * vocab * 4
     need = weights + kv + activations + RUNTIME_BYTES
     budget = dev.ram_gb * 1e9 * dev.app_fraction
     read = per_token + kv

@@ -60,6 +60,9 @@ class OrtRunner:
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.past_shapes = {n: _concrete(inputs[n].shape, Path(model_path).parent) for n in self.past_names}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # A package exported with --logits last ([batch, 1, vocab]): prefill gives the last position's row
+        logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), [])
+        self.last_logits_only = len(logits) == 3 and logits[1] == 1
         # Static: every cache length fixed (sliding-window layers may hold fewer positions, as a ring).
         _shared_buffer_lengths(self.past_shapes, Path(model_path).parent)
         lengths = [shape[2] for shape in self.past_shapes.values()]
@@ -129,3 +132,11 @@ class OrtRunner:
 
     def decode(self, token: int) -> np.ndarray:
         return self._step([int(token)])[-1]
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of every position from an empty cache: one prefill, or, where the
+        package gives the last position's only, each token run in turn."""
+        if not self.last_logits_only:
+            return self.prefill(tokens)
+        self.reset()
+        return np.concatenate([self._step([int(t)]) for t in tokens])

@@ -31,6 +31,11 @@ def package_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
             )
     else:
         cache = "A KV cache that grows: feed each step's `present.*` back as the next `past_key_values.*`."
+    if target.get("logits") == "last":
+        cache += (
+            " `logits` is the last input position's only ([batch, 1, vocab]), the next token's scores: a "
+            "prompt costs the output head once (export with `--logits all` for every position's)."
+        )
     return f"""# {arch["family"]} for {target["name"]}: ONNX package
 
 Exported by mobilize {manifest["mobilize_version"]} from `{manifest["source"]["id"]}` ({manifest["source"]["format"]}).

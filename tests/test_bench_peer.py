@@ -66,3 +66,18 @@ def test_interleaved_rounds_alternate_order_and_ratios_pair_by_round():
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert res["b"]["samples"]["tg"] == b and res["a"]["decode_tok_s"] == 65.0
     assert paired_ratio(res["b"]["samples"]["tg"], res["a"]["samples"]["tg"]) == pytest.approx(1.1)
+
+
+def test_export_runs_reported_as_medians_with_their_samples():
+    from mobilize.bench.onnx_vs_genai_builder import _median_run
+
+    runs = [
+        {"wall_s": 9.0, "peak_rss_bytes": 3},
+        {"wall_s": 7.0, "peak_rss_bytes": 5},
+        {"wall_s": 30.0, "peak_rss_bytes": 4},
+    ]
+    assert _median_run(runs) == {
+        "wall_s": 9.0,
+        "peak_rss_bytes": 4,
+        "samples": {"wall_s": [9.0, 7.0, 30.0], "peak_rss_bytes": [3, 5, 4]},
+    }

@@ -13,7 +13,7 @@ import numpy as np
 
 from mobilize.runtime_harness.ort_runner import OrtRunner
 from mobilize.runtime_harness.reference import ReferenceRunner
-from mobilize.runtime_harness.runner import greedy
+from mobilize.runtime_harness.runner import greedy, score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_export_package_runs(tiny_hf, tmp_path):
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
     prompt = [5, 6, 7, 8]
     np.testing.assert_allclose(
-        OrtRunner(out / "model.onnx").prefill(prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4
+        score(OrtRunner(out / "model.onnx"), prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4
     )
     again = _cli("export", str(tiny_hf("qwen2")), "--out", str(out))
     assert again.returncode == 1 and "--overwrite" in again.stderr
@@ -104,7 +104,7 @@ def test_export_int4_package(tiny_hf, tmp_path):
     ref = ReferenceRunner(tiny_hf("gemma3")).prefill(prompt)
 
     def rel_error(package: Path) -> float:
-        got = OrtRunner(package / "model.onnx").prefill(prompt)
+        got = score(OrtRunner(package / "model.onnx"), prompt)
         return float(np.sqrt(((got - ref) ** 2).mean() / (ref**2).mean()))
 
     assert _cli("export", str(tiny_hf("gemma3")), "--out", str(tmp_path / "pkg8"), "--quant", "int8").returncode == 0
@@ -186,4 +186,29 @@ def test_export_std_opset_matches_reference(tiny_hf, tmp_path):
     runner = OrtRunner(out / "model.onnx")
     assert not runner.static
     prompt = [5, 6, 7, 8]
-    np.testing.assert_allclose(runner.prefill(prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4)
+    np.testing.assert_allclose(score(runner, prompt), ReferenceRunner(tiny_hf("qwen2")).prefill(prompt), atol=1e-4)
+
+
+def test_logits_of_the_last_position_by_default_of_all_on_request(tiny_hf, tmp_path):
+    """ONNX packages give the last position's logits (a prompt's head costs one token's); --logits all gives
+    every position's. Both score alike (ours token by token), and GenAI runs the last-only one greedily as
+    our runner does."""
+    from helpers import genai_greedy
+
+    src = str(tiny_hf("gemma3"))
+    last, every = tmp_path / "last", tmp_path / "all"
+    assert _cli("export", src, "--out", str(last), "-q", "fp32").returncode == 0
+    assert _cli("export", src, "--out", str(every), "-q", "fp32", "--logits", "all").returncode == 0
+    shapes = {}
+    for package in (last, every):
+        manifest = json.loads((package / "manifest.json").read_text())
+        shapes[package.name] = next(o["shape"] for o in manifest["io"]["outputs"] if o["name"] == "logits")
+        assert manifest["target"]["logits"] == package.name
+    assert shapes == {"last": ["batch", 1, 128], "all": ["batch", "seq", 128]}
+    prompt = [3, 17, 99, 5, 64, 1, 42]
+    ours_last, ours_all = OrtRunner(last / "model.onnx"), OrtRunner(every / "model.onnx")
+    assert ours_last.prefill(prompt).shape == (1, 128) and ours_all.prefill(prompt).shape == (len(prompt), 128)
+    np.testing.assert_allclose(score(ours_last, prompt), score(ours_all, prompt), atol=1e-4, rtol=0)
+    assert genai_greedy(last, prompt, 8) == greedy(ours_last, prompt, 8) == greedy(ours_all, prompt, 8)
+    bad = _cli("export", src, "--out", str(tmp_path / "t"), "-f", "tflite", "--logits", "all")
+    assert bad.returncode == 1 and "--logits all is for ONNX" in bad.stderr and "Traceback" not in bad.stderr

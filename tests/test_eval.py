@@ -17,12 +17,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from mobilize.runtime_harness.accuracy import log_softmax
+    from mobilize.runtime_harness.reference import ReferenceRunner
 
     src = tmp_path / "src"
     shutil.copytree(tiny_hf("gemma3"), src)
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="w1 $A", special_tokens=[("w1", 1)])  # a BOS
     tok.save(str(src / "tokenizer.json"))
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 128, 300)))
@@ -32,7 +36,14 @@ def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
     r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--json", "--max-ppl-increase", "500%")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["tokens"] == 299 and result["reference_perplexity"] > 1
+    assert result["tokens"] == 300 and result["reference_perplexity"] > 1
+    # chunks of 64 targets, each after the first read with the BOS before it (its own row not scored)
+    ids, ref, nll = tok.encode(text.read_text()).ids, ReferenceRunner(src), 0.0
+    for start in range(0, 300, 64):
+        piece = ids[start : start + 65]
+        context, targets = ([1] if start else []) + piece[:-1], piece[1:]
+        nll -= log_softmax(ref.prefill(context))[-len(targets) :][np.arange(len(targets)), targets].sum()
+    assert abs(result["reference_perplexity"] / np.exp(nll / 300) - 1) < 1e-5
     assert 0 < result["top1_agreement"] <= 1 and result["mean_kl"] > 0  # int4 of a random net: not identical
     assert abs(result["perplexity"] / result["reference_perplexity"] - 1 - result["perplexity_increase"]) < 1e-9
     manifest = json.loads((out / "manifest.json").read_text())

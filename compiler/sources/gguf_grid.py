@@ -80,5 +80,5 @@ def block_codes(kind: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
         return None
     blocks = rows.reshape(rows.shape[0], -1, 34)
     d = _f16(blocks[..., 0:2])
-    codes = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    codes = blocks[..., 2:] ^ np.uint8(0x80)  # int8 q + 128 as uint8: the sign bit flipped, one pass
     return codes, d, np.full(d.shape, 128, dtype=np.uint8)
