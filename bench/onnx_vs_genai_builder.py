@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("out/bench-vs-genai-builder"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.export_rounds < 1 or args.rounds < 1:
+        ap.error("--rounds and --export-rounds must be at least 1")
 
     from mobilize.compiler.sources.aliases import bundled_gguf
 

@@ -120,9 +120,12 @@ def _check_json(path: Path) -> None:
             ) from None
 
 
+_CONVERTER = "mobilize tokenizer converter 2"  # in the cache key: a conversion that changes is not reused
+
+
 def _cached_dir(meta: dict) -> Path:
     """Where a GGUF's converted tokenizer is cached: keyed by the hash of every tokenizer.* key."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(_CONVERTER.encode())
     for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
         digest.update(key.encode())
         digest.update(json.dumps(meta[key], default=repr).encode())
@@ -232,7 +235,8 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         raise MobilizeError(f"{file_name}: its tokenizer could not be converted (no tokenizer.ggml.tokens list)")
     try:
         if _is_gemma_sentencepiece(meta):
-            backend = _gemma_backend(tokens, meta.get("tokenizer.ggml.token_type") or ())
+            named = [meta.get(f"tokenizer.ggml.{key}") for key in _SPECIAL_ID_KEYS]
+            backend = _gemma_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named)
         else:
             gguf_tok = _transformers_gguf_builders()
             tok_dict = {
@@ -285,14 +289,18 @@ def _is_gemma_sentencepiece(meta: dict) -> bool:
     )
 
 
-def _gemma_backend(file_tokens: list[str], token_types):
+_SPECIAL_ID_KEYS = ("unknown_token_id", "bos_token_id", "eos_token_id", "padding_token_id")
+
+
+def _gemma_backend(file_tokens: list[str], token_types, special_ids=()):
     """A Gemma GGUF's SentencePiece vocabulary as a `tokenizers` BPE, the same tokenizer.json transformers'
     GGUF builder gives (tested byte for byte on gemma3-270m), in ~2 s instead of ~5 s (its import, and its
     merge search, which sorts every candidate pair). The file lists no merges: every split of a token into
     two tokens is one, ranked by the merged token's position in the file, longer left parts first (Gemma's
     scores do not follow its merge order). Tokens of two or more spaces are stored as spaces but looked up
     as U+2581 runs. Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain
-    added tokens, kept whole in the text as llama.cpp does."""
+    added tokens, kept whole in the text as llama.cpp does; so do the tokens the file names as unknown, BOS,
+    EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in file_tokens]
@@ -313,5 +321,8 @@ def _gemma_backend(file_tokens: list[str], token_types):
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     kinds = list(zip(file_tokens, token_types, strict=False))  # a file may list no types
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds if kind == 3])
+    named = [file_tokens[i] for i in special_ids if isinstance(i, int) and 0 <= i < len(file_tokens)]
+    named += ["<mask>"] if "<mask>" in vocab else []
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds if kind == 4 and t in vocab])
     return tok

@@ -244,6 +244,9 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         with ThreadPoolExecutor(2) as pool:
             sums = list(pool.map(rows_from, range(0, n, ROWS)))
         rows_of = None  # the weight (or its source codes) can go before the packed arrays are written
+        clear = getattr(weight.meta.get("block_codes"), "cache_clear", None)
+        if clear is not None:  # the codes computed once for the embedding and the head: not needed again
+            clear()
         sq_w, sq_err = sum(s[0] for s in sums), sum(s[1] for s in sums)
         entry.update({"rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5, "max_abs_error": max(s[2] for s in sums)})
         out = {".channels": order}

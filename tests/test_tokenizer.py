@@ -84,6 +84,21 @@ def test_random_gemma_vocabularies_match_transformers(pieces, tmp_path, monkeypa
     assert ours == theirs
 
 
+@pytest.mark.parametrize("types", ["unk typed normal", "no types"])
+def test_named_special_tokens_kept_whole_whatever_their_type(types, tmp_path, monkeypatch):
+    """Transformers' Gemma tokenizer adds the unknown/BOS/EOS/padding tokens and <mask> as special tokens
+    whatever the file's types say; ours does too (a file typing <unk> as normal, or listing no types)."""
+    meta = _meta(["\u2581a", "b"])
+    if types == "no types":
+        del meta["tokenizer.ggml.token_type"]
+    else:
+        meta["tokenizer.ggml.token_type"][3] = 2
+    ours, theirs = _both(meta, tmp_path, monkeypatch)
+    assert ours == theirs
+    added = {t["content"] for t in json.loads(ours)["added_tokens"] if t["special"]}
+    assert {"<pad>", "<eos>", "<bos>", "<unk>", "<mask>"} <= added
+
+
 def test_gguf_without_a_token_list_is_one_error(tmp_path):
     meta = _meta([])
     del meta["tokenizer.ggml.tokens"]
