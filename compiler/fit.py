@@ -42,8 +42,7 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
         longest = max(manifest["target"].get("prefill_lens", [prompt_len]))  # attention scores
         activations = vocab * 4 + longest * arch["num_heads"] * manifest["target"]["max_seq_len"] * 4
     else:  # the prompt's logits, the largest single tensor: one row where the package gives the last only
-        logits = next((v["shape"] for v in manifest["io"]["outputs"] if v["name"] == "logits"), [])
-        rows = logits[1] if len(logits) == 3 and isinstance(logits[1], int) else prompt_len
+        rows = 1 if manifest["target"].get("logits") == "last" else prompt_len
         activations = rows * vocab * 4
     need = weights + kv + activations + RUNTIME_BYTES
     budget = dev.ram_gb * 1e9 * dev.app_fraction

@@ -233,9 +233,15 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list) or not tokens:
         raise MobilizeError(f"{file_name}: its tokenizer could not be converted (no tokenizer.ggml.tokens list)")
+    specials = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+            specials[name] = (tokens[token_id], token_id)
     try:
         if _is_gemma_sentencepiece(meta):
-            named = [meta.get(f"tokenizer.ggml.{key}") for key in _SPECIAL_ID_KEYS]
+            named = [specials[k][1] for k in ("unk_token", "bos_token", "eos_token", "pad_token") if k in specials]
             backend = _gemma_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named)
         else:
             gguf_tok = _transformers_gguf_builders()
@@ -249,12 +255,6 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         raise
     except Exception as e:  # the builders' errors are many and unrelated; name the file and the cause
         raise MobilizeError(f"{file_name}: its tokenizer could not be converted ({type(e).__name__}: {e})") from None
-    specials = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
-            specials[name] = (tokens[token_id], token_id)
     add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     template, used = "$A", []
@@ -289,10 +289,7 @@ def _is_gemma_sentencepiece(meta: dict) -> bool:
     )
 
 
-_SPECIAL_ID_KEYS = ("unknown_token_id", "bos_token_id", "eos_token_id", "padding_token_id")
-
-
-def _gemma_backend(file_tokens: list[str], token_types, special_ids=()):
+def _gemma_backend(file_tokens: list[str], token_types, special_ids: list[int]):
     """A Gemma GGUF's SentencePiece vocabulary as a `tokenizers` BPE, the same tokenizer.json transformers'
     GGUF builder gives (tested byte for byte on gemma3-270m), in ~2 s instead of ~5 s (its import, and its
     merge search, which sorts every candidate pair). The file lists no merges: every split of a token into
@@ -321,8 +318,7 @@ def _gemma_backend(file_tokens: list[str], token_types, special_ids=()):
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     kinds = list(zip(file_tokens, token_types, strict=False))  # a file may list no types
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds if kind == 3])
-    named = [file_tokens[i] for i in special_ids if isinstance(i, int) and 0 <= i < len(file_tokens)]
-    named += ["<mask>"] if "<mask>" in vocab else []
+    named = [file_tokens[i] for i in special_ids] + (["<mask>"] if "<mask>" in vocab else [])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds if kind == 4 and t in vocab])
     return tok
