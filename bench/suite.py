@@ -133,9 +133,18 @@ def read_results(path: Path) -> dict[str, Any]:
     return data
 
 
-def compare(base: dict, new: dict, max_regression: float, tolerance: dict[str, float]) -> tuple[list[dict], bool]:
-    """One row per (case, metric) present in both; `ok` False where a metric got worse by more than its
-    tolerance (given, else the baseline file's, else `max_regression`)."""
+# What a different machine does not change: a baseline recorded elsewhere is compared on these alone.
+MACHINE_INDEPENDENT = ("ppl", "package_bytes")
+
+
+def compare(
+    base: dict, new: dict, max_regression: float, tolerance: dict[str, float], metrics: tuple[str, ...] | None = None
+) -> tuple[list[dict], bool]:
+    """One row per (case, metric) present in both (of `metrics`, if given); `ok` False where a metric got worse
+    by more than its tolerance (given, else the baseline file's, else `max_regression`)."""
+    unknown = sorted(set(metrics or ()) - set(METRICS))
+    if unknown:
+        raise MobilizeError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
     limits = {k: v / 100 for k, v in base.get("tolerance", {}).items()} | tolerance
     old = {r["id"]: r["metrics"] for r in base["results"]}
     rows, passed = [], True
@@ -143,6 +152,8 @@ def compare(base: dict, new: dict, max_regression: float, tolerance: dict[str, f
         if r["id"] not in old:
             continue
         for metric, higher_better in METRICS.items():
+            if metrics is not None and metric not in metrics:
+                continue
             a, b = old[r["id"]].get(metric), r["metrics"].get(metric)
             if a is None or b is None or a == 0:
                 continue

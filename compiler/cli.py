@@ -7,9 +7,9 @@ import dataclasses
 import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 
@@ -343,15 +343,25 @@ def bench_compare(
     tolerance: list[str] = typer.Option(
         [], "--tolerance", help="METRIC=PERCENT for one metric (repeat); the baseline's own tolerances apply first."
     ),
+    metrics: str = typer.Option(
+        None, "--metrics", help="Compare only these (comma-separated; 'portable': ppl,package_bytes, for a baseline "
+        "recorded on another machine)."
+    ),
 ) -> None:
     """A table of deltas; exit 1 when a metric regressed past its tolerance."""
-    from mobilize.bench.suite import compare, read_results
+    from mobilize.bench.suite import MACHINE_INDEPENDENT, compare, read_results
+
+    chosen = None
+    if metrics is not None:
+        chosen = MACHINE_INDEPENDENT if metrics == "portable" else tuple(m.strip() for m in metrics.split(",") if m)
 
     limits = {}
     for item in tolerance:
         metric, _, value = item.partition("=")
         limits[metric] = _percent(value, "--tolerance")
-    rows, passed = compare(read_results(base), read_results(new), _percent(max_regression, "--max-regression"), limits)
+    rows, passed = compare(
+        read_results(base), read_results(new), _percent(max_regression, "--max-regression"), limits, chosen
+    )
     print(f"{'case':<36} {'metric':<22} {'base':>12} {'new':>12} {'change':>8} {'limit':>7}")
     for r in rows:
         if "base" not in r:
@@ -376,19 +386,31 @@ def bench_plot(
         print(f"wrote {path}")
 
 
+# Typer 0.29 bundles its own copy of click: its usage errors are not `click.ClickException`s. The base class
+# is found from the one typer re-exports, whichever click that is.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
+    # A dependency's deprecation notice is for its callers' developers, not for the person at the prompt: on
+    # stderr it would break the one-line error contract.
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), returned here
         if code == 130:
             print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except _CLICK_ERROR as e:  # a usage error: one line, and where the usage is
+        command = getattr(getattr(e, "ctx", None), "command_path", None)
+        hint = f" (see '{command} --help')" if command and getattr(e, "ctx", None) is not None else ""
+        message = " ".join(e.format_message().split())
+        print(f"mobilize: error: {message}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("mobilize: aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

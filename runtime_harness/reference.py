@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ class ReferenceRunner:
         self.model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=torch.float32, attn_implementation="eager", **kwargs
         ).eval()
+        # transformers 5.2x renamed forward's `past_key_values` to `cache` (the old name warns on every call and
+        # goes in 5.40); the cache object is updated in place either way.
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.reset()
 
     @classmethod
@@ -45,10 +49,9 @@ class ReferenceRunner:
                 input_ids=torch.tensor([tokens]),
                 attention_mask=torch.ones(1, self.length + n, dtype=torch.long),
                 position_ids=torch.arange(self.length, self.length + n)[None, :],
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self._cache_arg: self.cache},
             )
-        self.cache = out.past_key_values
         self.length += n
         return out.logits[0].float().numpy()
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mobilize.runtime_harness.ort_runner import OrtRunner
 from mobilize.runtime_harness.reference import ReferenceRunner
@@ -212,3 +213,21 @@ def test_logits_of_the_last_position_by_default_of_all_on_request(tiny_hf, tmp_p
     assert genai_greedy(last, prompt, 8) == greedy(ours_last, prompt, 8) == greedy(ours_all, prompt, 8)
     bad = _cli("export", src, "--out", str(tmp_path / "t"), "-f", "tflite", "--logits", "all")
     assert bad.returncode == 1 and "--logits all is for ONNX" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "pkg", "-n", "0"], "Invalid value for '--max-new-tokens'"),
+        (["run", "pkg"], "Missing option '--prompt'"),
+        (["export", "x", "--bogus"], "No such option: --bogus"),
+        (["export", "x", "--max-seq-len", "abc"], "Invalid value for '--max-seq-len'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line(args, expected):
+    """Whatever click typer brings (typer 0.29 bundles its own), a usage error is one line and exit 2."""
+    r = _cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mobilize: error: ") and expected in lines[0], r.stderr
