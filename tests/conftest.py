@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import write_tiny_gguf, write_tiny_hf  # noqa: E402
 
-from mobilize.compiler.arch.registry import FAMILIES  # noqa: E402
+from mobilize.frontend.families.registry import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

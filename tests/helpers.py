@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilize.compiler.arch.common import permute_rotary
-from mobilize.compiler.arch.config import DecoderConfig, is_norm
-from mobilize.compiler.arch.registry import FAMILIES
+from mobilize.frontend.config import DecoderConfig, is_norm
+from mobilize.frontend.families.common import permute_rotary
+from mobilize.frontend.families.registry import FAMILIES
 
 
 def write_tiny_hf(cfg: DecoderConfig, out: Path, seed: int = 0) -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
     )
 
 

@@ -14,9 +14,9 @@ import sys
 import pytest
 
 from mobilize.bench.peers.genai_builder import build
-from mobilize.runtime_harness.genai_runner import GenAIRunner
-from mobilize.runtime_harness.ort_runner import OrtRunner
-from mobilize.runtime_harness.runner import greedy
+from mobilize.harness.genai_runner import GenAIRunner
+from mobilize.harness.ort_runner import OrtRunner
+from mobilize.harness.runner import greedy
 
 
 def test_builder_package_and_ours_agree(tiny_hf, tmp_path):
@@ -26,7 +26,7 @@ def test_builder_package_and_ours_agree(tiny_hf, tmp_path):
     assert timing["wall_s"] > 0 and timing["peak_rss_bytes"] > 50 * 2**20
     ours = tmp_path / "ours"
     r = subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", "export", str(src), "--out", str(ours), "-q", "fp32"],
+        [sys.executable, "-m", "mobilize.cli", "export", str(src), "--out", str(ours), "-q", "fp32"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -40,7 +40,7 @@ def test_builder_package_and_ours_agree(tiny_hf, tmp_path):
 def test_pytorch_eager_peer_is_measured_like_a_package(tiny_hf):
     """The PyTorch-eager peer runs behind the Runner protocol and is timed by the same harness."""
     from mobilize.bench.peers.pytorch_eager import pytorch_eager_runner
-    from mobilize.runtime_harness.perf import measure
+    from mobilize.harness.perf import measure
 
     m = measure(pytorch_eager_runner(tiny_hf("qwen2"), threads=2), 128, prompt_len=8, gen_len=4, repeats=2)
     assert [r["test"] for r in m["records"]] == ["pp8", "tg4"]
@@ -48,7 +48,7 @@ def test_pytorch_eager_peer_is_measured_like_a_package(tiny_hf):
 
 
 def test_interleaved_rounds_alternate_order_and_ratios_pair_by_round():
-    from mobilize.runtime_harness.perf import interleaved, paired_ratio
+    from mobilize.harness.perf import interleaved, paired_ratio
 
     calls = []
 

@@ -9,24 +9,24 @@ import shutil
 import numpy as np
 import pytest
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.calibrate import (
+from mobilize.driver import ExportOptions, export
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import load_model, open_checkpoint
+from mobilize.quant.calibrate import (
     RANKING_TOKENS,
     TEXT,
     CalibrationInBackground,
     fewest_pieces_tokenizer,
     input_statistics,
 )
-from mobilize.compiler.checkpoint import load_model, open_checkpoint
-from mobilize.compiler.export import ExportOptions, export
-from mobilize.passes.quant_primitives import quantize_blockwise, search_blocks
+from mobilize.quant.primitives import quantize_blockwise, search_blocks
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_statistics_match_transformers(family, tiny_hf):
     """The numpy forward gives each linear layer's (and the head's) input statistics as transformers does."""
     torch = pytest.importorskip("torch")
-    from mobilize.runtime_harness.reference import ReferenceRunner
+    from mobilize.harness.reference import ReferenceRunner
 
     rng = np.random.default_rng(1)
     sequences = [rng.integers(0, 128, 19).tolist(), rng.integers(0, 128, 7).tolist()]  # past gemma's window of 4

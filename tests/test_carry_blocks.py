@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.sources.gguf_file import read_gguf
-from mobilize.compiler.sources.gguf_grid import block_grid
-from mobilize.runtime_harness.ort_runner import OrtRunner
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.sources.gguf_file import read_gguf
+from mobilize.frontend.sources.gguf_grid import block_grid
+from mobilize.harness.ort_runner import OrtRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import write_tiny_gguf  # noqa: E402
@@ -45,7 +45,7 @@ def test_int4_export_carries_blocks(quantized_gguf, tmp_path):
         cmd = [
             sys.executable,
             "-m",
-            "mobilize.compiler.cli",
+            "mobilize.cli",
             "export",
             str(quantized_gguf),
             "--out",
@@ -78,10 +78,10 @@ def test_int4_export_carries_blocks(quantized_gguf, tmp_path):
 def test_carried_graph_computes_what_the_gguf_says(tiny_hf, tmp_path):
     """Every linear weight in Q8_0 or Q5_0: after carrying, the MatMulNBits graph in onnxruntime equals the
     fp32 graph of the same GGUF (the dequantized values) to float rounding."""
-    from mobilize.compiler.builder import build_decoder
-    from mobilize.compiler.checkpoint import load_model, open_checkpoint
-    from mobilize.passes.quantize import QuantizeMatMulPass
-    from mobilize.targets.onnx_writer import save_onnx
+    from mobilize.frontend.loader import load_model, open_checkpoint
+    from mobilize.targets.onnx.emitter import build_decoder
+    from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
+    from mobilize.targets.onnx.writer import save_onnx
 
     quant = {s: "Q8_0" for s in ("attn_q.weight", "attn_v.weight", "ffn_up.weight", "output.weight")}
     quant |= {s: "Q5_0" for s in ("attn_k.weight", "attn_output.weight", "ffn_gate.weight", "ffn_down.weight")}

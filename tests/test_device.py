@@ -20,7 +20,7 @@ SSHD = "/usr/sbin/sshd"
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, timeout=600, env=env
     )
 
 

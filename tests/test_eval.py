@@ -8,19 +8,20 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, timeout=600
     )
 
 
 def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from mobilize.runtime_harness.accuracy import log_softmax
-    from mobilize.runtime_harness.reference import ReferenceRunner
+    from mobilize.harness.accuracy import log_softmax
+    from mobilize.harness.reference import ReferenceRunner
 
     src = tmp_path / "src"
     shutil.copytree(tiny_hf("gemma3"), src)
@@ -56,6 +57,7 @@ def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "exceeds the budget" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_eval_refuses_random_weights(tmp_path):
     out = tmp_path / "pkg"
     assert _cli("export", "gemma3-270m", "--random-weights", "-q", "int8", "--out", str(out)).returncode == 0

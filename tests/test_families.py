@@ -8,12 +8,12 @@ import onnx
 import pytest
 from helpers import assert_tracks_reference
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.builder import build_decoder
-from mobilize.compiler.checkpoint import load_model, open_checkpoint
-from mobilize.runtime_harness.ort_runner import OrtRunner
-from mobilize.runtime_harness.reference import ReferenceRunner
-from mobilize.targets.onnx_writer import save_onnx
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import load_model, open_checkpoint
+from mobilize.harness.ort_runner import OrtRunner
+from mobilize.harness.reference import ReferenceRunner
+from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.writer import save_onnx
 
 PROMPT = [3, 17, 99, 5, 64, 1, 42]
 CASES = [(f, "hf") for f in FAMILIES] + [("llama", "gguf"), ("gemma3", "gguf")]

@@ -9,7 +9,7 @@ import sys
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

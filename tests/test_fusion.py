@@ -12,19 +12,19 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.tape import Tape
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.builder import build_decoder
-from mobilize.compiler.checkpoint import LoadedModel
-from mobilize.compiler.pipeline import onnx_passes, recipe_named, run_passes
-from mobilize.compiler.sources.random_weights import random_tensors
-from mobilize.passes.cleanup import CleanupPass
-from mobilize.passes.fuse_attention import FuseGroupQueryAttentionPass
-from mobilize.passes.fuse_rmsnorm import FuseRMSNormPass
-from mobilize.passes.fuse_rotary import FuseRotaryPass
-from mobilize.passes.kv_cache import StaticKVCachePass
-from mobilize.passes.pack_matmul import PackMatMulPass
-from mobilize.runtime_harness.ort_runner import OrtRunner
-from mobilize.targets.onnx_writer import save_onnx
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.sources.random_weights import random_tensors
+from mobilize.harness.ort_runner import OrtRunner
+from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.passes.cleanup import CleanupPass
+from mobilize.targets.onnx.passes.fuse_attention import FuseGroupQueryAttentionPass
+from mobilize.targets.onnx.passes.fuse_rmsnorm import FuseRMSNormPass
+from mobilize.targets.onnx.passes.fuse_rotary import FuseRotaryPass
+from mobilize.targets.onnx.passes.kv_cache import StaticKVCachePass
+from mobilize.targets.onnx.passes.pack_matmul import PackMatMulPass
+from mobilize.targets.onnx.pipeline import onnx_passes, recipe_named, run_passes
+from mobilize.targets.onnx.writer import save_onnx
 
 FAMILY_NAMES = sorted(FAMILIES)
 MAX_LEN = 64

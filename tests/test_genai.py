@@ -9,15 +9,15 @@ import sys
 import pytest
 from helpers import genai_greedy
 
-from mobilize.runtime_harness.ort_runner import OrtRunner
-from mobilize.runtime_harness.runner import greedy
+from mobilize.harness.ort_runner import OrtRunner
+from mobilize.harness.runner import greedy
 
 
 @pytest.mark.parametrize(("family", "quant"), [("llama", "fp32"), ("gemma3", "int4"), ("qwen2", "int8")])
 def test_genai_matches_our_runner(family, quant, tiny_hf, tmp_path):
     out = tmp_path / "pkg"
     r = subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", "export", str(tiny_hf(family)), "--out", str(out), "-q", quant],
+        [sys.executable, "-m", "mobilize.cli", "export", str(tiny_hf(family)), "--out", str(out), "-q", quant],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -18,7 +18,7 @@ import pytest
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -89,7 +89,7 @@ def test_sigkill_during_export_leaves_the_old_package(package, tmp_path):
     dead export's temporary directory."""
     dest = tmp_path / "pkg"
     shutil.copytree(package, dest)
-    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    cmd = [sys.executable, "-m", "mobilize.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
     proc = subprocess.Popen(
         [*cmd, "--out", str(dest), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -122,7 +122,7 @@ def test_a_failed_write_leaves_the_old_package(package, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write returns EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
 
-    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    cmd = [sys.executable, "-m", "mobilize.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
     r = subprocess.run(
         [*cmd, "--out", str(dest), "--overwrite"], capture_output=True, text=True, timeout=300, preexec_fn=limit
     )
@@ -132,6 +132,7 @@ def test_a_failed_write_leaves_the_old_package(package, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
 
 
+@pytest.mark.slow
 def test_gemma3_int4_rebuild_is_byte_identical(tmp_path):
     """The real model, the main job's recipe: two exports, the same bytes in every file."""
     first, second = tmp_path / "a", tmp_path / "b"
@@ -148,10 +149,10 @@ _FULL_DISK = """
 set -u
 mount -t tmpfs -o size=400k tmpfs "$DIR"
 cp -r "$OLD" "$DIR/pkg"
-"$PY" -m mobilize.compiler.cli export "$SRC" --format "$FMT" -q fp32 --max-seq-len 64 --out "$DIR/pkg" --overwrite \
+"$PY" -m mobilize.cli export "$SRC" --format "$FMT" -q fp32 --max-seq-len 64 --out "$DIR/pkg" --overwrite \
     2> "$DIR.stderr"
 echo "export rc=$?"
-"$PY" -m mobilize.compiler.cli verify "$DIR/pkg" > /dev/null && echo "old package verifies"
+"$PY" -m mobilize.cli verify "$DIR/pkg" > /dev/null && echo "old package verifies"
 ls -A "$DIR"
 """
 
@@ -181,13 +182,13 @@ def test_a_full_filesystem_leaves_the_old_package(fmt, package, tiny_hf, tmp_pat
 def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
     """Ctrl-C while the model is written: one line, exit 130, the old package whole, nothing left over, not
     even in the cache, where the tokenizer was being converted in a child process (a fresh cache)."""
-    from mobilize.compiler.sources.aliases import bundled_gguf
+    from mobilize.frontend.sources.aliases import bundled_gguf
 
     dest, cache = tmp_path / "pkg", tmp_path / "cache"
     shutil.copytree(package, dest)
     cache.mkdir()
     (cache / bundled_gguf().name).symlink_to(bundled_gguf())
-    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
+    cmd = [sys.executable, "-m", "mobilize.cli", "export", "gemma3-270m", "--random-weights", "-q", "fp32"]
     proc = subprocess.Popen(
         [*cmd, "--out", str(dest), "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background runner may ignore it
@@ -209,6 +210,7 @@ def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_gemma3_tflite_bundle_rebuilds_byte_identical_and_runs_in_litert_lm(tmp_path):
     """The real model as a TFLite package with its LiteRT-LM bundle, twice: the same bytes in every file
     (the bundle's uuid and time stamp included); LiteRT-LM's engine generates from the bundle the same
@@ -226,8 +228,8 @@ def test_gemma3_tflite_bundle_rebuilds_byte_identical_and_runs_in_litert_lm(tmp_
 
     import litert_lm
 
-    from mobilize.runtime_harness.package import Package
-    from mobilize.runtime_harness.runner import greedy
+    from mobilize.harness.package import Package
+    from mobilize.harness.runner import greedy
 
     pkg = Package.open(first)
     tok = pkg.tokenizer()

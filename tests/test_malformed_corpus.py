@@ -15,7 +15,7 @@ import pytest
 
 def _inspect(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", "inspect", str(path)],
+        [sys.executable, "-m", "mobilize.cli", "inspect", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -167,7 +167,7 @@ def test_malformed_tokenizer_files(case, tiny_hf, tmp_path):
     (d / name).write_bytes(data)
     out = tmp_path / "pkg"
     r = subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", "export", str(d), "--out", str(out), "-q", "fp32"],
+        [sys.executable, "-m", "mobilize.cli", "export", str(d), "--out", str(out), "-q", "fp32"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     _refused(r, needle)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mobilize.compiler.errors import MobilizeError
-from mobilize.compiler.sources.gguf_file import read_gguf
-from mobilize.compiler.sources.safetensors_file import read_safetensors
+from mobilize.errors import MobilizeError
+from mobilize.frontend.sources.gguf_file import read_gguf
+from mobilize.frontend.sources.safetensors_file import read_safetensors
 
 _SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

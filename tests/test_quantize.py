@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobilize.passes.quant_primitives import (
+from mobilize.quant.primitives import (
     dequantize_blockwise,
     pack_nbits,
     pack_zero_points,
     quantize_blockwise,
     unpack_nbits,
 )
-from mobilize.passes.quantize import QuantizeMatMulPass
+from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
 
 
 @settings(max_examples=60, deadline=None)
@@ -115,8 +115,8 @@ def _split_case(tied: bool, k: int = 96, n: int = 40, keep: int = 32):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
-    from mobilize.passes.graph import WRITE_LAST
-    from mobilize.targets.onnx_writer import save_onnx
+    from mobilize.targets.onnx.passes.graph import WRITE_LAST
+    from mobilize.targets.onnx.writer import save_onnx
 
     model, w_kn, loudness, loud, x = _split_case(tied)
     before = _run(model, {"x": x})
@@ -150,7 +150,7 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
     assert all(v.meta.get(WRITE_LAST) for v in model.graph.initializers.values() if ".split32." in v.name)
     import onnx
 
-    from mobilize.passes.graph import initializer
+    from mobilize.targets.onnx.passes.graph import initializer
 
     initializer(model.graph, "added_later", np.zeros(300, np.float32))
     save_onnx(model, tmp_path)
@@ -179,7 +179,7 @@ def test_non_constant_weight_is_not_quantized():
 def _grid_model(k: int, n: int, bits: int, float_zero_points: bool) -> tuple[ir.Model, np.ndarray]:
     """A MatMul whose weight lies on a source block grid (as a GGUF's Q4_K or Q5_0 would): blocks of 32 along
     K with a scale each and a zero point (float for the Q4_K-like grid)."""
-    from mobilize.compiler.sources.gguf_grid import BlockGrid
+    from mobilize.frontend.sources.gguf_grid import BlockGrid
 
     rng = np.random.default_rng(3)
     scale = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)

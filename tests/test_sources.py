@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.checkpoint import load_model, open_checkpoint
-from mobilize.compiler.sources.gguf_file import read_gguf
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import load_model, open_checkpoint
+from mobilize.frontend.sources.gguf_file import read_gguf
 
 
 def _weights(source) -> dict[str, np.ndarray]:

@@ -14,10 +14,11 @@ from mobilize.bench.peers.genai_builder import timed_child
 PARAMS = 1_235_814_400  # llama-3.2-1b, `mobilize inspect llama-3.2-1b --random-weights`
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_export_peak_rss_is_a_fraction_of_the_fp32_model(fmt, tmp_path):
     out = tmp_path / "pkg"
-    cmd = [sys.executable, "-m", "mobilize.compiler.cli", "export", "llama-3.2-1b", "--random-weights", "-q", "int4",
+    cmd = [sys.executable, "-m", "mobilize.cli", "export", "llama-3.2-1b", "--random-weights", "-q", "int4",
            "--format", fmt, "--max-seq-len", "256", "--out", str(out)]  # fmt: skip
     r = timed_child(cmd)
     fp32 = 4 * PARAMS
@@ -26,5 +27,5 @@ def test_export_peak_rss_is_a_fraction_of_the_fp32_model(fmt, tmp_path):
     assert r["peak_rss_bytes"] < 0.5 * fp32, f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
     data = out / ("model.onnx.data" if fmt == "onnx" else "model.tflite")
     assert 0.12 * fp32 < data.stat().st_size < 0.25 * fp32  # int4 weights with their scales; 8-bit embedding
-    verify = subprocess.run([sys.executable, "-m", "mobilize.compiler.cli", "verify", str(out)], capture_output=True)
+    verify = subprocess.run([sys.executable, "-m", "mobilize.cli", "verify", str(out)], capture_output=True)
     assert verify.returncode == 0, verify.stderr

@@ -15,13 +15,13 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 from helpers import assert_tracks_reference
 
-from mobilize.compiler.arch.registry import FAMILIES
-from mobilize.compiler.checkpoint import load_model, open_checkpoint
-from mobilize.compiler.tflite_builder import build_tflite, kv_names
-from mobilize.passes.recipes import RECIPES
-from mobilize.runtime_harness.litert_runner import LiteRtRunner
-from mobilize.runtime_harness.reference import ReferenceRunner
-from mobilize.targets.tflite_writer import weight_bytes
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import load_model, open_checkpoint
+from mobilize.harness.litert_runner import LiteRtRunner
+from mobilize.harness.reference import ReferenceRunner
+from mobilize.quant.recipes import RECIPES
+from mobilize.targets.tflite.emitter import build_tflite, kv_names
+from mobilize.targets.tflite.writer import weight_bytes
 
 CASES = [(f, "hf") for f in FAMILIES] + [("llama", "gguf"), ("gemma3", "gguf")]
 PROMPT = [3, 17, 99, 5, 64, 1, 42, 7, 8, 9, 10]  # 11 tokens: prefill_8 + prefill_4 padded by one
@@ -57,7 +57,7 @@ def test_prompt_near_the_cache_end_runs_token_by_token(tiny_hf, tmp_path):
     ref = ReferenceRunner(source)
     prompt = PROMPT[:10]
     np.testing.assert_allclose(ours.prefill(prompt), ref.prefill(prompt)[-1:], atol=1e-4, rtol=0)
-    from mobilize.compiler.errors import MobilizeError
+    from mobilize.errors import MobilizeError
 
     with pytest.raises(MobilizeError, match="do not fit"):
         ours.decode(1)
@@ -133,7 +133,7 @@ def test_quantized_forms_run_close_to_fp32(quant, tiny_hf, tmp_path):
 
 def _mobilize(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilize.compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
     )
 
 

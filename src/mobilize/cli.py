@@ -1,0 +1,433 @@
+"""The `mobilize` command line. It only parses arguments and calls the driver; every error a user
+can cause becomes one line on stderr and exit code 1."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from mobilize.errors import MobilizeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compile open LLM checkpoints into packages for phones.",
+)
+console = Console(stderr=True)
+
+SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
+
+
+@app.command()
+def inspect(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Family, sizes, parameter count, tensor types and bytes on disk of a checkpoint."""
+    from mobilize.frontend.inspect_source import inspect_source
+
+    with console.status("reading checkpoint"):
+        info = inspect_source(source, random_weights)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("source", f"{info['source']} ({info['format']})"),
+        ("family", info["family"]),
+        (
+            "layers",
+            f"{info['layers']}"
+            + (
+                f" ({info['sliding_window_layers']} sliding-window, window {info['sliding_window']})"
+                if info["sliding_window_layers"]
+                else ""
+            ),
+        ),
+        ("hidden / intermediate", f"{info['hidden_size']} / {info['intermediate_size']}"),
+        ("heads / kv heads / head dim", f"{info['heads']} / {info['kv_heads']} / {info['head_dim']}"),
+        ("vocab", f"{info['vocab_size']}" + (" (tied head)" if info["tied_embeddings"] else "")),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
+        ("tensors", f"{info['tensors']}: " + ", ".join(f"{k} x{v}" for k, v in info["tensor_dtypes"].items())),
+        ("bytes on disk", f"{info['bytes_on_disk']:,}"),
+    ]
+    for key, value in rows:
+        print(f"{key:<28} {value}")
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Package directory (default: out/<name>-<target>-<format>-<quant>)."
+    ),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Synthetic weights of the real shapes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing package."),
+    target: str = typer.Option("android", "--target", "-t", help="Preset: android, ios, host."),
+    fmt: str = typer.Option(None, "--format", "-f", help="Package format: onnx or tflite (default: the target's)."),
+    quant: str = typer.Option(
+        None, "--quant", "-q", help="Recipe (default: the target's): fp32, int8, int4, int4-fast, int4-all, ..."
+    ),
+    max_seq_len: int = typer.Option(None, "--max-seq-len", help="KV cache length (default: the target's)."),
+    opset: str = typer.Option("ort", "--opset", help="ort: ONNX Runtime fused ops; std: standard opset-23 ops."),
+    bundle: str = typer.Option(None, "--bundle", help="tflite: also write a LiteRT-LM bundle (litertlm)."),
+    logits: str = typer.Option(
+        "last", "--logits", help="onnx: logits of the last position only (generation), or of all (scoring)."
+    ),
+    prefill_len: list[int] = typer.Option(
+        [32, 128], "--prefill-len", help="tflite: a prefill_<L> signature for each (repeat the flag)."
+    ),
+) -> None:
+    """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
+    import time
+
+    from mobilize.driver import ExportOptions
+    from mobilize.driver import export as run_export
+
+    opts = ExportOptions(
+        source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
+        format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
+        logits=logits,
+    ).resolved()  # fmt: skip
+    name = Path(source).stem if Path(source).exists() else source
+    opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
+    start = time.perf_counter()
+    with console.status("exporting") as status:
+
+        def phase(p: str) -> None:  # one line per phase, with the time it started (a terminal only: a
+            if console.is_terminal:  # failing run in a pipe or a log says one line, its error)
+                console.print(f"[dim]{time.perf_counter() - start:6.1f} s[/] {p}", highlight=False)
+            status.update(f"exporting: {p}")
+
+        path = run_export(opts, phase=phase)
+    manifest = json.loads((path / "manifest.json").read_text())
+    kv = manifest["target"]["max_seq_len"]
+    if "fit" in manifest and not manifest["fit"]["memory"]["fits"]:
+        m = manifest["fit"]["memory"]
+        console.print(
+            f"[bold yellow]warning:[/] this package needs {m['total_bytes'] / 1e9:.2f} GB, more than the "
+            f"{m['budget_bytes'] / 1e9:.2f} GB an app can count on on a {manifest['fit']['device']} (mobilize fit)"
+        )
+    took = time.perf_counter() - start
+    print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}) in {took:.1f} s")
+
+
+@app.command()
+def run(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+) -> None:
+    """Greedy generation from a package, streamed to stdout."""
+    from mobilize.harness.package import Package, stream_greedy
+
+    pkg = Package.open(package)
+    sys.stdout.write(prompt)
+    for piece in stream_greedy(pkg, prompt, max_new_tokens, threads):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command(name="eval")
+def eval_(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    text: Path = typer.Option(None, "--text", help="A plain text file (default: bench/data/river.txt)."),
+    chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
+    max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
+    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Perplexity, top-1 agreement and KL against the reference model; written into the manifest and README."""
+    from mobilize.harness.evaluate import DEFAULT_TEXT, evaluate, record
+    from mobilize.harness.package import Package
+
+    budget = _percent(max_ppl_increase) if max_ppl_increase is not None else None
+    pkg = Package.open(package)
+    try:
+        body = (text or DEFAULT_TEXT).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MobilizeError(f"cannot read the text {text}: {getattr(e, 'strerror', None) or e}") from None
+    with console.status(f"evaluating {package.name} against the reference"):
+        result = evaluate(pkg, body, chunk=chunk, threads=threads)
+    record(package, result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"perplexity       {result['perplexity']:.3f} (reference {result['reference_perplexity']:.3f}, "
+            f"{result['perplexity_increase']:+.2%}; {result['tokens']} tokens)"
+        )
+        print(f"top-1 agreement  {result['top1_agreement']:.1%}")
+        print(f"mean KL          {result['mean_kl']:.5f}")
+        print(f"greedy match     {result['greedy_match']['matched']} of {result['greedy_match']['new_tokens']} tokens")
+    if budget is not None and result["perplexity_increase"] > budget:
+        raise MobilizeError(
+            f"perplexity {result['perplexity_increase']:+.2%} over the reference exceeds the budget of {budget:+.2%}"
+        )
+
+
+def _percent(value: str, flag: str = "--max-ppl-increase") -> float:
+    try:
+        return float(value.strip().removesuffix("%")) / 100.0
+    except ValueError:
+        raise MobilizeError(f"{flag} {value!r} is not a percentage such as 5%") from None
+
+
+@app.command(name="fit")
+def fit_(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    device: str = typer.Option("pixel6", "--device", help="Device profile: pixel6, pixel8, iphone15."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt whose logits are the largest activation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Memory needed against the device's budget, and the bandwidth bound on decode tokens/s."""
+    from mobilize.harness.package import Package
+    from mobilize.package.fit import fit
+
+    pkg = Package.open(package)
+    r = fit(pkg.path, pkg.manifest, device, prompt_len)
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return
+    m, d = r["memory"], r["decode_roofline"]
+    mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    print(f"device          {r['device']} ({r['soc']}), {d['bandwidth_gb_s']} GB/s peak")
+    print(f"weights         {mb(m['weights_bytes'])}")
+    print(f"KV cache        {mb(m['kv_cache_bytes'])} (full length)")
+    what = (
+        "one token's logits and the longest prefill's attention scores"
+        if pkg.manifest["format"] == "tflite"
+        else f"logits of a {prompt_len}-token prompt"
+    )
+    print(f"activations     {mb(m['activation_bytes'])} ({what})")
+    print(f"runtime         {mb(m['runtime_bytes'])} (allowance)")
+    verdict = "fits" if m["fits"] else "DOES NOT FIT"
+    print(f"total           {mb(m['total_bytes'])} of {mb(m['budget_bytes'])} an app can count on: {verdict}")
+    print(
+        f"decode bound    {d['tokens_per_s_at_most']:.1f} tok/s = {d['bandwidth_gb_s']} GB/s / "
+        f"({mb(d['weight_bytes_per_token'])} weights + {mb(d['kv_bytes_per_token_at_full_context'])} KV per token)"
+    )
+
+
+@app.command()
+def verify(package: Path = typer.Argument(..., help="A package directory written by `mobilize export`.")) -> None:
+    """Check a package against its manifest: schema, every file's size and sha256, the model's I/O."""
+    from mobilize.package.verify import verify_package
+
+    with console.status(f"verifying {package}"):
+        manifest = verify_package(package)
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    print(f"ok: {package} ({len(manifest['files'])} files, {total:,} bytes, sha256 and I/O as the manifest says)")
+
+
+class _BenchGroup(typer.core.TyperGroup):
+    """`mobilize bench PACKAGE ...` measures a package; `bench run|compare|plot` work on suites. A first
+    argument that is not a subcommand is the package."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["package", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup,
+    no_args_is_help=True,
+    help="Measure a package: `mobilize bench PACKAGE [OPTIONS]` (its options: `mobilize bench PACKAGE --help`); "
+    "or run, compare and plot benchmark suites.",
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command(name="package", hidden=True)
+def bench(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1),
+    gen_len: int = typer.Option(64, "--gen-len", min=1),
+    threads: int = typer.Option(2, "--threads", min=0, help="Intra-op threads (0: runtime default)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs after one warm-up; medians reported."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    runtime: str = typer.Option(
+        "default",
+        "--runtime",
+        help="default: onnxruntime or LiteRT, by the package's format; genai: ONNX Runtime GenAI (onnx); "
+        "litert-lm: LiteRT-LM's engine on the package's model.litertlm (tflite --bundle litertlm).",
+    ),  # fmt: skip
+    device: str = typer.Option(
+        None, "--device", help="Measure on another machine: ssh:HOST, adb:SERIAL or local (pushed, run, pulled)."
+    ),
+    remote_python: str = typer.Option("python3", "--remote-python", help="--device: the Python to run there."),
+    remote_dir: str = typer.Option(None, "--remote-dir", help="--device: working directory there."),
+) -> None:
+    """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
+    from mobilize.harness.package import Package
+    from mobilize.harness.perf import measure
+
+    runtimes = {"default": None, "ort": "onnx", "litert": "tflite", "genai": "onnx", "litert-lm": "tflite"}
+    if runtime not in runtimes:
+        raise MobilizeError(f"unknown --runtime {runtime!r} ({', '.join(runtimes)})")
+    pkg = Package.open(package)
+    if runtimes[runtime] not in (None, pkg.manifest["format"]):
+        raise MobilizeError(
+            f"--runtime {runtime} runs {runtimes[runtime]} packages; this one is {pkg.manifest['format']}"
+        )
+    if device is not None and runtime not in ("default", "ort", "litert"):
+        raise MobilizeError(f"--device runs the package's own runtime; --runtime {runtime} is host-only")
+    with console.status(f"benchmarking {package.name}" + (f" on {device}" if device else "")):
+        if device is not None:
+            from mobilize.harness.device import bench_on_device
+
+            result = bench_on_device(package, device, remote_python, threads, prompt_len, gen_len, repeats, remote_dir)
+        elif runtime == "litert-lm":
+            from mobilize.harness.litertlm_bench import measure_litertlm
+
+            result = measure_litertlm(package / "model.litertlm", threads, prompt_len, gen_len, repeats)
+        else:
+            if runtime == "genai":
+                from mobilize.harness.genai_runner import GenAIRunner
+
+                runner = GenAIRunner(package, threads)
+            else:
+                runner = pkg.runner(threads)
+            result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
+    result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
+    result["runtime"] = runtime
+    if device is not None:
+        d = result["device"]
+        console.print(f"[dim]on {device}: {d.get('system')}, {d.get('cpus')} CPUs, Python {d.get('python')}[/]")
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'time to first token':<22} {result['time_to_first_token_s'] * 1000:.1f} ms ({prompt_len}-token prompt)")
+    for r in result["records"]:
+        print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
+    print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+@bench_app.command(name="run")
+def bench_run(
+    suite: str = typer.Argument(..., help="A suite: a name in bench/suites (ci, recipes) or a .toml file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results JSON to write."),
+    workdir: Path = typer.Option(Path("out/bench-suite"), "--workdir", help="Where the packages are exported."),
+) -> None:
+    """Export and measure every case of a suite (models x formats x recipes) into one results JSON."""
+    from mobilize.bench.suite import load_suite, run_suite
+
+    spec = load_suite(suite)
+    results = run_suite(spec, workdir.resolve(), log=lambda m: console.print(f"[dim]{m}[/]", highlight=False))
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for r in results["results"]:
+        m = r["metrics"]
+        speed = (f"pp {m['prefill_tok_s']:8.1f}  tg {m['decode_tok_s']:7.1f} tok/s  ppl {m['ppl']:7.3f}  "
+                 if "ppl" in m else "")  # fmt: skip
+        print(f"{r['id']:<36} {speed}{m['package_bytes'] / 1e6:8.1f} MB  export {m['export_s']:6.1f} s  "
+              f"peak RSS {m['export_peak_rss_bytes'] / 2**30:5.2f} GB")  # fmt: skip
+    print(f"wrote {out}")
+
+
+@bench_app.command(name="compare")
+def bench_compare(
+    base: Path = typer.Argument(..., help="Baseline results (mobilize bench run)."),
+    new: Path = typer.Argument(..., help="New results."),
+    max_regression: str = typer.Option("5%", "--max-regression", help="Allowed worsening of any metric."),
+    tolerance: list[str] = typer.Option(
+        [], "--tolerance", help="METRIC=PERCENT for one metric (repeat); the baseline's own tolerances apply first."
+    ),
+    metrics: str = typer.Option(
+        None, "--metrics", help="Compare only these (comma-separated; 'portable': ppl,package_bytes, for a baseline "
+        "recorded on another machine)."
+    ),
+) -> None:
+    """A table of deltas; exit 1 when a metric regressed past its tolerance."""
+    from mobilize.bench.suite import MACHINE_INDEPENDENT, compare, read_results
+
+    chosen = None
+    if metrics is not None:
+        chosen = MACHINE_INDEPENDENT if metrics == "portable" else tuple(m.strip() for m in metrics.split(",") if m)
+
+    limits = {}
+    for item in tolerance:
+        metric, _, value = item.partition("=")
+        limits[metric] = _percent(value, "--tolerance")
+    rows, passed = compare(
+        read_results(base), read_results(new), _percent(max_regression, "--max-regression"), limits, chosen
+    )
+    print(f"{'case':<36} {'metric':<22} {'base':>12} {'new':>12} {'change':>8} {'limit':>7}")
+    for r in rows:
+        if "base" not in r:
+            print(f"{r['id']:<36} {r['metric']}")
+            continue
+        flag = "" if r["ok"] else "  REGRESSION"
+        print(f"{r['id']:<36} {r['metric']:<22} {r['base']:12.4g} {r['new']:12.4g} {r['change']:+8.1%} "
+              f"{r['limit']:7.0%}{flag}")  # fmt: skip
+    if not passed:
+        raise MobilizeError(f"{sum(not r['ok'] for r in rows)} regression(s) against {base}")
+
+
+@bench_app.command(name="plot")
+def bench_plot(
+    results: Path = typer.Argument(..., help="Results JSON (mobilize bench run)."),
+    out: Path = typer.Option(Path("out/plots"), "--out", "-o", help="Directory for the PNGs."),
+) -> None:
+    """PNG plots: tokens/s per case, perplexity against package size."""
+    from mobilize.bench.suite import plot, read_results
+
+    for path in plot(read_results(results), out):
+        print(f"wrote {path}")
+
+
+# Typer 0.29 bundles its own copy of click: its usage errors are not `click.ClickException`s. The base class
+# is found from the one typer re-exports, whichever click that is.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def main() -> None:
+    # A dependency's deprecation notice is for its callers' developers, not for the person at the prompt: on
+    # stderr it would break the one-line error contract.
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), returned here
+        if code == 130:
+            print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except _CLICK_ERROR as e:  # a usage error: one line, and where the usage is
+        command = getattr(getattr(e, "ctx", None), "command_path", None)
+        hint = f" (see '{command} --help')" if command and getattr(e, "ctx", None) is not None else ""
+        message = " ".join(e.format_message().split())
+        print(f"mobilize: error: {message}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("mobilize: aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except MobilizeError as e:
+        print(f"mobilize: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        full = e.errno == errno.ENOSPC or "free space" in str(e)  # numpy's tofile raises without an errno
+        what = f"the disk is full ({e.strerror or e})" if full else (e.strerror or str(e))
+        print(f"mobilize: error: {what}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        sys.exit(1)
+    except MemoryError:
+        print("mobilize: error: out of memory", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

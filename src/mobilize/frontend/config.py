@@ -1,0 +1,160 @@
+"""The one config every Llama-like decoder is described by, and the sizes derived from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from mobilize.errors import ConfigError
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    layer_types: tuple[str, ...]
+    rope_local_theta: float | None = None  # rope base of sliding-window layers (gemma3)
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_scaling of global layers, as items
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"  # silu | gelu_tanh
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norm: bool = False  # gemma: norms before and after attention and MLP
+    norm_plus_one: bool = False  # gemma stores w and scales by (1 + w)
+    scale_embeddings: bool = False  # gemma multiplies embeddings by sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -0.5 power; else head_dim's
+    final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v <= 0:
+                problems.append(f"{field}={v!r} must be a positive integer")
+        if not problems and self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if len(self.layer_types) != self.num_layers:
+            problems.append(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+        if SLIDING in self.layer_types and not self.sliding_window:
+            problems.append("sliding-window layers need sliding_window")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            problems.append(f"hidden_act={self.hidden_act!r} is not supported (silu, gelu_tanh)")
+        if problems:
+            raise ConfigError(f"{self.family} config: " + "; ".join(problems))
+
+    # ---- derived sizes, computed in one place ----
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(s) for s in expected_shapes(self).values())
+
+    def rope_inv_freq(self, layer_type: str) -> np.ndarray:
+        """Inverse frequencies of one layer type's rotary embedding, as transformers computes them."""
+        if layer_type == SLIDING and self.rope_local_theta is not None:
+            return _inv_freq(self.rope_local_theta, self.head_dim)
+        inv = _inv_freq(self.rope_theta, self.head_dim)
+        scaling = dict(self.rope_scaling or ())
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind == "default":
+            return inv
+        if kind == "linear":
+            return (inv / np.float32(scaling["factor"])).astype(np.float32)
+        if kind == "llama3":
+            return _llama3_inv_freq(inv, scaling)
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _inv_freq(base: float, dim: int) -> np.ndarray:
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.float32(base) ** exponent)).astype(np.float32)
+
+
+def _llama3_inv_freq(inv: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    out = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, out).astype(np.float32)
+
+
+def layer_weight_names(cfg: DecoderConfig, i: int) -> dict[str, tuple[int, ...]]:
+    """Canonical (Hugging Face) names and [out, in] shapes of layer i's tensors."""
+    p = f"model.layers.{i}."
+    h, d = cfg.hidden_size, cfg.head_dim
+    shapes = {
+        p + "input_layernorm.weight": (h,),
+        p + "self_attn.q_proj.weight": (cfg.q_size, h),
+        p + "self_attn.k_proj.weight": (cfg.kv_size, h),
+        p + "self_attn.v_proj.weight": (cfg.kv_size, h),
+        p + "self_attn.o_proj.weight": (h, cfg.q_size),
+        p + "post_attention_layernorm.weight": (h,),
+        p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+        p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+        p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+    }
+    if cfg.attention_bias:
+        shapes |= {
+            p + "self_attn.q_proj.bias": (cfg.q_size,),
+            p + "self_attn.k_proj.bias": (cfg.kv_size,),
+            p + "self_attn.v_proj.bias": (cfg.kv_size,),
+        }
+    if cfg.qk_norm:
+        shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+    if cfg.sandwich_norm:
+        shapes |= {p + "pre_feedforward_layernorm.weight": (h,), p + "post_feedforward_layernorm.weight": (h,)}
+    return shapes
+
+
+def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, by canonical name, with its shape."""
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), "model.norm.weight": (cfg.hidden_size,)}
+    for i in range(cfg.num_layers):
+        shapes |= layer_weight_names(cfg, i)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("norm.weight")

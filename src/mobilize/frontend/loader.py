@@ -1,0 +1,230 @@
+"""Open any checkpoint source and map its tensors onto the architecture's canonical names.
+
+`open_checkpoint` accepts a Hugging Face directory, a GGUF file or an alias (with `random_weights`,
+any of them stands only for its config). `load_model` checks every tensor against the shapes the
+config implies and raises naming anything missing, left over, or of the wrong shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from mobilize.errors import CheckpointError, ConfigError, SourceNotFoundError
+from mobilize.frontend.config import DecoderConfig, expected_shapes
+from mobilize.frontend.families.registry import FAMILIES, family_for_gguf, family_for_hf
+from mobilize.frontend.sources import aliases
+from mobilize.frontend.sources.base import Checkpoint, TensorRef
+from mobilize.frontend.sources.gguf_file import GGUF_MAGIC, read_gguf
+from mobilize.frontend.sources.random_weights import random_tensors
+from mobilize.frontend.sources.safetensors_file import read_safetensors
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def open_checkpoint(spec: str, random_weights: bool = False) -> Checkpoint:
+    path = Path(spec)
+    if path.exists():
+        if path.is_dir():
+            return _open_hf_dir(path, random_weights)
+        return _open_file(path, random_weights)
+    if spec in aliases.ALIASES:
+        if spec == aliases.BUNDLED and not random_weights:
+            return _open_file(aliases.bundled_gguf(), False, source=spec)
+        if random_weights:
+            hf_config = dict(aliases.ALIASES[spec]["config"])
+            ckpt = Checkpoint(spec, "random", family_for_hf(hf_config["model_type"]), {}, hf_config=hf_config)
+            ckpt.tensors = random_tensors(config_of(ckpt))
+            return ckpt
+        return _open_hf_dir(aliases.resolve_cached(spec), False, source=spec)
+    raise SourceNotFoundError(
+        f"{spec!r} is neither a file, a directory nor a known alias (aliases: {', '.join(aliases.ALIASES)})"
+    )
+
+
+def _open_file(path: Path, random_weights: bool, source: str | None = None) -> Checkpoint:
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path.name}: pickle checkpoints are never loaded (they can run code); convert it to safetensors "
+            "first, e.g. with transformers' save_pretrained(safe_serialization=True)"
+        )
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        if path.suffix == ".safetensors":
+            raise CheckpointError(f"{path.name}: a bare .safetensors file has no config; pass its directory")
+        raise CheckpointError(f"{path.name}: not a GGUF file (the first bytes are not 'GGUF') nor a model directory")
+    meta, tensors = read_gguf(str(path))
+    family = family_for_gguf(meta.get("general.architecture"))
+    ckpt = Checkpoint(source or str(path), "gguf", family, tensors, gguf_metadata=meta, files=[str(path)])
+    if random_weights:
+        ckpt.tensors, ckpt.format = random_tensors(config_of(ckpt)), "random"
+    return ckpt
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no config.json; a Hugging Face model directory needs one")
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a config.json")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
+
+
+def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) -> Checkpoint:
+    hf_config = read_config_json(path / "config.json")
+    family = family_for_hf(hf_config.get("model_type"))
+    if random_weights:
+        ckpt = Checkpoint(source or str(path), "random", family, {}, hf_config=hf_config)
+        ckpt.tensors = random_tensors(config_of(ckpt))
+        return ckpt
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map object")
+        shard_names = sorted(set(weight_map.values()))
+        for shard in shard_names:
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):
+                raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name in the directory")
+    else:
+        shard_names = sorted(p.name for p in path.glob("*.safetensors"))
+        weight_map = None
+    if not shard_names:
+        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        hint = (
+            f" (found {', '.join(pickles)}: pickle files are never loaded; convert to safetensors)" if pickles else ""
+        )
+        raise CheckpointError(f"{path}: no *.safetensors weights{hint}")
+    tensors: dict[str, TensorRef] = {}
+    files = []
+    for shard in shard_names:
+        shard_path = path / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index.name} names shard {shard} but {path} has no such file")
+        for name, ref in read_safetensors(str(shard_path)).items():
+            if weight_map is not None and weight_map.get(name) != shard:
+                continue  # the index decides which shard owns a tensor
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name!r} appears in more than one shard")
+            tensors[name] = ref
+        files.append(str(shard_path))
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(f"{index.name} lists {len(absent)} tensors its shards lack, e.g. {absent[0]!r}")
+    files.append(str(path / "config.json"))
+    return Checkpoint(source or str(path), "hf", family, tensors, hf_config=hf_config, files=files)
+
+
+def config_of(ckpt: Checkpoint) -> DecoderConfig:
+    family = FAMILIES[ckpt.family]
+    try:
+        if ckpt.gguf_metadata is not None:
+            return family.from_gguf(ckpt.gguf_metadata)
+        return family.from_hf(ckpt.hf_config or {})
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{ckpt.source}: config cannot be read: {e}") from None
+
+
+# ---- tensor names ------------------------------------------------------------------------------
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Gemma's four norms per layer: llama.cpp's ffn_norm is its pre-MLP norm.
+_GGUF_LAYER_GEMMA = _GGUF_LAYER | {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Buffers some exporters save that carry nothing the config does not already say.
+_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def canonical_name(ckpt: Checkpoint, name: str) -> str | None:
+    """The Hugging Face name of a source tensor (None if the source's naming scheme has no such tensor)."""
+    if ckpt.format != "gguf":
+        return name
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = _GGUF_RE.match(name)
+    table = _GGUF_LAYER_GEMMA if ckpt.family == "gemma3" else _GGUF_LAYER
+    if m and m.group(2) in table:
+        return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint resolved against its config: every weight the builder needs, by canonical name,
+    still lazy, in Hugging Face orientation ([out, in]) and conventions."""
+
+    ckpt: Checkpoint
+    config: DecoderConfig
+    weights: dict[str, TensorRef]
+
+
+def load_model(ckpt: Checkpoint) -> LoadedModel:
+    cfg = config_of(ckpt)
+    want = expected_shapes(cfg)
+    fix = FAMILIES[ckpt.family].gguf_fix if ckpt.format == "gguf" else None
+    weights: dict[str, TensorRef] = {}
+    leftover: list[str] = []
+    for src_name, ref in ckpt.tensors.items():
+        name = canonical_name(ckpt, src_name)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # transformers ties it to the embedding and ignores the saved copy
+        if name is None or name not in want:
+            if not _IGNORABLE.match(src_name):
+                leftover.append(src_name)
+            continue
+        if ref.shape != want[name]:
+            raise CheckpointError(
+                f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies "
+                f"{list(want[name])}; the checkpoint and its config disagree"
+            )
+        if fix is not None:  # the same row fix applies to the raw blocks (rows are whole blocks)
+            raw = _fixed(fix, cfg, name, ref.raw) if ref.raw is not None else None
+            ref = dataclasses.replace(ref, name=name, load=_fixed(fix, cfg, name, ref.load), raw=raw)
+        weights[name] = ref
+    missing = [n for n in want if n not in weights]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.source}: {len(missing)} tensor(s) the {cfg.family} config needs are missing, e.g. {missing[0]!r}"
+        )
+    if leftover:
+        raise CheckpointError(
+            f"{ckpt.source}: {len(leftover)} tensor(s) map to nothing in {cfg.family}, e.g. {leftover[0]!r}; "
+            "is this the right architecture?"
+        )
+    return LoadedModel(ckpt, cfg, weights)
+
+
+def _fixed(fix, cfg: DecoderConfig, name: str, load):
+    return lambda: fix(cfg, name, load())

@@ -1,0 +1,324 @@
+"""Tokenizer files for the package: copied from a Hugging Face directory, or built from a GGUF's
+embedded vocabulary into `tokenizer.json` (Gemma's SentencePiece vocabularies by `_gemma_backend`, the others
+with transformers' GGUF tokenizer builders; no torch needed)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from mobilize.errors import CheckpointError, MobilizeError
+from mobilize.frontend.sources.aliases import cache_root
+from mobilize.frontend.sources.base import Checkpoint
+from mobilize.partials import remove_dead
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
+
+
+_TOKENIZER_CLASSES = {
+    "gemma3": "GemmaTokenizer",
+    "llama": "LlamaTokenizer",
+    "mistral": "LlamaTokenizer",
+    "qwen2": "Qwen2Tokenizer",
+    "qwen3": "Qwen2Tokenizer",
+}
+
+
+def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
+    """bos/eos/pad ids as the source states them (GGUF metadata, or config.json and generation_config.json)."""
+    if ckpt.gguf_metadata is not None:
+        m = ckpt.gguf_metadata
+        return {
+            "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": m.get("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": m.get("tokenizer.ggml.padding_token_id"),
+        }
+    ids = {k: (ckpt.hf_config or {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if ckpt.format == "hf":
+        gen = Path(ckpt.files[0]).parent / "generation_config.json"
+        if gen.is_file():
+            try:
+                extra = json.loads(gen.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                extra = {}
+            ids |= {k: extra[k] for k in ids if extra.get(k) is not None}
+    return ids
+
+
+def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
+    """Write the tokenizer next to the model; return the file names (empty when the source has none)."""
+    if ckpt.format == "hf":
+        src = Path(ckpt.files[0]).parent
+        written = []
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                if name.endswith(".json"):
+                    _check_json(src / name)
+                shutil.copyfile(src / name, out / name)
+                written.append(name)
+        return written
+    if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
+        return _cached_from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
+    return []
+
+
+def has_tokenizer_json(ckpt: Checkpoint) -> bool:
+    """Whether `write_tokenizer` will give a tokenizer.json (copied from the source, or converted)."""
+    if ckpt.format == "hf":
+        return (Path(ckpt.files[0]).parent / "tokenizer.json").is_file()
+    return ckpt.format == "gguf" and bool(ckpt.gguf_metadata) and "tokenizer.ggml.tokens" in ckpt.gguf_metadata
+
+
+def ensure_tokenizer_json(ckpt: Checkpoint) -> Path:
+    """The source's tokenizer.json (checked), or a GGUF's converted one in the cache (converted now if it is
+    not there yet), for a source that has one (`has_tokenizer_json`)."""
+    if ckpt.format == "hf":
+        path = Path(ckpt.files[0]).parent / "tokenizer.json"
+        _check_json(path)
+        return path
+    return _ensure_cached(Path(ckpt.files[0]).name, ckpt.gguf_metadata) / "tokenizer.json"
+
+
+MAX_JSON_BYTES = 256 << 20  # a 262k-token tokenizer.json is ~33 MB
+
+
+def _check_json(path: Path) -> None:
+    """A source's JSON file is a bounded JSON object, and tokenizer.json one the tokenizers library loads,
+    before it goes into a package that apps will parse."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path.name} is {path.stat().st_size:,} bytes, past the {MAX_JSON_BYTES:,} accepted")
+    text = path.read_bytes()
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path.name} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path.name} is not a JSON object")
+    if path.name == "tokenizer.json":
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_str(text.decode())
+        except Exception as e:  # the Rust parser's errors: say which file, keep one line
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise CheckpointError(
+                f"tokenizer.json is not a tokenizer the tokenizers library can load: {reason}"
+            ) from None
+
+
+_CONVERTER = "mobilize tokenizer converter 2"  # in the cache key: a conversion that changes is not reused
+
+
+def _cached_dir(meta: dict) -> Path:
+    """Where a GGUF's converted tokenizer is cached: keyed by the hash of every tokenizer.* key."""
+    digest = hashlib.sha256(_CONVERTER.encode())
+    for key in sorted(k for k in meta if k.startswith("tokenizer.") or k == "general.architecture"):
+        digest.update(key.encode())
+        digest.update(json.dumps(meta[key], default=repr).encode())
+    return cache_root() / "tokenizers" / digest.hexdigest()[:32]
+
+
+_CACHED_NAMES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _complete(cached: Path) -> bool:
+    return all((cached / n).is_file() for n in _CACHED_NAMES)
+
+
+def _ensure_cached(file_name: str, meta: dict) -> Path:
+    cached = _cached_dir(meta)
+    if not _complete(cached):
+        remove_dead(_mkdir(cached.parent), "tokenizer-*", "tokenizer-")  # conversions killed midway
+        tmp = Path(tempfile.mkdtemp(prefix=f"tokenizer-{os.getpid()}-", dir=cached.parent))
+        try:
+            _from_gguf(file_name, meta, tmp)
+            if cached.exists():  # another export converted it meanwhile
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, cached)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return cached
+
+
+def _cached_from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
+    """The conversion takes seconds for a 262k-token vocabulary: do it once per distinct tokenizer and copy
+    the result afterwards."""
+    cached = _ensure_cached(file_name, meta)
+    for n in _CACHED_NAMES:
+        shutil.copyfile(cached / n, out / n)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config["source"] = f"converted from the GGUF metadata of {file_name}"
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return list(_CACHED_NAMES)
+
+
+def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
+    """Start converting a GGUF's tokenizer into the cache in a child process, so the conversion (~2 s for
+    Gemma's 262k vocabulary, more through transformers) runs on another core while the export quantizes.
+    Returns the function that waits for it; `write_tokenizer` then copies the cached files, or converts in
+    this process (and reports any error in one line) if the child did not finish."""
+    meta = ckpt.gguf_metadata
+    if ckpt.format != "gguf" or not meta or "tokenizer.ggml.tokens" not in meta:
+        return lambda: None
+    if _complete(_cached_dir(meta)):
+        return lambda: None
+    keys = {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
+    # spawn, not fork: a clean interpreter, none of the parent's threads or locks
+    child = multiprocessing.get_context("spawn").Process(
+        target=_convert_quietly, args=(Path(ckpt.files[0]).name, keys), daemon=True
+    )
+    child.start()
+
+    def wait() -> None:
+        child.join(timeout=300)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+    return wait
+
+
+def as_export_child() -> None:
+    """In a child process of an export: the parent's Ctrl-C is the parent's to handle; when it exits it
+    terminates the child (SIGTERM), which leaves through its cleanups then (a conversion's temporary
+    directory), not past them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
+def _convert_quietly(file_name: str, meta: dict) -> None:
+    as_export_child()
+    try:
+        _ensure_cached(file_name, meta)
+    except BaseException:
+        os._exit(1)  # the parent converts again and reports the error itself
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _transformers_gguf_builders():
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no advisory chatter about a missing torch
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping
+    except ImportError as e:
+        raise MobilizeError(f"converting a GGUF tokenizer needs transformers >= 5 ({e})") from None
+    return gguf_tokenizer_mapping
+
+
+def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
+    """Build tokenizer.json from llama.cpp's tokenizer keys, then add the BOS/EOS template the file's flags
+    ask for. Gemma's SentencePiece vocabularies are built here (`_gemma_backend`), the others with
+    transformers' GGUF tokenizer builders (which need no torch)."""
+    from tokenizers import processors
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise MobilizeError(f"{file_name}: its tokenizer could not be converted (no tokenizer.ggml.tokens list)")
+    specials = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):  # fmt: skip
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+            specials[name] = (tokens[token_id], token_id)
+    try:
+        if _is_gemma_sentencepiece(meta):
+            named = [specials[k][1] for k in ("unk_token", "bos_token", "eos_token", "pad_token") if k in specials]
+            backend = _gemma_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named)
+        else:
+            gguf_tok = _transformers_gguf_builders()
+            tok_dict = {
+                name: meta[f"tokenizer.{key}"]
+                for key, name in gguf_tok.GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+                if f"tokenizer.{key}" in meta
+            }
+            backend, _ = gguf_tok.convert_gguf_tokenizer(meta["general.architecture"], tok_dict)
+    except MobilizeError:
+        raise
+    except Exception as e:  # the builders' errors are many and unrelated; name the file and the cause
+        raise MobilizeError(f"{file_name}: its tokenizer could not be converted ({type(e).__name__}: {e})") from None
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
+    template, used = "$A", []
+    if add_bos and "bos_token" in specials:
+        template = f"{specials['bos_token'][0]} {template}"
+        used.append(specials["bos_token"])
+    if add_eos and "eos_token" in specials:
+        template = f"{template} {specials['eos_token'][0]}"
+        used.append(specials["eos_token"])
+    if used:
+        backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=used)
+    backend.save(str(out / "tokenizer.json"))
+    config = {name: tok for name, (tok, _) in specials.items()} | {
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": bool(add_eos),
+        "source": f"converted from the GGUF metadata of {file_name}",
+    }
+    if meta["general.architecture"] in _TOKENIZER_CLASSES:  # ONNX Runtime GenAI picks its tokenizer by this
+        config["tokenizer_class"] = _TOKENIZER_CLASSES[meta["general.architecture"]]
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return ["tokenizer.json", "tokenizer_config.json"]
+
+
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+
+def _is_gemma_sentencepiece(meta: dict) -> bool:
+    return (
+        meta.get("general.architecture") in _GEMMA_ARCHITECTURES
+        and meta.get("tokenizer.ggml.model") == "llama"
+        and "tokenizer.ggml.merges" not in meta
+    )
+
+
+def _gemma_backend(file_tokens: list[str], token_types, special_ids: list[int]):
+    """A Gemma GGUF's SentencePiece vocabulary as a `tokenizers` BPE, the same tokenizer.json transformers'
+    GGUF builder gives (tested byte for byte on gemma3-270m), in ~2 s instead of ~5 s (its import, and its
+    merge search, which sorts every candidate pair). The file lists no merges: every split of a token into
+    two tokens is one, ranked by the merged token's position in the file, longer left parts first (Gemma's
+    scores do not follow its merge order). Tokens of two or more spaces are stored as spaces but looked up
+    as U+2581 runs. Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain
+    added tokens, kept whole in the text as llama.cpp does; so do the tokens the file names as unknown, BOS,
+    EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in file_tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token keeps its last position
+    merges = []
+    for i, t in enumerate(tokens):
+        if vocab[t] != i:
+            continue
+        for cut in range(len(t) - 1, 0, -1):
+            left = t[:cut]
+            if left in vocab and (right := t[cut:]) in vocab:
+                merges.append((left, right))
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True, dropout=None)
+    )
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    kinds = list(zip(file_tokens, token_types, strict=False))  # a file may list no types
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds if kind == 3])
+    named = [file_tokens[i] for i in special_ids] + (["<mask>"] if "<mask>" in vocab else [])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds if kind == 4 and t in vocab])
+    return tok

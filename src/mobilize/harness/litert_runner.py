@@ -1,0 +1,123 @@
+"""Run a mobilize LiteRT model (`model.tflite`) with ai_edge_litert's interpreter (XNNPACK on CPU).
+
+The model's signatures: `prefill_<L>` for one or more lengths and `decode`, all with tokens, input_pos
+and the KV cache tensors in and out; only `decode` returns logits. A prompt but its last token is cut
+into chunks of the longest prefill length (the last chunk padded at the end, or run token by token
+where padding would pass the cache's end); its last token is decoded, which gives the logits the next
+token is chosen from; then one `decode` call per token. `score` decodes every token, for the logits
+of every position (perplexity).
+
+The cache stays inside the interpreter: each signature's inputs and outputs are numpy views of its
+tensors (no copy), and after a call only the slots it wrote are copied from the output cache tensors
+back to the input ones. The whole cache moves only when the next call is a different signature (once
+after a prompt). The Python API cannot bind one buffer as both input and output, as LiteRT-LM's C++
+engine does; the model's DYNAMIC_UPDATE_SLICE still copies the cache once per call inside LiteRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mobilize.errors import MobilizeError
+
+
+class _Signature:
+    def __init__(self, interpreter, key: str) -> None:
+        runner = interpreter.get_signature_runner(key)
+        self.wrapper, self.index = interpreter._interpreter, runner._subgraph_index
+        self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
+        self.wrapper.AllocateTensors(self.index)
+
+    def view(self, tensor: int) -> np.ndarray:
+        return self.wrapper.tensor(self.wrapper, tensor, self.index)
+
+    def input(self, name: str) -> np.ndarray:
+        return self.view(self.inputs[name])
+
+    def output(self, name: str) -> np.ndarray:
+        return self.view(self.outputs[name])
+
+
+class LiteRtRunner:
+    def __init__(self, model_path: str | Path, threads: int = 0) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
+        keys = self.interpreter.get_signature_list()
+        if "decode" not in keys:
+            raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
+        self.prefill_lens = sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
+        self._signatures: dict[str, _Signature] = {}  # allocated on first use: each holds its own cache tensors
+        self.kv_names = [n for n in keys["decode"]["inputs"] if n.startswith("kv_cache_")]
+        self.max_len = self.signature("decode").input(self.kv_names[0]).shape[2]
+        self.reset()
+
+    def signature(self, key: str) -> _Signature:
+        if key not in self._signatures:
+            self._signatures[key] = _Signature(self.interpreter, key)
+        return self._signatures[key]
+
+    def reset(self) -> None:
+        self.home: str | None = None  # the signature whose input tensors hold the cache
+        self.length = 0
+
+    def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
+        sig = self.signature(key)
+        if self.home is None:
+            for name in self.kv_names:
+                sig.input(name)[...] = 0
+        elif self.home != key:  # move the cache once
+            home = self.signature(self.home)
+            for name in self.kv_names:
+                sig.input(name)[...] = home.input(name)
+        self.home = key
+        n = len(tokens)
+        sig.input("tokens")[...] = np.asarray([tokens], np.int32)
+        sig.input("input_pos")[...] = np.arange(start, start + n, dtype=np.int32)
+        sig.wrapper.Invoke(sig.index)
+        written = slice(start, min(start + n, self.max_len))
+        for name in self.kv_names:  # the slots this call wrote, back into the input cache
+            sig.input(name)[:, :, written] = sig.output(name)[:, :, written]
+        return sig.output("logits")[0].copy() if "logits" in sig.outputs else None
+
+    def _room(self, n: int) -> None:
+        if self.length + n > self.max_len:
+            raise MobilizeError(
+                f"{self.length + n} tokens do not fit the model's KV cache of {self.max_len}; "
+                "export with a larger --max-seq-len"
+            )
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """The prompt into the cache; logits [1, vocab] of its last token."""
+        self.reset()
+        self._room(len(tokens))
+        body, pos = tokens[:-1], 0
+        while pos < len(body):
+            rest = body[pos:]
+            fits = [n for n in self.prefill_lens if n >= len(rest) and pos + n <= self.max_len]
+            if self.prefill_lens and len(rest) >= self.prefill_lens[-1]:
+                n = self.prefill_lens[-1]
+                self._call(f"prefill_{n}", rest[:n], pos)
+            elif fits:  # the shortest signature that holds the rest, padded at the end
+                self._call(f"prefill_{fits[0]}", rest + [0] * (fits[0] - len(rest)), pos)
+                n = len(rest)
+            else:  # no signature fits before the cache's end: one token at a time
+                n = 1
+                self._call("decode", rest[:1], pos)
+            pos += n
+        self.length = len(body)
+        return self.decode(tokens[-1])[None, :]
+
+    def score(self, tokens: list[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of every position: each token decoded in turn."""
+        self.reset()
+        self._room(len(tokens))
+        return np.stack([self.decode(t) for t in tokens])
+
+    def decode(self, token: int) -> np.ndarray:
+        self._room(1)
+        logits = self._call("decode", [token], self.length)
+        self.length += 1
+        return logits[0]

@@ -1,0 +1,85 @@
+"""Open an exported package: its manifest, its tokenizer, and a runner over its model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mobilize.errors import MobilizeError
+from mobilize.package.verify import read_manifest, verify_package
+
+
+@dataclasses.dataclass
+class Package:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> Package:
+        """A package, verified first (every file against its manifest sha256): a tampered or truncated
+        package is refused before anything is loaded from it."""
+        path = Path(path)
+        manifest = verify_package(path) if verify else read_manifest(path)
+        return cls.checked(path, manifest)
+
+    @classmethod
+    def checked(cls, path: Path, manifest: dict) -> Package:
+        if manifest.get("format") not in ("onnx", "tflite"):
+            raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run (onnx, tflite)")
+        return cls(path, manifest)
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        file = self.path / "tokenizer.json"
+        if not file.is_file():
+            raise MobilizeError(f"{self.path} has no tokenizer.json (exported from a source without a tokenizer)")
+        return Tokenizer.from_file(str(file))
+
+    def eos_ids(self, tokenizer) -> set[int]:
+        ids: set[int] = set()
+        cfg_file = self.path / "tokenizer_config.json"
+        if cfg_file.is_file():
+            token = json.loads(cfg_file.read_text()).get("eos_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token and tokenizer.token_to_id(token) is not None:
+                ids.add(tokenizer.token_to_id(token))
+        gen = self.path / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    def runner(self, threads: int = 0):
+        """The package's runner (imported here: a device has only its format's runtime)."""
+        if self.manifest["format"] == "tflite":
+            from mobilize.harness.litert_runner import LiteRtRunner
+
+            return LiteRtRunner(self.path / "model.tflite", threads=threads)
+        from mobilize.harness.ort_runner import OrtRunner
+
+        return OrtRunner(self.path / "model.onnx", threads=threads)
+
+
+def stream_greedy(package: Package, prompt: str, max_new_tokens: int, threads: int = 0) -> Iterator[str]:
+    """Yield the text of each new token as greedy decoding produces it."""
+    tok = package.tokenizer()
+    eos = package.eos_ids(tok)
+    runner = package.runner(threads)
+    ids = tok.encode(prompt).ids
+    generated: list[int] = []
+    # Decode the prompt and continuation together, so spacing between them comes from the tokenizer.
+    shown = tok.decode(ids)
+    token = int(np.argmax(runner.prefill(ids)[-1]))
+    while len(generated) < max_new_tokens and token not in eos:
+        generated.append(token)
+        text = tok.decode(ids + generated)
+        if not text.endswith("\ufffd") and text.startswith(shown):  # wait for a whole character
+            yield text[len(shown) :]
+            shown = text
+        if len(generated) < max_new_tokens:
+            token = int(np.argmax(runner.decode(token)))

@@ -1,0 +1,1 @@
+"""The decoder, written once against an emitter interface, and the numpy emitter."""

@@ -1,0 +1,1 @@
+"""Packages: verification, the memory-fit check, the README for app developers."""

@@ -1,0 +1,1 @@
+"""Quantization: pure primitives with their inverses, named recipes, calibration statistics."""

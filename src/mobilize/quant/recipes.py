@@ -1,0 +1,117 @@
+"""Quantization recipes: named presets, plain data. A recipe says how each kind of weight is stored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuant:
+    bits: int
+    block_size: int
+    symmetric: bool
+    carry: bool = True  # with the recipe's carry_source_blocks: keep these weights' source blocks as they are
+    carry_wider: bool = True  # ... even when the source grid has more bits than `bits`
+    # ONNX only (targets/onnx/passes/quantize.py): carried grids wider than `bits` as 8-bit symmetric blocks of
+    # this size
+    # (0: their own blocks, exactly), and Q4_K weights with fewer than `widen_below` elements likewise
+    wide_block_size: int = 0
+    widen_below: int = 0
+    # ONNX only, with calibration statistics: the `split_keep` input channels of largest mean square input keep
+    # this form and the rest take `split_rest`'s (rounded to nearest; the statistics choose the channels, not
+    # the scales). A Gather puts the kept channels first, a Split parts them, two MatMulNBits and an Add follow.
+    split_keep: int = 0
+    split_rest: WeightQuant | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    matmul: WeightQuant | None  # every linear layer (and the head, unless `head` says otherwise)
+    head: WeightQuant | None = None  # the output projection (lm_head, or the tied embedding)
+    onnx_head: WeightQuant | None = None  # the head in ONNX packages, where it differs from `head`
+    embedding: WeightQuant | None = None  # the input embedding lookup
+    # From a GGUF source, keep block formats that map exactly onto MatMulNBits (Q4_K -> 4-bit, Q5_0, Q6_K
+    # and Q8_0 -> 8-bit) as they are, instead of re-rounding them to this recipe's grid.
+    carry_source_blocks: bool = False
+    # MatMulNBits accuracy_level: 4 runs ONNX Runtime's int8-activation kernels (an order of magnitude faster
+    # on CPU for 8-bit weights); 0 computes in float.
+    accuracy_level: int = 4
+    # Formats ("onnx", "tflite") whose re-rounded 4-bit weights pick each block's scale for least error
+    # weighted by the mean square of each input channel on a calibration text (quant/calibrate.py), where
+    # the source has a tokenizer. It costs export time (gemma3-270m: ~5 s forward + ~5 s search on the head).
+    calibrate: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
+
+    def needs_statistics(self, fmt: str) -> bool:
+        """Whether an export to `fmt` runs calibration: to search scales, or to choose a split head's channels."""
+        head = self.onnx_head or self.head
+        return fmt in self.calibrate or (fmt == "onnx" and head is not None and head.split_rest is not None)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("fp32", "no quantization", None),
+        Recipe(
+            "int8",
+            "8-bit weights and embedding, blocks of 32, symmetric",
+            WeightQuant(8, 32, True),
+            embedding=WeightQuant(8, 32, True),
+        ),
+        Recipe(
+            "int4",
+            "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K blocks carried over exactly, its wider "
+            "Q5_0/Q6_K/Q8_0 blocks kept at 8 bits (ONNX: symmetric blocks of 128, and Q4_K weights under 4M "
+            "elements too, where the exact form's correction ops cost more than the bytes); the output head in "
+            "ONNX split by input channel: the 256 of largest mean square input on the calibration text 8-bit "
+            "(symmetric blocks of 128), the others 4-bit (asymmetric blocks of 128), all of it 8-bit where the "
+            "source has no tokenizer to calibrate with; in TFLite 4-bit calibrated; the embedding 8-bit. TFLite: "
+            "Q4_K as symmetric INT4 plus a zero-point correction, Q5_0/Q6_K/Q8_0 as int8 per channel",
+            WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
+            head=WeightQuant(4, 32, False, carry=False),
+            onnx_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+            calibrate=("tflite",),
+        ),
+        Recipe(
+            "int4-head8",
+            "int4 with the whole ONNX head 8-bit (symmetric blocks of 128): prefills faster, exports without a "
+            "calibration pass and is a little more accurate; decodes slower (more bytes per token)",
+            WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
+            onnx_head=WeightQuant(8, 128, True, carry=False),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+            formats=("onnx",),
+        ),
+        Recipe(
+            "int4-fast",
+            "4-bit everywhere it is read per token: a GGUF's Q4_K blocks carried exactly, its 8-bit formats "
+            "re-rounded to 4-bit, head 4-bit; the embedding 8-bit (fewer bytes per token than int4, less accurate)",
+            WeightQuant(4, 32, False, carry_wider=False),
+            head=WeightQuant(4, 32, False, carry=False),
+            embedding=WeightQuant(8, 32, True),
+            carry_source_blocks=True,
+        ),
+        Recipe(
+            "int4-all", "4-bit weights everywhere, head included, blocks of 32, asymmetric", WeightQuant(4, 32, False)
+        ),
+        Recipe(
+            "int4-all-cal",
+            "int4-all, calibrated: each block's scale chosen for least activation-weighted error",
+            WeightQuant(4, 32, False),
+            calibrate=("onnx", "tflite"),
+        ),
+        Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),
+        Recipe(
+            "int4-channel",
+            "4-bit weights, one scale per output channel, symmetric (TFLite's INT4 per channel; no ONNX form)",
+            WeightQuant(4, 0, True),
+            embedding=WeightQuant(8, 0, True),
+            formats=("tflite",),
+        ),
+        Recipe("int4-b128-asym", "4-bit weights, blocks of 128, asymmetric", WeightQuant(4, 128, False)),
+    ]
+}

@@ -1,0 +1,173 @@
+"""Rotary embedding fusion: `x * cos + rotate_half(x) * sin`, with cos/sin computed in the graph from
+position ids and constant inverse frequencies, becomes one op reading precomputed cos/sin tables.
+
+Matched form (head axis 1, what transformers and our builder emit):
+    f = Unsqueeze(Cast(position_ids), -1) * inv_freq;  e = Concat(f, f, -1)
+    cos = Unsqueeze(Cos(e), 1);  sin = Unsqueeze(Sin(e), 1)
+    y = x * cos + Concat(-x[..., h:], x[..., :h]) * sin
+ONNX Runtime: `com.microsoft::RotaryEmbedding`; standard ONNX (`std=True`): opset-23 `RotaryEmbedding`.
+The tables hold `max_seq_len` positions, so the package cannot address positions past it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+
+from mobilize.targets.onnx.passes.graph import (
+    MS_DOMAIN,
+    attr_int,
+    initializer,
+    ints,
+    producer,
+    remove_dead,
+    replace_output,
+    require_std_opset,
+    small_const,
+    std_nodes,
+)
+from mobilize.targets.onnx.passes.report import PassReport
+
+
+def rotary_tables(inv_freq: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_seq_len, head_dim / 2], computed as the graph did (fp32 angles)."""
+    angles = np.arange(max_seq_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class FuseRotaryPass(ir.passes.InPlacePass):
+    def __init__(self, max_seq_len: int, std: bool = False):
+        super().__init__()
+        self.max_seq_len, self.std = max_seq_len, std
+        self.report = PassReport(f"fuse_rotary(max_seq_len {max_seq_len}" + (", opset 23)" if std else ")"))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        for node in std_nodes(graph, "Add"):
+            self._fuse(graph, node)
+        if self.report.matched:
+            if self.std:
+                require_std_opset(model)
+            else:
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
+            remove_dead(graph)
+        return ir.passes.PassResult(model, self.report.matched > 0)
+
+    def _fuse(self, graph: ir.Graph, add: ir.Node) -> None:
+        for cos_idx in (0, 1):
+            matched = _match(add.inputs[cos_idx], add.inputs[1 - cos_idx])
+            if matched is None:
+                continue
+            if isinstance(matched, str):
+                self.report.reject(matched)
+                return
+            x, positions, inv_freq = matched
+            cos, sin = rotary_tables(inv_freq, self.max_seq_len)
+            key = f"rotary_{hashlib.sha1(inv_freq.tobytes()).hexdigest()[:10]}_{self.max_seq_len}"
+            cos_v = initializer(graph, key + ".cos", cos)
+            sin_v = initializer(graph, key + ".sin", sin)
+            if self.std:
+                new = ir.node(
+                    "RotaryEmbedding",
+                    [x, cos_v, sin_v, positions],
+                    {"interleaved": 0},
+                    name=f"{key}_{self.report.matched}",
+                )
+            else:
+                new = ir.node(
+                    "RotaryEmbedding",
+                    [x, positions, cos_v, sin_v],
+                    {"interleaved": 0},
+                    domain=MS_DOMAIN,
+                    name=f"{key}_{self.report.matched}",
+                )
+            graph.insert_before(add, new)
+            new.outputs[0].shape, new.outputs[0].type = add.outputs[0].shape, add.outputs[0].type
+            replace_output(graph, add.outputs[0], new.outputs[0])
+            self.report.matched += 1
+            return
+
+
+def _match(cos_term: ir.Value | None, sin_term: ir.Value | None):
+    """(x, position_ids, inv_freq) if the two Add operands are x*cos and rotate_half(x)*sin."""
+    mul_c, mul_s = producer(cos_term, "Mul"), producer(sin_term, "Mul")
+    if mul_c is None or mul_s is None:
+        return None
+    cos = _operand_times_trig(mul_c, "Cos")
+    sin = _operand_times_trig(mul_s, "Sin")
+    if cos is None or sin is None:
+        return None
+    (x, cos_node), (rotated, sin_node) = cos, sin
+    if cos_node.inputs[0] is not sin_node.inputs[0]:
+        return "cos and sin are of different angles"
+    if not _is_rotate_half(rotated, x):
+        return "the sin term is not rotate_half(x) of the cos term's x"
+    angles = _angles(cos_node.inputs[0])
+    if angles is None:
+        return "angles are not Concat(pos * inv_freq) twice with constant inv_freq"
+    return (x, *angles)
+
+
+def _operand_times_trig(mul: ir.Node, op: str) -> tuple[ir.Value, ir.Node] | None:
+    """(a, the Cos/Sin node) for Mul(a, Unsqueeze(op(angles), 1)) in either operand order."""
+    for idx in (0, 1):
+        trig = _trig(mul.inputs[1 - idx], op)
+        if trig is not None:
+            return mul.inputs[idx], trig
+    return None
+
+
+def _trig(value: ir.Value | None, op: str) -> ir.Node | None:
+    unsq = producer(value, "Unsqueeze")
+    if unsq is None or ints(unsq.inputs[1]) != [1]:
+        return None
+    return producer(unsq.inputs[0], op)
+
+
+def _is_rotate_half(rotated: ir.Value | None, x: ir.Value) -> bool:
+    concat = producer(rotated, "Concat")
+    if concat is None or len(concat.inputs) != 2 or attr_int(concat, "axis") not in (-1, 3):
+        return False
+    neg = producer(concat.inputs[0], "Neg")
+    if neg is None:
+        return False
+    second, first = producer(neg.inputs[0], "Slice"), producer(concat.inputs[1], "Slice")
+    if second is None or first is None or second.inputs[0] is not x or first.inputs[0] is not x:
+        return False
+    s1, s2 = _slice(first), _slice(second)
+    return s1 is not None and s2 is not None and s1[0] == 0 and s1[1] == s2[0] and s2[1] >= 2 * s1[1]
+
+
+def _slice(node: ir.Node) -> tuple[int, int] | None:
+    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
+    axes = ints(node.inputs[3]) if len(node.inputs) > 3 else None
+    steps = ints(node.inputs[4]) if len(node.inputs) > 4 else None
+    if starts is None or ends is None or len(starts) != 1 or axes not in ([-1], [3]) or steps not in (None, [1]):
+        return None
+    return starts[0], ends[0]
+
+
+def _angles(value: ir.Value | None) -> tuple[ir.Value, np.ndarray] | None:
+    concat = producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
+        return None
+    mul = producer(concat.inputs[0], "Mul")
+    if mul is None:
+        return None
+    for f_idx in (0, 1):
+        inv_freq = small_const(mul.inputs[f_idx])
+        if inv_freq is not None and inv_freq.dtype == np.float32:
+            pos = mul.inputs[1 - f_idx]
+            break
+    else:
+        return None
+    unsq = producer(pos, "Unsqueeze")
+    cast = producer(unsq.inputs[0], "Cast") if unsq is not None and ints(unsq.inputs[1]) == [-1] else None
+    if cast is None:
+        return None
+    positions = cast.inputs[0]
+    if positions is None or positions.dtype != ir.DataType.INT64:
+        return None
+    return positions, inv_freq.reshape(-1)

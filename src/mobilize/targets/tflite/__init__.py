@@ -1,0 +1,1 @@
+"""The TFLite (LiteRT) target: the emitter per signature, weights, the flatbuffer writer, the LiteRT-LM bundle."""

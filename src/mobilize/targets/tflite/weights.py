@@ -1,0 +1,271 @@
+"""Weights of a LiteRT model as the recipe stores them, produced lazily at write time.
+
+- fp32: FULLY_CONNECTED weights [N, K] as they are; a tied head shares the embedding's buffer.
+- int8: per output channel, symmetric (TFLite's dynamic-range form: float activations, int8 weights,
+  one scale per row), for FULLY_CONNECTED; the embedding table per row too, looked up with GATHER
+  and scaled back by its row's scale.
+- int4: blockwise along K (blocks of the recipe's size, symmetric: TFLite's blockwise form has no zero
+  points, fp16 scales [N, K / block]), XNNPACK's qb4w kernels; or per channel when the block is 0.
+
+Each weight is read, quantized and turned into bytes only when the writer reaches its buffer, so at
+most one weight is in memory at a time; the error statistics are gathered then, into the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.sources.gguf_grid import GRID_FORMS, block_codes, block_grid
+from mobilize.quant.calibrate import statistics_for
+from mobilize.quant.primitives import codes_on_grid, search_blocks, zero_point_correction
+from mobilize.quant.recipes import Recipe, WeightQuant
+from mobilize.targets.tflite.writer import INT4, Quant, TflGraph
+
+Op = fb.BuiltinOperator
+F32 = np.float32
+ROWS = 8192  # rows quantized at a time: temporaries stay tens of MB whatever the matrix
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def quantize_sym4_blocks(blocks: np.ndarray, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [N, n_blocks, block] -> (codes int8 in [-8, 7], fp16 scales [N, n_blocks]): the symmetric
+    search of quant/primitives (least squared error among clipped ranges, each refitted; weighted by
+    calibration statistics [n_blocks, block] when given), with the scales rounded to fp16 first."""
+    q, scale, _ = search_blocks(blocks, 4, True, weight, scale_dtype=np.float16, negative_scales=False)
+    return (q.astype(np.int8) - 8).astype(np.int8), scale
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7] -> bytes, two per byte, the first in the low nibble (TFLite's INT4 layout)."""
+    flat = q.reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+class FcWeights:
+    def __init__(self, model: LoadedModel, recipe: Recipe, statistics: Mapping[str, np.ndarray] | None = None) -> None:
+        self.cfg, self.ckpt, self.recipe = model.config, model.weights, recipe
+        # calibration (quant/calibrate.py): re-rounded 4-bit blocks weigh each input channel's error by it
+        self.statistics = statistics
+        self.stats: dict[str, dict] = {}
+        self._corrections: dict[str, int] = {}
+        self._scales: dict[tuple[str, int], np.ndarray] = {}
+
+    def _load(self, name: str) -> np.ndarray:
+        return np.asarray(self.ckpt[name].load(), dtype=F32)
+
+    def _per_channel(self, name: str, bits: int, key: str, scale: np.ndarray):
+        """Codes of a weight per output channel with the layout's scales, a slice of rows at a time (bytes for
+        the writer), the error statistics gathered along."""
+        w = self._load(name)
+        qmax = (1 << (bits - 1)) - 1
+        sq_err = sq_w = max_abs = 0.0
+        for start in range(0, w.shape[0], ROWS):
+            rows, s = w[start : start + ROWS], scale[start : start + ROWS, None]
+            q = np.clip(np.round(rows / s), -qmax, qmax).astype(np.int8)
+            err = q.astype(F32) * s - rows
+            sq_err += float(np.square(err, dtype=np.float64).sum())
+            sq_w += float(np.square(rows, dtype=np.float64).sum())
+            max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+            yield pack_int4(q) if bits == 4 else q
+        self.stats[key] = {
+            "bits": bits,
+            "form": "per-channel sym",
+            "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
+            "max_abs_error": max_abs,
+        }
+
+    def _fc_tensor(self, g: TflGraph, name: str, quant: WeightQuant | None, key: str) -> int:
+        shape = self.ckpt[name].shape
+        n, k = shape
+        if quant is None:
+            return g.weight(key, shape, F32, 4 * n * k, lambda: self._load(name))
+        if quant.bits == 4 and self._keep_wider(name, quant):
+            quant = WeightQuant(8, 0, True)
+        if quant.bits == 4 and quant.block_size and k % quant.block_size == 0 and k > quant.block_size:
+            return self._blockwise(g, name, quant.block_size, key, self._carry_q4k(name, quant))
+        # The scales are needed in the flatbuffer (before any buffer is written): computed from row maxima
+        # here, and the codes recomputed from the same rows when the buffer is written.
+        scale = self._row_scales(name, quant.bits)
+        q = Quant(scale=scale.tolist(), zero_point=[0] * n, axis=0)
+
+        def produce():
+            return self._per_channel(name, quant.bits, key, scale)
+
+        if quant.bits == 4:
+            return g.weight(key, shape, INT4, -(-n * k // 2), produce, q)
+        return g.weight(key, shape, np.int8, n * k, produce, q)
+
+    def _keep_wider(self, name: str, quant: WeightQuant) -> bool:
+        """A GGUF weight stored with more than 4 bits (Q5_0, Q6_K, Q8_0) stays 8-bit under a recipe that
+        carries source blocks (TFLite has no form that carries them exactly: this keeps their accuracy)."""
+        form = GRID_FORMS.get(self.ckpt[name].dtype)
+        return bool(self.recipe.carry_source_blocks and quant.carry and quant.carry_wider and form and form[0] > 4)
+
+    def _carry_q4k(self, name: str, quant: WeightQuant) -> bool:
+        """A GGUF's Q4_K weight kept exactly: its codes and scales as INT4 blocks of 32, and its float zero
+        points as a correction (see `correction`)."""
+        return bool(
+            self.recipe.carry_source_blocks
+            and quant.carry
+            and quant.block_size == 32
+            and self.ckpt[name].dtype == "Q4_K"
+        )
+
+    def correction(self, name: str) -> int | None:
+        """For a weight carried from Q4_K (w = s * (q - zp), zp a float per block of 32): the tensor C [N, K / 32],
+        C = s * (8 - zp), such that x @ wᵀ = FC(x, s * (q - 8)) + FC(sum of x over each block, C). The codes
+        q - 8 are exactly TFLite's symmetric INT4; the lowering adds the second term."""
+        return self._corrections.get(name)
+
+    def _blockwise(self, g: TflGraph, name: str, block: int, key: str, carry: bool = False) -> int:
+        """INT4 codes [N, K] and fp16 scales [N, K / block]; both from one read of the weight, at the
+        codes' write (the scales' buffer is laid out right after and takes them from `pending`). With
+        `carry`, a Q4_K weight's own codes and scales, and its zero-point correction after them."""
+        n, k = self.ckpt[name].shape
+        nb = k // block
+        pending: dict[str, np.ndarray] = {}
+
+        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        weight = None if stats is None else stats.reshape(nb, block)
+
+        def codes():
+            w = self._load(name)
+            grid = None
+            if carry:
+                ref = self.ckpt[name]
+                grid = codes_on_grid(w, block_grid(ref.dtype, ref.raw()))
+                if grid is not None and (grid[1] < 0).any():
+                    grid = None  # a negative scale has no positive-scale INT4 form: re-rounded
+            sq_err = sq_w = max_abs = 0.0
+            scales, corrections = [], []
+            for start in range(0, n, ROWS):
+                blocks = w[start : start + ROWS].reshape(-1, nb, block)
+                if grid is None:
+                    q, scale = quantize_sym4_blocks(blocks, weight)
+                    corr = np.zeros(blocks.shape[:2], F32)
+                else:
+                    codes_, s, zp = (a[start : start + ROWS] for a in grid)
+                    q = (codes_.astype(np.int8) - 8).astype(np.int8)
+                    scale, corr = s.astype(np.float16), zero_point_correction(s, zp, 4)
+                err = q.astype(F32) * scale.astype(F32)[..., None] + corr[..., None] - blocks
+                sq_err += float(np.square(err, dtype=np.float64).sum())
+                sq_w += float(np.square(blocks, dtype=np.float64).sum())
+                max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+                scales.append(scale)
+                corrections.append(corr)
+                yield pack_int4(q)
+            self.stats[key] = {
+                "bits": 4,
+                "form": f"blockwise {block} sym, fp16 scales" + (" + Q4_K zero points" if grid is not None else ""),
+                "carried_from_source": grid is not None,
+                "calibrated": weight is not None and grid is None,
+                "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
+                "max_abs_error": max_abs,
+            }
+            pending["scale"] = np.concatenate(scales)
+            if carry:
+                pending["correction"] = np.concatenate(corrections).astype(F32)
+
+        buffer = g.model.weight_buffer(key, -(-n * k // 2), codes)
+        scales = g.weight(key + ".scales", [n, nb], np.float16, 2 * n * nb, lambda: pending.pop("scale"))
+        if carry:
+            self._corrections[name] = g.weight(
+                key + ".zero_point_correction", [n, nb], F32, 4 * n * nb, lambda: pending.pop("correction")
+            )
+        return g.buffer_tensor(buffer, key, [n, k], INT4, Quant(block_scales=scales, block_size=block))
+
+    def _row_scales(self, name: str, bits: int) -> np.ndarray:
+        if (name, bits) not in self._scales:  # a tied table may be an 8-bit lookup and a 4-bit head
+            qmax = (1 << (bits - 1)) - 1
+            w = self._load(name)
+            amax = np.concatenate([np.abs(w[i : i + ROWS]).max(axis=1) for i in range(0, w.shape[0], ROWS)])
+            del w
+            self._scales[name, bits] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
+        return self._scales[name, bits]
+
+    def tensor(self, g: TflGraph, name: str) -> int:
+        return self._fc_tensor(g, name, self.recipe.matmul, name)
+
+    # ---- the embedding lookup and the head ----
+    def embedding(self, g: TflGraph) -> int:
+        quant = self.recipe.embedding
+        shape = self.ckpt[EMBEDDING].shape
+        if quant is None:
+            return g.weight(EMBEDDING, shape, F32, 4 * math.prod(shape), lambda: self._load(EMBEDDING))
+        # Rows looked up, then scaled: GATHER returns the int8 rows, CAST and MUL by the gathered row scale.
+        if self._carry_q8_0():
+            return g.weight(EMBEDDING + ".q8_0", shape, np.int8, math.prod(shape), self._q8_0_codes)
+        key = EMBEDDING + ".int8"
+
+        def produce():
+            return self._per_channel(EMBEDDING, 8, key, self._row_scales(EMBEDDING, 8))
+
+        return g.weight(key, shape, np.int8, math.prod(shape), produce)
+
+    def _carry_q8_0(self) -> bool:
+        """A GGUF's Q8_0 embedding kept exactly: its int8 codes as the table, and its per-block scales
+        gathered with the rows (the lookup multiplies each block of 32 by its own scale)."""
+        q = self.recipe.embedding
+        ref = self.ckpt[EMBEDDING]
+        return bool(
+            q is not None and q.bits == 8 and q.carry and self.recipe.carry_source_blocks
+            and ref.dtype == "Q8_0" and ref.raw is not None
+        )  # fmt: skip
+
+    def _q8_0_codes(self):
+        raw = self.ckpt[EMBEDDING].raw()
+        for start in range(0, raw.shape[0], ROWS):
+            codes, _, _ = block_codes("Q8_0", np.asarray(raw[start : start + ROWS]))
+            yield (codes.astype(np.int16) - 128).astype(np.int8)
+        key = EMBEDDING + ".q8_0"
+        self.stats[key] = {"bits": 8, "form": "Q8_0, blocks of 32 (carried)", "carried_from_source": True,
+                           "rel_rms_error": 0.0, "max_abs_error": 0.0}  # fmt: skip
+
+    def _q8_0_scales(self) -> np.ndarray:
+        raw = self.ckpt[EMBEDDING].raw()
+        return np.concatenate(
+            [block_grid("Q8_0", np.asarray(raw[i : i + ROWS])).scale for i in range(0, raw.shape[0], ROWS)]
+        ).astype(F32)
+
+    def dequantize_rows(self, g: TflGraph, rows: int, tokens: int) -> int:
+        """After GATHER: the float rows (a no-op for an fp32 table)."""
+        if self.recipe.embedding is None:
+            return rows
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        if self._carry_q8_0():
+            n, k = self.ckpt[EMBEDDING].shape
+            scales = g.weight(EMBEDDING + ".q8_0.scales", [n, k // 32], F32, 4 * n * (k // 32), self._q8_0_scales)
+            lead = list(g.shape(tokens))
+            block_scale = g.op(Op.GATHER, [scales, tokens], (*lead, k // 32), F32, gather)
+            block_scale = g.reshape(block_scale, [*lead, k // 32, 1])
+            as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
+            blocks = g.reshape(as_float, [*lead, k // 32, 32])
+            scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, k // 32, 32), F32, fb.MulOptionsT())
+            return g.reshape(scaled, [*lead, k])
+        scale = self._row_scales(EMBEDDING, 8)
+        scales = g.weight(EMBEDDING + ".scale", [len(scale), 1], F32, 4 * len(scale), lambda: scale[:, None])
+        options = fb.GatherOptionsT()
+        options.axis = 0
+        row_scale = g.op(Op.GATHER, [scales, tokens], (*g.shape(tokens), 1), F32, options)
+        as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
+        return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
+
+    def head(self, g: TflGraph, x: int) -> int:
+        name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
+        quant = self.recipe.head if self.recipe.head is not None else self.recipe.matmul
+        key = name if quant is None else name + ".head"
+        w = self._fc_tensor(g, name, quant, key)
+        options = fb.FullyConnectedOptionsT()
+        options.keepNumDims = True
+        return g.op(Op.FULLY_CONNECTED, [x, w, -1], (*g.shape(x)[:-1], g.shape(w)[0]), F32, options)
+
+    def report(self) -> dict:
+        return {"tensors": self.stats}
