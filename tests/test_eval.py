@@ -51,8 +51,17 @@ def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
     assert manifest["evaluation"] == result and "## Evaluation" in (out / "README.md").read_text()
     assert _cli("verify", str(out)).returncode == 0  # the README's new hash was recorded
 
+    # transformers as the reference instead (independent of our decoder): the same figures to ~1e-5
+    r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--json", "--reference", "transformers")
+    assert r.returncode == 0, r.stderr
+    hf = json.loads(r.stdout)
+    assert hf["reference"] == "transformers" and result["reference"] == "numpy"
+    assert abs(hf["reference_perplexity"] / result["reference_perplexity"] - 1) < 1e-5
+    assert abs(hf["top1_agreement"] - result["top1_agreement"]) < 0.01
+
     budget = result["perplexity_increase"] * 100 - 0.5  # just under what it measured: the gate closes
-    r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--max-ppl-increase", f"{budget}%")
+    r = _cli("eval", str(out), "--text", str(text), "--chunk", "64", "--max-ppl-increase", f"{budget}%",
+             "--reference", "transformers")  # fmt: skip
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "exceeds the budget" in lines[0], r.stderr
 
@@ -63,3 +72,29 @@ def test_eval_refuses_random_weights(tmp_path):
     assert _cli("export", "gemma3-270m", "--random-weights", "-q", "int8", "--out", str(out)).returncode == 0
     r = _cli("eval", str(out))
     assert r.returncode == 1 and r.stderr.strip().endswith("there is no reference model to compare"), r.stderr
+
+
+def test_eval_needs_no_torch(tiny_hf, tmp_path):
+    """From the quick-start install (no torch): the numpy reference; asking for transformers says what to install."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_hf("llama"), src)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(0, 128, 100)))
+    out = tmp_path / "pkg"
+    assert _cli("export", str(src), "--out", str(out), "-q", "int8").returncode == 0
+    no_torch = "import sys; sys.modules['torch'] = None; from mobilize.cli import main; main()"  # import torch fails
+    run = [sys.executable, "-c", no_torch, "eval", str(out), "--text", str(text), "--chunk", "32", "--json"]
+    r = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["reference"] == "numpy" and result["tokens"] == 99 and result["top1_agreement"] > 0.9
+    r = subprocess.run(run + ["--reference", "transformers"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "mobilize: error: --reference transformers needs torch (pip install 'mobilize[reference]'); "
+        "the default numpy reference needs nothing more"
+    ], r.stderr

@@ -67,3 +67,15 @@ def test_sliding_window_changes_logits(tiny_hf, tmp_path):
     short, long = PROMPT[:4], PROMPT + PROMPT
     np.testing.assert_allclose(windowed.prefill(short), full.prefill(short), atol=1e-5)
     assert np.abs(windowed.prefill(long)[-1] - full.prefill(long)[-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize(("family", "fmt"), CASES, ids=[f"{f}-{k}" for f, k in CASES])
+def test_numpy_decoder_matches_transformers(family, fmt, tiny_hf, tiny_gguf):
+    """The decoder on the numpy emitter (the torch-free reference, and calibration's forward), from our own
+    loader, gives transformers' logits: a prefill past Gemma's 4-token window, then decode steps."""
+    from mobilize.harness.numpy_runner import NumpyRunner
+
+    source = tiny_hf(family) if fmt == "hf" else tiny_gguf(family)
+    ours = NumpyRunner(load_model(open_checkpoint(str(source))))
+    assert_tracks_reference(ReferenceRunner(tiny_hf(family)), ours, PROMPT + PROMPT)
+    assert ours.cache[0][0].shape[0] == 2 * len(PROMPT) + 8

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mobilize.frontend import tokenizer as tok_module
 from mobilize.errors import MobilizeError
+from mobilize.frontend import tokenizer as tok_module
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 BYTES = [f"<0x{b:02X}>" for b in range(256)]

@@ -145,6 +145,9 @@ def eval_(
     chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
     max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
     threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+    reference: str = typer.Option(
+        "numpy", "--reference", help="numpy: mobilize's decoder in fp32 (no torch); transformers: PyTorch's."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Perplexity, top-1 agreement and KL against the reference model; written into the manifest and README."""
@@ -158,7 +161,7 @@ def eval_(
     except (OSError, UnicodeDecodeError) as e:
         raise MobilizeError(f"cannot read the text {text}: {getattr(e, 'strerror', None) or e}") from None
     with console.status(f"evaluating {package.name} against the reference"):
-        result = evaluate(pkg, body, chunk=chunk, threads=threads)
+        result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference)
     record(package, result)
     if as_json:
         print(json.dumps(result, indent=2))

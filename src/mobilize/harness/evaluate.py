@@ -1,5 +1,6 @@
-"""`mobilize eval`: how far a package's predictions are from the reference model's (transformers, fp32, on
-the package's own source checkpoint), on a text and on greedy continuations of a few prompts."""
+"""`mobilize eval`: how far a package's predictions are from the reference model's (fp32, on the package's own
+source checkpoint), on a text and on greedy continuations of a few prompts. The reference is the one decoder in
+numpy (no torch needed), or transformers when asked (`--reference transformers`, an independent implementation)."""
 
 from __future__ import annotations
 
@@ -30,15 +31,37 @@ def reference_source(manifest: dict) -> Path:
     return first if ckpt.format == "gguf" else first.parent
 
 
-def evaluate(package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0) -> dict[str, Any]:
-    from mobilize.harness.reference import ReferenceRunner
+REFERENCES = ("numpy", "transformers")
 
-    source = reference_source(package.manifest)
+
+def reference_runner(manifest: dict, reference: str):
+    """The reference runner for a package's source: numpy (mobilize's decoder, torch-free) or transformers."""
+    if reference not in REFERENCES:
+        raise MobilizeError(f"unknown --reference {reference!r} (known: {', '.join(REFERENCES)})")
+    source = reference_source(manifest)
+    if reference == "numpy":
+        from mobilize.harness.numpy_runner import NumpyRunner
+
+        return NumpyRunner.for_source(str(source))
+    try:
+        from mobilize.harness.reference import ReferenceRunner
+
+        return ReferenceRunner.for_path(source)
+    except ModuleNotFoundError as e:
+        raise MobilizeError(
+            f"--reference transformers needs {e.name} (pip install 'mobilize[reference]'); "
+            "the default numpy reference needs nothing more"
+        ) from None
+
+
+def evaluate(
+    package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0, reference: str = "numpy"
+) -> dict[str, Any]:
     tok = package.tokenizer()
     ids = tok.encode(text).ids
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
-    ours, ref = package.runner(threads), ReferenceRunner.for_path(source)
+    ours, ref = package.runner(threads), reference_runner(package.manifest, reference)
     # Every chunk starts as the text does: with the BOS token where the tokenizer adds one (a model like
     # Gemma is far from itself mid-text without it, and so is any int8-activation kernel: differences
     # between kernels there are not the package's error). The BOS row itself is not scored.
@@ -66,6 +89,7 @@ def evaluate(package, text: str, chunk: int = 256, new_tokens: int = 16, threads
         matches.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
     ppl = {k: float(np.exp(v / count)) for k, v in nll.items()}
     return {
+        "reference": reference,
         "tokens": count,
         "chunk": chunk,
         "perplexity": ppl["package"],

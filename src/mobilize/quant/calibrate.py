@@ -6,7 +6,7 @@ float32 numpy over a calibration text (quant/data/calibration.txt, written for t
 the text perplexity is measured on) and returns, per weight, the mean square of each input channel. The
 quantizers weigh each block's rounding error by it (activation-aware rounding, quant/primitives).
 
-The forward pass mirrors the lowering (targets/tflite/emitter.py) and goes a layer at a time: one layer's
+The forward pass is the one decoder (model/decoder.py) on the numpy emitter, a layer at a time: one layer's
 weights in memory, all calibration sequences through it, so memory stays at one layer's weights plus the
 activations whatever the model's size.
 """
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilize.frontend.config import SLIDING, DecoderConfig, is_norm
 from mobilize.frontend.loader import LoadedModel
+from mobilize.model.decoder import decode
+from mobilize.model.numpy_emitter import HEAD, NumpyEmitter
 
 TEXT = Path(__file__).parent / "data" / "calibration.txt"
 F32 = np.float32
-HEAD = "lm_head.weight"  # the head's input statistics, whether the head is tied to the embedding or not
 
 
 def calibration_ids(tokenizer, max_tokens: int, bos: int | None, vocab_size: int) -> list[list[int]]:
@@ -67,36 +67,11 @@ def fewest_pieces_tokenizer(ckpt):
 
 def input_statistics(model: LoadedModel, sequences: list[list[int]]) -> dict[str, np.ndarray]:
     """{weight name: mean square of each input channel [in_features]} for every linear layer, and under
-    "lm_head.weight" the head's (the final norm's output), over every position of `sequences`."""
-    cfg, ckpt = model.config, model.weights
+    "lm_head.weight" the head's (the final norm's output), over every position of `sequences`: the decoder
+    (model/decoder.py) run by the numpy emitter, a layer at a time over all sequences."""
     sums: dict[str, np.ndarray] = {}
+    decode(model.config, NumpyEmitter(model.config, model.weights, sequences, statistics=sums, logits=False))
     count = sum(len(s) for s in sequences)
-
-    loaded: dict[str, np.ndarray] = {}  # the current layer's weights, read once for all sequences
-
-    def load(name: str) -> np.ndarray:
-        if name not in loaded:
-            w = np.asarray(ckpt[name].load(), F32)
-            loaded[name] = w + F32(1.0) if cfg.norm_plus_one and is_norm(name) else w
-        return loaded[name]
-
-    def linear(x: np.ndarray, name: str) -> np.ndarray:
-        sums[name] = sums.get(name, 0.0) + np.einsum("sk,sk->k", x, x, dtype=np.float64)
-        y = x @ load(name + ".weight").T
-        if cfg.attention_bias and name.endswith(("q_proj", "k_proj", "v_proj")):
-            y += load(name + ".bias")
-        return y
-
-    xs = [_embedding_rows(ckpt["model.embed_tokens.weight"], s) for s in sequences]
-    if cfg.scale_embeddings:
-        xs = [x * F32(np.sqrt(cfg.hidden_size)) for x in xs]
-    for i, kind in enumerate(cfg.layer_types):
-        xs = [_layer(cfg, i, kind, x, linear, load) for x in xs]
-        loaded.clear()
-    norm = load("model.norm.weight")
-    for x in xs:
-        h = _rms(x, norm, cfg.rms_norm_eps)
-        sums[HEAD] = sums.get(HEAD, 0.0) + np.einsum("sk,sk->k", h, h, dtype=np.float64)
     return {(k if k == HEAD else k + ".weight"): (v / count).astype(F32) for k, v in sums.items()}
 
 
@@ -107,75 +82,6 @@ def statistics_for(statistics: Mapping[str, np.ndarray], name: str) -> np.ndarra
     if name in (HEAD, "model.embed_tokens.weight"):
         return statistics.get(HEAD)
     return statistics.get(name.split("+")[0].removesuffix(".weight") + ".weight")
-
-
-def _embedding_rows(ref, ids: list[int]) -> np.ndarray:
-    """The embedding rows of `ids`; from a GGUF, only those rows' blocks are dequantized."""
-    if ref.raw is not None:
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
-        rows = np.asarray(ref.raw()[np.asarray(ids)])
-        return dequantize(rows, GGMLQuantizationType[ref.dtype]).reshape(len(ids), -1).astype(F32, copy=False)
-    return np.asarray(ref.load(), F32)[np.asarray(ids)]
-
-
-def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + F32(eps)) * w
-
-
-def _rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
-def _layer(cfg: DecoderConfig, i: int, kind: str, x: np.ndarray, linear, load) -> np.ndarray:
-    p, eps = f"model.layers.{i}.", cfg.rms_norm_eps
-    n, d, kvh = x.shape[0], cfg.head_dim, cfg.num_kv_heads
-    h = _rms(x, load(p + "input_layernorm.weight"), eps)
-    q = linear(h, p + "self_attn.q_proj").reshape(n, cfg.num_heads, d)
-    k = linear(h, p + "self_attn.k_proj").reshape(n, kvh, d)
-    v = linear(h, p + "self_attn.v_proj").reshape(n, kvh, d)
-    if cfg.qk_norm:
-        q = _rms(q, load(p + "self_attn.q_norm.weight"), eps)
-        k = _rms(k, load(p + "self_attn.k_norm.weight"), eps)
-    freqs = np.arange(n, dtype=F32)[:, None] * cfg.rope_inv_freq(kind).astype(F32)[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)[:, None, :]
-    q, k = _rotary(q, np.cos(emb), np.sin(emb)), _rotary(k, np.cos(emb), np.sin(emb))
-    groups = cfg.num_heads // kvh
-    q = q.transpose(1, 0, 2).reshape(kvh, groups * n, d)  # grouped: [kv_heads, groups * n, d]
-    scores = (q @ k.transpose(1, 2, 0)) * F32(cfg.attn_scale)
-    if cfg.attn_logit_softcapping:
-        scores = np.tanh(scores / F32(cfg.attn_logit_softcapping)) * F32(cfg.attn_logit_softcapping)
-    pos = np.arange(n)
-    allowed = pos[None, :] <= pos[:, None]
-    if kind == SLIDING:
-        allowed &= pos[None, :] > pos[:, None] - cfg.sliding_window
-    scores = np.where(np.tile(allowed, (groups, 1))[None], scores, -np.inf)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    out = (probs @ v.transpose(1, 0, 2)).reshape(cfg.num_heads, n, d).transpose(1, 0, 2).reshape(n, -1)
-    attn = linear(out, p + "self_attn.o_proj")
-    if cfg.sandwich_norm:
-        attn = _rms(attn, load(p + "post_attention_layernorm.weight"), eps)
-    x = x + attn
-    norm = "pre_feedforward_layernorm" if cfg.sandwich_norm else "post_attention_layernorm"
-    h = _rms(x, load(p + norm + ".weight"), eps)
-    gate = linear(h, p + "mlp.gate_proj")
-    if cfg.hidden_act == "silu":
-        act = gate / (F32(1.0) + np.exp(-gate))
-    else:  # gelu, tanh approximation: 0.5 g (1 + tanh(z)) = g / (1 + exp(-2z)) (numpy's exp is vectorized)
-        z = gate * gate
-        z *= F32(0.044715)
-        z += F32(1.0)
-        z *= gate * F32(-2.0 * np.sqrt(2 / np.pi))
-        with np.errstate(over="ignore"):
-            act = gate / (F32(1.0) + np.exp(z))
-    mlp = linear(act * linear(h, p + "mlp.up_proj"), p + "mlp.down_proj")
-    if cfg.sandwich_norm:
-        mlp = _rms(mlp, load(p + "post_feedforward_layernorm.weight"), eps)
-    return x + mlp
 
 
 FLOP_BUDGET = 1e12  # ~5 s of numpy on two cores: gemma3-270m sees the whole text (1,327 tokens), a 7B model 256

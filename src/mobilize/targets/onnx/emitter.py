@@ -1,15 +1,14 @@
-"""One parametric decoder builder for every Llama-like family.
+"""The decoder (model/decoder.py) recorded as a plain ONNX graph.
 
-It emits the *plain* graph a tracer would: standard ONNX ops (opset 21), fp32, nothing fused, and a
-KV cache that grows with Concat: `past_key_values.{i}.key|value` in, `present.{i}.key|value` out.
-Passes (issue 3) lift this form; because it is the common form, they also work on graphs from
+It emits the form a tracer would: standard ONNX ops (opset 21), fp32, nothing fused, and a KV cache that
+grows with Concat: `past_key_values.{i}.key|value` in, `present.{i}.key|value` out. The ONNX passes
+(targets/onnx/passes) lift this form; because it is the common form, they also work on graphs from
 torch.onnx or optimum. Weights stay lazy (onnx_ir.LazyTensor) until the graph is saved.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -19,6 +18,8 @@ from mobilize.frontend.config import SLIDING, is_norm
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.gguf_grid import GRID_FORMS, GRID_KINDS, block_codes, block_grid
+from mobilize.model.decoder import decode
+from mobilize.model.weights import norm_weight
 
 OPSET = 21
 FLOAT = ir.DataType.FLOAT
@@ -26,7 +27,11 @@ INT64 = ir.DataType.INT64
 _NEG = float(np.finfo(np.float32).min)
 
 
-class _Builder:
+class OnnxEmitter:
+    """The decoder's calls as ONNX nodes on a tape; `build` wraps them in a model."""
+
+    wants_logits = True
+
     def __init__(self, model: LoadedModel, last_logits: bool = False) -> None:
         self.cfg = model.config
         self.last_logits = last_logits
@@ -34,6 +39,21 @@ class _Builder:
         self.t = Tape()
         self._consts: dict[tuple, ir.Value] = {}
         self._initializers: dict[str, ir.Value] = {}  # a tied weight is one initializer, used twice
+        cfg = self.cfg
+        self.input_ids = ir.Value(name="input_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
+        self.attention_mask = ir.Value(
+            name="attention_mask", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "total_seq"])
+        )
+        self.position_ids = ir.Value(name="position_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
+        kv_shape = ir.Shape(["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim])
+        self.pasts = [
+            (
+                ir.Value(name=f"past_key_values.{i}.key", type=ir.TensorType(FLOAT), shape=kv_shape),
+                ir.Value(name=f"past_key_values.{i}.value", type=ir.TensorType(FLOAT), shape=kv_shape),
+            )
+            for i in range(cfg.num_layers)
+        ]
+        self.presents: list[ir.Value] = []
 
     # ---- small helpers ----
     def op(self, op_type: str, *inputs: ir.Value | None, **attrs) -> ir.Value:
@@ -53,7 +73,7 @@ class _Builder:
         ref = self.weights[name]
         shape = ref.shape[::-1] if transpose else ref.shape
         plus_one = self.cfg.norm_plus_one and is_norm(name)
-        tensor = ir.LazyTensor(_materialize(ref, transpose, plus_one), FLOAT, ir.Shape(shape), name=name)
+        tensor = ir.LazyTensor(_materialize(self.cfg, name, ref, transpose), FLOAT, ir.Shape(shape), name=name)
         value = self.t.initializer(tensor, name=name)
         if ref.raw is not None and ref.dtype in GRID_KINDS and not plus_one:
             # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
@@ -65,90 +85,11 @@ class _Builder:
         self._initializers[name] = value
         return value
 
-    def linear(self, x: ir.Value, name: str, bias: bool = False) -> ir.Value:
-        y = self.op("MatMul", x, self.weight(name + ".weight", transpose=True))
-        return self.op("Add", y, self.weight(name + ".bias")) if bias else y
-
-    def rms_norm(self, x: ir.Value, weight_name: str) -> ir.Value:
-        var = self.op("ReduceMean", self.op("Mul", x, x), self.const([-1]), keepdims=1)
-        std = self.op("Sqrt", self.op("Add", var, self.const(self.cfg.rms_norm_eps, np.float32)))
-        return self.op("Mul", self.op("Div", x, std), self.weight(weight_name))
-
-    # ---- the model ----
-    def build(self) -> ir.Model:
-        cfg = self.cfg
-        input_ids = ir.Value(name="input_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
-        attention_mask = ir.Value(
-            name="attention_mask", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "total_seq"])
-        )
-        position_ids = ir.Value(name="position_ids", type=ir.TensorType(INT64), shape=ir.Shape(["batch", "seq"]))
-        kv_shape = ir.Shape(["batch", cfg.num_kv_heads, "past_seq", cfg.head_dim])
-        pasts = [
-            (
-                ir.Value(name=f"past_key_values.{i}.key", type=ir.TensorType(FLOAT), shape=kv_shape),
-                ir.Value(name=f"past_key_values.{i}.value", type=ir.TensorType(FLOAT), shape=kv_shape),
-            )
-            for i in range(cfg.num_layers)
-        ]
-
-        x = self.op("Gather", self.weight("model.embed_tokens.weight"), input_ids)
-        if cfg.scale_embeddings:
-            x = self.op("Mul", x, self.const(math.sqrt(cfg.hidden_size), np.float32))
-
-        rope = {kind: self.rotary(position_ids, kind) for kind in sorted(set(cfg.layer_types))}
-        masks = {
-            kind: self.attention_bias(input_ids, attention_mask, pasts[0][0], kind)
-            for kind in sorted(set(cfg.layer_types))
-        }
-
-        presents = []
-        for i, kind in enumerate(cfg.layer_types):
-            x, present = self.layer(i, x, pasts[i], rope[kind], masks[kind])
-            presents.extend(present)
-
-        x = self.rms_norm(x, "model.norm.weight")
-        if self.last_logits:  # the head on the last position only: a prompt's logits cost one token's
-            end = np.iinfo(np.int64).max
-            x = self.op("Slice", x, self.const([-1]), self.const([end]), self.const([1]))
-        if cfg.tie_word_embeddings:
-            head = self.op("Transpose", self.weight("model.embed_tokens.weight"), perm=[1, 0])
-            logits = self.op("MatMul", x, head)
-        else:
-            logits = self.linear(x, "lm_head")
-        if cfg.final_logit_softcapping:
-            cap = self.const(cfg.final_logit_softcapping, np.float32)
-            logits = self.op("Mul", self.op("Tanh", self.op("Div", logits, cap)), cap)
-        logits.name = "logits"
-        positions = 1 if self.last_logits else "seq"
-        logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", positions, cfg.vocab_size])
-
-        inputs = [input_ids, attention_mask, position_ids] + [v for pair in pasts for v in pair]
-        graph = ir.Graph(
-            inputs,
-            [logits, *presents],
-            nodes=self.t.nodes,
-            initializers=self.t.initializers,
-            opset_imports={"": OPSET},
-            name=f"mobilize_{cfg.family}",
-        )
-        return ir.Model(graph, ir_version=10, producer_name="mobilize")
-
-    def rotary(self, position_ids: ir.Value, kind: str) -> tuple[ir.Value, ir.Value]:
-        """cos and sin [batch, 1, seq, head_dim] for the positions, as transformers computes them."""
-        inv_freq = self.cfg.rope_inv_freq(kind)
-        pos = self.op("Unsqueeze", self.op("Cast", position_ids, to=FLOAT), self.const([-1]))
-        freqs = self.op("Mul", pos, self.const(inv_freq, np.float32))
-        emb = self.op("Concat", freqs, freqs, axis=-1)
-        return (
-            self.op("Unsqueeze", self.op("Cos", emb), self.const([1])),
-            self.op("Unsqueeze", self.op("Sin", emb), self.const([1])),
-        )
-
-    def attention_bias(self, input_ids, attention_mask, past_key, kind: str) -> ir.Value:
+    def softmax_free_mask(self, kind: str) -> ir.Value:
         """Additive mask [batch, 1, 1, seq, total]: causal, padding, and the sliding window."""
-        past_len = self.op("Shape", past_key, start=2, end=3)
-        seq_len = self.op("Squeeze", self.op("Shape", input_ids, start=1, end=2), self.const([0]))
-        total = self.op("Squeeze", self.op("Shape", attention_mask, start=1, end=2), self.const([0]))
+        past_len = self.op("Shape", self.pasts[0][0], start=2, end=3)
+        seq_len = self.op("Squeeze", self.op("Shape", self.input_ids, start=1, end=2), self.const([0]))
+        total = self.op("Squeeze", self.op("Shape", self.attention_mask, start=1, end=2), self.const([0]))
         zero, one = self.const(0), self.const(1)
         q_pos = self.op("Unsqueeze", self.op("Add", self.op("Range", zero, seq_len, one), past_len), self.const([1]))
         k_pos = self.op("Unsqueeze", self.op("Range", zero, total, one), self.const([0]))
@@ -156,45 +97,66 @@ class _Builder:
         if kind == SLIDING:
             window_start = self.op("Sub", q_pos, self.const(self.cfg.sliding_window))
             allowed = self.op("And", allowed, self.op("Greater", k_pos, window_start))
-        keep = self.op("Unsqueeze", self.op("Cast", attention_mask, to=ir.DataType.BOOL), self.const([1]))
+        keep = self.op("Unsqueeze", self.op("Cast", self.attention_mask, to=ir.DataType.BOOL), self.const([1]))
         allowed = self.op("And", allowed, keep)  # [batch, seq, total]
         bias = self.op("Where", allowed, self.const(0.0, np.float32), self.const(_NEG, np.float32))
         return self.op("Unsqueeze", bias, self.const([1, 2]))
 
-    def layer(self, i: int, x: ir.Value, past, rope, bias) -> tuple[ir.Value, list[ir.Value]]:
-        cfg, p = self.cfg, f"model.layers.{i}."
-        h = self.rms_norm(x, p + "input_layernorm.weight")
-        attn, present = self.attention(i, h, past, rope, bias)
-        if cfg.sandwich_norm:
-            attn = self.rms_norm(attn, p + "post_attention_layernorm.weight")
-        x = self.op("Add", x, attn)
-        h = self.rms_norm(
-            x, p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norm else "post_attention_layernorm.weight")
+    def rotary_tables(self, kind: str) -> tuple[ir.Value, ir.Value]:
+        """cos and sin [batch, 1, seq, head_dim] for the positions, as transformers computes them."""
+        inv_freq = self.cfg.rope_inv_freq(kind)
+        pos = self.op("Unsqueeze", self.op("Cast", self.position_ids, to=FLOAT), self.const([-1]))
+        freqs = self.op("Mul", pos, self.const(inv_freq, np.float32))
+        emb = self.op("Concat", freqs, freqs, axis=-1)
+        return (
+            self.op("Unsqueeze", self.op("Cos", emb), self.const([1])),
+            self.op("Unsqueeze", self.op("Sin", emb), self.const([1])),
         )
-        mlp = self.mlp(p + "mlp.", h)
-        if cfg.sandwich_norm:
-            mlp = self.rms_norm(mlp, p + "post_feedforward_layernorm.weight")
-        return self.op("Add", x, mlp), present
 
-    def attention(self, i: int, h: ir.Value, past, rope, bias):
-        cfg, p = self.cfg, f"model.layers.{i}.self_attn."
+    # ---- the Emitter ----
+    def embed(self) -> ir.Value:
+        return self.op("Gather", self.weight("model.embed_tokens.weight"), self.input_ids)
+
+    def scale(self, x: ir.Value, factor: float) -> ir.Value:
+        return self.op("Mul", x, self.const(factor, np.float32))
+
+    def positions(self, layer_types: list[str]) -> dict:
+        ropes = {kind: self.rotary_tables(kind) for kind in layer_types}
+        masks = {kind: self.softmax_free_mask(kind) for kind in layer_types}
+        return {kind: (ropes[kind], masks[kind]) for kind in layer_types}
+
+    def norm(self, x: ir.Value, weight: str) -> ir.Value:
+        var = self.op("ReduceMean", self.op("Mul", x, x), self.const([-1]), keepdims=1)
+        std = self.op("Sqrt", self.op("Add", var, self.const(self.cfg.rms_norm_eps, np.float32)))
+        return self.op("Mul", self.op("Div", x, std), self.weight(weight))
+
+    def linear(self, x: ir.Value, name: str, bias: bool = False) -> ir.Value:
+        y = self.op("MatMul", x, self.weight(name + ".weight", transpose=True))
+        return self.op("Add", y, self.weight(name + ".bias")) if bias else y
+
+    def heads(self, x: ir.Value, n: int) -> ir.Value:
+        return self.op("Reshape", x, self.const([0, 0, n, self.cfg.head_dim]))  # [batch, seq, heads, head_dim]
+
+    def rope(self, x: ir.Value, positions) -> ir.Value:
+        x = self.op("Transpose", x, perm=[0, 2, 1, 3])  # [batch, heads, seq, head_dim]
+        cos, sin = positions[0]
+        half = self.cfg.head_dim // 2
+        x1 = self.op("Slice", x, self.const([0]), self.const([half]), self.const([-1]))
+        x2 = self.op("Slice", x, self.const([half]), self.const([2 * half]), self.const([-1]))
+        rotated = self.op("Concat", self.op("Neg", x2), x1, axis=-1)
+        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+
+    def attention(self, i: int, q: ir.Value, k: ir.Value, v: ir.Value, positions) -> ir.Value:
+        cfg, past, bias = self.cfg, self.pasts[i], positions[1]
         groups = cfg.num_heads // cfg.num_kv_heads
-
-        def heads(name: str, n: int) -> ir.Value:
-            y = self.op("Reshape", self.linear(h, p + name, cfg.attention_bias), self.const([0, 0, n, cfg.head_dim]))
-            if cfg.qk_norm and name in ("q_proj", "k_proj"):
-                y = self.rms_norm(y, p + name[0] + "_norm.weight")
-            return self.op("Transpose", y, perm=[0, 2, 1, 3])  # [batch, heads, seq, head_dim]
-
-        q = self.apply_rotary(heads("q_proj", cfg.num_heads), rope)
-        k = self.apply_rotary(heads("k_proj", cfg.num_kv_heads), rope)
-        v = heads("v_proj", cfg.num_kv_heads)
+        v = self.op("Transpose", v, perm=[0, 2, 1, 3])
         key = self.op("Concat", past[0], k, axis=2)
         value = self.op("Concat", past[1], v, axis=2)
         key.name, value.name = f"present.{i}.key", f"present.{i}.value"
         kv_shape = ir.Shape(["batch", cfg.num_kv_heads, "total_seq", cfg.head_dim])
         for val in (key, value):
             val.type, val.shape = ir.TensorType(FLOAT), kv_shape
+        self.presents += [key, value]
 
         # Grouped-query attention without copying the cache: queries as [b, kv_heads, groups, s, d]
         # broadcast against keys as [b, kv_heads, 1, t, d].
@@ -204,36 +166,58 @@ class _Builder:
         scores = self.op("MatMul", q5, self.op("Transpose", k5, perm=[0, 1, 2, 4, 3]))
         scores = self.op("Mul", scores, self.const(cfg.attn_scale, np.float32))
         if cfg.attn_logit_softcapping:
-            cap = self.const(cfg.attn_logit_softcapping, np.float32)
-            scores = self.op("Mul", self.op("Tanh", self.op("Div", scores, cap)), cap)
+            scores = self.softcap(scores, cfg.attn_logit_softcapping)
         probs = self.op("Softmax", self.op("Add", scores, bias), axis=-1)
         out = self.op("MatMul", probs, v5)  # [b, kv_heads, groups, s, d]
         out = self.op("Reshape", out, self.const([0, cfg.num_heads, -1, cfg.head_dim]))
-        out = self.op("Reshape", self.op("Transpose", out, perm=[0, 2, 1, 3]), self.const([0, 0, cfg.q_size]))
-        return self.linear(out, p + "o_proj"), [key, value]
+        return self.op("Reshape", self.op("Transpose", out, perm=[0, 2, 1, 3]), self.const([0, 0, cfg.q_size]))
 
-    def apply_rotary(self, x: ir.Value, rope) -> ir.Value:
-        cos, sin = rope
-        half = self.cfg.head_dim // 2
-        x1 = self.op("Slice", x, self.const([0]), self.const([half]), self.const([-1]))
-        x2 = self.op("Slice", x, self.const([half]), self.const([2 * half]), self.const([-1]))
-        rotated = self.op("Concat", self.op("Neg", x2), x1, axis=-1)
-        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+    def add(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.op("Add", a, b)
 
-    def mlp(self, p: str, h: ir.Value) -> ir.Value:
-        gate = self.linear(h, p + "gate_proj")
-        if self.cfg.hidden_act == "silu":
-            act = self.op("Mul", gate, self.op("Sigmoid", gate))
-        else:
-            act = self.op("Gelu", gate, approximate="tanh")
-        return self.linear(self.op("Mul", act, self.linear(h, p + "up_proj")), p + "down_proj")
+    def mul(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.op("Mul", a, b)
+
+    def activation(self, x: ir.Value, kind: str) -> ir.Value:
+        if kind == "silu":
+            return self.op("Mul", x, self.op("Sigmoid", x))
+        return self.op("Gelu", x, approximate="tanh")
+
+    def head(self, x: ir.Value) -> ir.Value:
+        if self.last_logits:  # the head on the last position only: a prompt's logits cost one token's
+            end = np.iinfo(np.int64).max
+            x = self.op("Slice", x, self.const([-1]), self.const([end]), self.const([1]))
+        if self.cfg.tie_word_embeddings:
+            table = self.op("Transpose", self.weight("model.embed_tokens.weight"), perm=[1, 0])
+            return self.op("MatMul", x, table)
+        return self.linear(x, "lm_head")
+
+    def softcap(self, x: ir.Value, cap: float) -> ir.Value:
+        c = self.const(cap, np.float32)
+        return self.op("Mul", self.op("Tanh", self.op("Div", x, c)), c)
+
+    # ---- the model ----
+    def build(self) -> ir.Model:
+        cfg = self.cfg
+        logits = decode(cfg, self)
+        logits.name = "logits"
+        positions = 1 if self.last_logits else "seq"
+        logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", positions, cfg.vocab_size])
+        inputs = [self.input_ids, self.attention_mask, self.position_ids] + [v for pair in self.pasts for v in pair]
+        graph = ir.Graph(
+            inputs,
+            [logits, *self.presents],
+            nodes=self.t.nodes,
+            initializers=self.t.initializers,
+            opset_imports={"": OPSET},
+            name=f"mobilize_{cfg.family}",
+        )
+        return ir.Model(graph, ir_version=10, producer_name="mobilize")
 
 
-def _materialize(ref: TensorRef, transpose: bool, plus_one: bool):
+def _materialize(cfg, name: str, ref: TensorRef, transpose: bool):
     def load() -> ir.Tensor:
-        w = np.asarray(ref.load(), dtype=np.float32)
-        if plus_one:
-            w = w + np.float32(1.0)
+        w = norm_weight(cfg, name, np.asarray(ref.load(), dtype=np.float32))
         if transpose:
             w = w.T
         return ir.Tensor(np.ascontiguousarray(w))
@@ -248,4 +232,4 @@ def _grid(ref: TensorRef):
 def build_decoder(model: LoadedModel, last_logits: bool = False) -> ir.Model:
     """The plain fp32 ONNX decoder of a loaded checkpoint (weights still lazy). `last_logits`: the logits
     output is the last position's only ([batch, 1, vocab]), what generation reads; else every position's."""
-    return _Builder(model, last_logits).build()
+    return OnnxEmitter(model, last_logits).build()

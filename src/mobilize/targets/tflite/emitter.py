@@ -1,7 +1,6 @@
-"""The decoder lowered to TFLite builtin ops, with static shapes and a static KV cache.
+"""The decoder (model/decoder.py) lowered to TFLite builtin ops, with static shapes and a static KV cache.
 
-LiteRT wants every shape fixed, so rather than converting the dynamic ONNX graph op by op, the same
-frontend (checkpoint + DecoderConfig) is lowered once per signature:
+LiteRT wants every shape fixed, so the decoder is emitted once per signature:
 
 - `prefill_<L>`: tokens int32 [1, L], input_pos int32 [L] (the position of each token);
 - `decode`: tokens [1, 1], input_pos [1];
@@ -28,8 +27,10 @@ import math
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
-from mobilize.frontend.config import SLIDING, is_norm
+from mobilize.frontend.config import SLIDING
 from mobilize.frontend.loader import LoadedModel
+from mobilize.model.decoder import decode
+from mobilize.model.weights import norm_weight
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.tflite.weights import FcWeights
 from mobilize.targets.tflite.writer import TflGraph, TflModel
@@ -44,43 +45,113 @@ def kv_names(num_layers: int) -> list[str]:
     return [f"kv_cache_{kind}_{i}" for i in range(num_layers) for kind in ("k", "v")]
 
 
-class _Lowering:
-    def __init__(self, model: LoadedModel, recipe: Recipe, max_len: int, weights: FcWeights) -> None:
-        self.cfg, self.ckpt, self.recipe, self.max_len = model.config, model.weights, recipe, max_len
-        self.fc_weights = weights
+class TfliteEmitter:
+    """One signature's graph: the decoder's calls as TFLite ops on `g`."""
 
-    # ---- weights ----
-    def vector(self, g: TflGraph, name: str) -> int:
-        """A 1-D fp32 checkpoint tensor (norm weights get gemma's +1 folded in)."""
+    def __init__(self, model: LoadedModel, weights: FcWeights, max_len: int, g: TflGraph, length: int, logits: bool):
+        self.cfg, self.ckpt, self.fc_weights, self.max_len, self.g = model.config, model.weights, weights, max_len, g
+        self.wants_logits = logits
+        cfg = self.cfg
+        self.length = length
+        self.tokens = g.input("tokens", [1, length], I32)
+        self.input_pos = g.input("input_pos", [length], I32)
+        kv_shape = [1, cfg.num_kv_heads, max_len, cfg.head_dim]
+        self.caches = [g.input(n, kv_shape, F32) for n in kv_names(cfg.num_layers)]
+
+    # ---- helpers ----
+    def vector(self, name: str) -> int:
+        """A 1-D fp32 checkpoint tensor (norm weights in their (1 + w) form where the family stores w)."""
         ref = self.ckpt[name]
-        plus_one = self.cfg.norm_plus_one and is_norm(name)
+        return self.g.weight(name, ref.shape, F32, 4 * math.prod(ref.shape),
+                             lambda: norm_weight(self.cfg, name, np.asarray(ref.load(), dtype=F32)))  # fmt: skip
 
-        def produce():
-            w = np.asarray(ref.load(), dtype=F32)
-            return w + F32(1.0) if plus_one else w
-
-        return g.weight(name, ref.shape, F32, 4 * math.prod(ref.shape), produce)
-
-    # ---- ops ----
-    def binary(self, g: TflGraph, code: int, a: int, b: int, dtype=F32) -> int:
+    def binary(self, code: int, a: int, b: int, dtype=F32) -> int:
+        g = self.g
         shape = np.broadcast_shapes(g.shape(a), g.shape(b))
         options = {Op.ADD: fb.AddOptionsT, Op.MUL: fb.MulOptionsT, Op.SUB: fb.SubOptionsT, Op.DIV: fb.DivOptionsT}
         return g.op(code, [a, b], shape, dtype, options[code]() if code in options else None)
 
-    def transpose(self, g: TflGraph, x: int, perm: list[int]) -> int:
+    def transpose(self, x: int, perm: list[int]) -> int:
+        g = self.g
         shape = [g.shape(x)[p] for p in perm]
         return g.op(Op.TRANSPOSE, [x, g.const(perm)], shape, g.dtype(x), fb.TransposeOptionsT())
 
-    def slice(self, g: TflGraph, x: int, begin: list[int], size: list[int]) -> int:
+    def slice(self, x: int, begin: list[int], size: list[int]) -> int:
+        g = self.g
         return g.op(Op.SLICE, [x, g.const(begin), g.const(size)], size, g.dtype(x), fb.SliceOptionsT())
 
-    def unary(self, g: TflGraph, code: int, x: int) -> int:
-        return g.op(code, [x], g.shape(x))
+    def unary(self, code: int, x: int) -> int:
+        return self.g.op(code, [x], self.g.shape(x))
 
-    def fc(self, g: TflGraph, x: int, name: str, bias: bool = False) -> int:
+    def gather_rows(self, table: int, index: int) -> int:
+        options = fb.GatherOptionsT()
+        options.axis = 0
+        g = self.g
+        return g.op(Op.GATHER, [table, index], (*g.shape(index), g.shape(table)[1]), F32, options)
+
+    def rope_tables(self, kind: str) -> tuple[int, int]:
+        """cos and sin [max_len, head_dim] for every position, as transformers computes them (fp32)."""
+        inv = self.cfg.rope_inv_freq(kind)
+        freqs = np.arange(self.max_len, dtype=F32)[:, None] * inv[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return self.g.const(np.cos(emb), F32), self.g.const(np.sin(emb), F32)
+
+    # ---- the Emitter ----
+    def embed(self) -> int:
+        g, cfg = self.g, self.cfg
+        emb = self.fc_weights.embedding(g)
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        x = g.op(Op.GATHER, [emb, self.tokens], [1, self.length, cfg.hidden_size], F32, gather)
+        return self.fc_weights.dequantize_rows(g, x, self.tokens)
+
+    def scale(self, x: int, factor: float) -> int:
+        return self.binary(Op.MUL, x, self.g.const([factor], F32))
+
+    def positions(self, layer_types: list[str]) -> dict:
+        """The cache write position [0, 0, input_pos[0], 0], and per layer type the mask from positions (with
+        the slots a sliding layer reads) and the rotary rows of the positions."""
+        g, cfg, T, length, input_pos = self.g, self.cfg, self.max_len, self.length, self.input_pos
+        self.start = g.op(Op.PAD, [self.slice(input_pos, [0], [1]), g.const([[2, 1]])], [4], I32, fb.PadOptionsT())
+        q_pos = g.reshape(input_pos, [length, 1])
+        out = {}
+        for kind in layer_types:
+            k_pos, span, slots = g.const(np.arange(T, dtype=I32)[None, :]), T, None
+            if kind == SLIDING and cfg.sliding_window + length - 1 < T:
+                # Sliding layers read only the slots their window can reach: `span` from `first` (clamped into
+                # the cache), gathered; a full-length read made the 2048-slot cache most of decode's traffic.
+                span = cfg.sliding_window + length - 1
+                first = self.binary(Op.SUB, self.slice(input_pos, [0], [1]), g.const([span - length], I32), I32)
+                first = g.op(Op.MAXIMUM, [first, g.const([0], I32)], [1], I32, fb.MaximumMinimumOptionsT())
+                first = g.op(Op.MINIMUM, [first, g.const([T - span], I32)], [1], I32, fb.MaximumMinimumOptionsT())
+                slots = self.binary(Op.ADD, first, g.const(np.arange(span, dtype=I32)), I32)
+                k_pos = g.reshape(slots, [1, span])
+            allowed = g.op(Op.LESS_EQUAL, [k_pos, q_pos], [length, span], np.bool_, fb.LessEqualOptionsT())
+            if kind == SLIDING:
+                lo = self.binary(Op.SUB, q_pos, g.const([cfg.sliding_window]), I32)
+                inside = g.op(Op.GREATER, [k_pos, lo], [length, span], np.bool_, fb.GreaterOptionsT())
+                allowed = g.op(Op.LOGICAL_AND, [allowed, inside], [length, span], np.bool_, fb.LogicalAndOptionsT())
+            neg = [g.const([0.0], F32), g.const([_NEG], F32)]
+            mask = g.op(Op.SELECT_V2, [allowed, *neg], [length, span], F32, fb.SelectV2OptionsT())
+            cos, sin = self.rope_tables(kind)
+            rope = tuple(g.reshape(self.gather_rows(t, input_pos), [length, 1, cfg.head_dim]) for t in (cos, sin))
+            out[kind] = (mask, slots, rope)
+        return out
+
+    def norm(self, x: int, weight: str) -> int:
+        g = self.g
+        options = fb.ReducerOptionsT()
+        options.keepDims = True
+        sq = self.binary(Op.MUL, x, x)
+        var = g.op(Op.MEAN, [sq, g.const([-1])], (*g.shape(x)[:-1], 1), F32, options)
+        inv = self.unary(Op.RSQRT, self.binary(Op.ADD, var, g.const([self.cfg.rms_norm_eps], F32)))
+        return self.binary(Op.MUL, self.binary(Op.MUL, x, inv), self.vector(weight))
+
+    def linear(self, x: int, name: str, bias: bool = False) -> int:
         """x [..., K] @ W[N, K]ᵀ (+ b): FULLY_CONNECTED keeping x's leading dims."""
+        g = self.g
         w = self.fc_weights.tensor(g, name + ".weight")
-        b = self.vector(g, name + ".bias") if bias else -1
+        b = self.vector(name + ".bias") if bias else -1
         n = g.shape(w)[0]
         options = fb.FullyConnectedOptionsT()
         options.keepNumDims = True
@@ -92,138 +163,37 @@ class _Lowering:
         lead, k, n_blocks = g.shape(x)[:-1], g.shape(x)[-1], g.shape(c)[1]
         blocks = g.reshape(x, [*lead, n_blocks, k // n_blocks])
         sums = g.op(Op.SUM, [blocks, g.const([-1])], [*lead, n_blocks], F32, fb.ReducerOptionsT())
-        return self.binary(g, Op.ADD, y, g.op(Op.FULLY_CONNECTED, [sums, c, -1], (*lead, n), F32, options))
+        return self.binary(Op.ADD, y, g.op(Op.FULLY_CONNECTED, [sums, c, -1], (*lead, n), F32, options))
 
-    def rms_norm(self, g: TflGraph, x: int, weight_name: str) -> int:
-        options = fb.ReducerOptionsT()
-        options.keepDims = True
-        sq = self.binary(g, Op.MUL, x, x)
-        var = g.op(Op.MEAN, [sq, g.const([-1])], (*g.shape(x)[:-1], 1), F32, options)
-        inv = self.unary(g, Op.RSQRT, self.binary(g, Op.ADD, var, g.const([self.cfg.rms_norm_eps], F32)))
-        return self.binary(g, Op.MUL, self.binary(g, Op.MUL, x, inv), self.vector(g, weight_name))
+    def heads(self, x: int, n: int) -> int:
+        return self.g.reshape(x, [self.length, n, self.cfg.head_dim])
 
-    def softcap(self, g: TflGraph, x: int, cap: float) -> int:
-        c = g.const([cap], F32)
-        return self.binary(g, Op.MUL, self.unary(g, Op.TANH, self.binary(g, Op.DIV, x, c)), c)
-
-    # ---- the model ----
-    def signature(self, model: TflModel, name: str, length: int) -> None:
-        cfg, T = self.cfg, self.max_len
-        g = model.graph(name)
-        tokens = g.input("tokens", [1, length], I32)
-        input_pos = g.input("input_pos", [length], I32)
-        kv_shape = [1, cfg.num_kv_heads, T, cfg.head_dim]
-        caches = [g.input(n, kv_shape, F32) for n in kv_names(cfg.num_layers)]
-
-        emb = self.fc_weights.embedding(g)
-        gather = fb.GatherOptionsT()
-        gather.axis = 0
-        x = g.op(Op.GATHER, [emb, tokens], [1, length, cfg.hidden_size], F32, gather)
-        x = self.fc_weights.dequantize_rows(g, x, tokens)
-        if cfg.scale_embeddings:
-            x = self.binary(g, Op.MUL, x, g.const([math.sqrt(cfg.hidden_size)], F32))
-
-        # The cache write position, [0, 0, input_pos[0], 0], and the masks from positions.
-        start = g.op(Op.PAD, [self.slice(g, input_pos, [0], [1]), g.const([[2, 1]])], [4], I32, fb.PadOptionsT())
-        q_pos = g.reshape(input_pos, [length, 1])
-        masks, ropes = {}, {}
-        for kind in sorted(set(cfg.layer_types)):
-            k_pos, span, slots = g.const(np.arange(T, dtype=I32)[None, :]), T, None
-            if kind == SLIDING and cfg.sliding_window + length - 1 < T:
-                # Sliding layers read only the slots their window can reach: `span` from `first` (clamped into
-                # the cache), gathered; a full-length read made the 2048-slot cache most of decode's traffic.
-                span = cfg.sliding_window + length - 1
-                first = self.binary(g, Op.SUB, self.slice(g, input_pos, [0], [1]), g.const([span - length], I32), I32)
-                first = g.op(Op.MAXIMUM, [first, g.const([0], I32)], [1], I32, fb.MaximumMinimumOptionsT())
-                first = g.op(Op.MINIMUM, [first, g.const([T - span], I32)], [1], I32, fb.MaximumMinimumOptionsT())
-                slots = self.binary(g, Op.ADD, first, g.const(np.arange(span, dtype=I32)), I32)
-                k_pos = g.reshape(slots, [1, span])
-            allowed = g.op(Op.LESS_EQUAL, [k_pos, q_pos], [length, span], np.bool_, fb.LessEqualOptionsT())
-            if kind == SLIDING:
-                lo = self.binary(g, Op.SUB, q_pos, g.const([cfg.sliding_window]), I32)
-                inside = g.op(Op.GREATER, [k_pos, lo], [length, span], np.bool_, fb.GreaterOptionsT())
-                allowed = g.op(Op.LOGICAL_AND, [allowed, inside], [length, span], np.bool_, fb.LogicalAndOptionsT())
-            neg = [g.const([0.0], F32), g.const([_NEG], F32)]
-            mask = g.op(Op.SELECT_V2, [allowed, *neg], [length, span], F32, fb.SelectV2OptionsT())
-            masks[kind] = (mask, slots)
-            cos, sin = self.rope_tables(g, kind)
-            ropes[kind] = tuple(g.reshape(self.gather_rows(g, t, input_pos), [length, 1, cfg.head_dim])
-                                for t in (cos, sin))  # fmt: skip
-
-        for i, kind in enumerate(cfg.layer_types):
-            x, k_cache, v_cache = self.layer(g, i, x, caches[2 * i : 2 * i + 2], start, ropes[kind], masks[kind])
-            g.output(f"kv_cache_k_{i}", k_cache)
-            g.output(f"kv_cache_v_{i}", v_cache)
-
-        if name != "decode":
-            return
-        x = self.rms_norm(g, x, "model.norm.weight")
-        logits = self.fc_weights.head(g, x)
-        if cfg.final_logit_softcapping:
-            logits = self.softcap(g, logits, cfg.final_logit_softcapping)
-        g.tensors[logits].name = "logits"
-        g.outputs.insert(0, ("logits", logits))
-
-    def gather_rows(self, g: TflGraph, table: int, index: int) -> int:
-        options = fb.GatherOptionsT()
-        options.axis = 0
-        return g.op(Op.GATHER, [table, index], (*g.shape(index), g.shape(table)[1]), F32, options)
-
-    def rope_tables(self, g: TflGraph, kind: str) -> tuple[int, int]:
-        """cos and sin [max_len, head_dim] for every position, as transformers computes them (fp32)."""
-        inv = self.cfg.rope_inv_freq(kind)
-        freqs = np.arange(self.max_len, dtype=F32)[:, None] * inv[None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        return g.const(np.cos(emb), F32), g.const(np.sin(emb), F32)
-
-    def rotary(self, g: TflGraph, x: int, rope: tuple[int, int]) -> int:
+    def rope(self, x: int, positions) -> int:
+        g = self.g
+        cos, sin = positions[2]
         length, n, d = g.shape(x)
         half = d // 2
-        x1 = self.slice(g, x, [0, 0, 0], [length, n, half])
-        x2 = self.slice(g, x, [0, 0, half], [length, n, half])
+        x1 = self.slice(x, [0, 0, 0], [length, n, half])
+        x2 = self.slice(x, [0, 0, half], [length, n, half])
         concat = fb.ConcatenationOptionsT()
         concat.axis = 2
-        rotated = g.op(Op.CONCATENATION, [self.unary(g, Op.NEG, x2), x1], [length, n, d], F32, concat)
-        cos, sin = rope
-        return self.binary(g, Op.ADD, self.binary(g, Op.MUL, x, cos), self.binary(g, Op.MUL, rotated, sin))
+        rotated = g.op(Op.CONCATENATION, [self.unary(Op.NEG, x2), x1], [length, n, d], F32, concat)
+        return self.binary(Op.ADD, self.binary(Op.MUL, x, cos), self.binary(Op.MUL, rotated, sin))
 
-    def layer(self, g: TflGraph, i: int, x: int, caches, start: int, rope, mask):
-        cfg, p = self.cfg, f"model.layers.{i}."
-        h = self.rms_norm(g, x, p + "input_layernorm.weight")
-        attn, k_cache, v_cache = self.attention(g, i, h, caches, start, rope, mask)
-        if cfg.sandwich_norm:
-            attn = self.rms_norm(g, attn, p + "post_attention_layernorm.weight")
-        x = self.binary(g, Op.ADD, x, attn)
-        norm = "pre_feedforward_layernorm" if cfg.sandwich_norm else "post_attention_layernorm"
-        h = self.rms_norm(g, x, p + norm + ".weight")
-        mlp = self.mlp(g, p + "mlp.", h)
-        if cfg.sandwich_norm:
-            mlp = self.rms_norm(g, mlp, p + "post_feedforward_layernorm.weight")
-        return self.binary(g, Op.ADD, x, mlp), k_cache, v_cache
-
-    def attention(self, g: TflGraph, i: int, h: int, caches, start: int, rope, mask):
-        cfg, p = self.cfg, f"model.layers.{i}.self_attn."
-        length, T, d = g.shape(h)[1], self.max_len, cfg.head_dim
+    def attention(self, i: int, q: int, k: int, v: int, positions) -> int:
+        g, cfg = self.g, self.cfg
+        length, T, d = self.length, self.max_len, cfg.head_dim
         kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-
-        def heads(name: str, n: int) -> int:
-            y = g.reshape(self.fc(g, h, p + name, cfg.attention_bias), [length, n, d])
-            if cfg.qk_norm and name in ("q_proj", "k_proj"):
-                y = self.rms_norm(g, y, p + name[0] + "_norm.weight")
-            return y
-
-        q = self.rotary(g, heads("q_proj", cfg.num_heads), rope)
-        k = self.rotary(g, heads("k_proj", kvh), rope)
-        v = heads("v_proj", kvh)
-
         updated = []
-        for new, cache, kind in ((k, caches[0], "k"), (v, caches[1], "v")):
-            new = g.reshape(self.transpose(g, new, [1, 0, 2]), [1, kvh, length, d])
+        for new, cache, kind in ((k, self.caches[2 * i], "k"), (v, self.caches[2 * i + 1], "v")):
+            new = g.reshape(self.transpose(new, [1, 0, 2]), [1, kvh, length, d])
             out = g.tensor(f"kv_cache_{kind}_{i}", [1, kvh, T, d], F32)
-            g.op_into(Op.DYNAMIC_UPDATE_SLICE, [cache, new, start], [out])
+            g.op_into(Op.DYNAMIC_UPDATE_SLICE, [cache, new, self.start], [out])
             updated.append(out)
+        g.output(f"kv_cache_k_{i}", updated[0])
+        g.output(f"kv_cache_v_{i}", updated[1])
         keys, values = (g.reshape(c, [kvh, T, d]) for c in updated)
-        mask, slots = mask
+        mask, slots, _ = positions
         if slots is not None:  # a sliding layer's reachable slots only
             gather = fb.GatherOptionsT()
             gather.axis = 1
@@ -231,31 +201,40 @@ class _Lowering:
             keys, values = (g.op(Op.GATHER, [c, slots], [kvh, span, d], F32, gather) for c in (keys, values))
         T = g.shape(keys)[1]
 
-        q = g.reshape(self.transpose(g, q, [1, 0, 2]), [kvh, groups * length, d])
+        q = g.reshape(self.transpose(q, [1, 0, 2]), [kvh, groups * length, d])
         bmm = fb.BatchMatMulOptionsT()
         bmm.adjY = True
         scores = g.op(Op.BATCH_MATMUL, [q, keys], [kvh, groups * length, T], F32, bmm)
-        scores = self.binary(g, Op.MUL, scores, g.const([cfg.attn_scale], F32))
+        scores = self.binary(Op.MUL, scores, g.const([cfg.attn_scale], F32))
         if cfg.attn_logit_softcapping:
-            scores = self.softcap(g, scores, cfg.attn_logit_softcapping)
-        scores = self.binary(g, Op.ADD, g.reshape(scores, [kvh, groups, length, T]), mask)
+            scores = self.softcap(scores, cfg.attn_logit_softcapping)
+        scores = self.binary(Op.ADD, g.reshape(scores, [kvh, groups, length, T]), mask)
         softmax = fb.SoftmaxOptionsT()
         softmax.beta = 1.0
         probs = g.reshape(g.op(Op.SOFTMAX, [scores], g.shape(scores), F32, softmax), [kvh, groups * length, T])
         out = g.op(Op.BATCH_MATMUL, [probs, values], [kvh, groups * length, d], F32, fb.BatchMatMulOptionsT())
-        out = self.transpose(g, g.reshape(out, [cfg.num_heads, length, d]), [1, 0, 2])
-        out = g.reshape(out, [1, length, cfg.q_size])
-        return self.fc(g, out, p + "o_proj"), updated[0], updated[1]
+        out = self.transpose(g.reshape(out, [cfg.num_heads, length, d]), [1, 0, 2])
+        return g.reshape(out, [1, length, cfg.q_size])
 
-    def mlp(self, g: TflGraph, p: str, h: int) -> int:
-        gate = self.fc(g, h, p + "gate_proj")
-        if self.cfg.hidden_act == "silu":
-            act = self.binary(g, Op.MUL, gate, self.unary(g, Op.LOGISTIC, gate))
-        else:
-            options = fb.GeluOptionsT()
-            options.approximate = True
-            act = g.op(Op.GELU, [gate], g.shape(gate), F32, options)
-        return self.fc(g, self.binary(g, Op.MUL, act, self.fc(g, h, p + "up_proj")), p + "down_proj")
+    def add(self, a: int, b: int) -> int:
+        return self.binary(Op.ADD, a, b)
+
+    def mul(self, a: int, b: int) -> int:
+        return self.binary(Op.MUL, a, b)
+
+    def activation(self, x: int, kind: str) -> int:
+        if kind == "silu":
+            return self.binary(Op.MUL, x, self.unary(Op.LOGISTIC, x))
+        options = fb.GeluOptionsT()
+        options.approximate = True
+        return self.g.op(Op.GELU, [x], self.g.shape(x), F32, options)
+
+    def head(self, x: int) -> int:
+        return self.fc_weights.head(self.g, x)
+
+    def softcap(self, x: int, cap: float) -> int:
+        c = self.g.const([cap], F32)
+        return self.binary(Op.MUL, self.unary(Op.TANH, self.binary(Op.DIV, x, c)), c)
 
 
 def build_tflite(
@@ -269,11 +248,13 @@ def build_tflite(
         max_len = cfg.max_position_embeddings
     prefill_lens = sorted({min(n, max_len) for n in prefill_lens})  # a prompt never passes the cache
     weights = FcWeights(model, recipe, statistics)
-    lowering = _Lowering(model, recipe, max_len, weights)
     tfl = TflModel(f"mobilize {cfg.family}")
-    for n in prefill_lens:
-        lowering.signature(tfl, f"prefill_{n}", n)
-    lowering.signature(tfl, "decode", 1)
+    for name, length in [(f"prefill_{n}", n) for n in prefill_lens] + [("decode", 1)]:
+        g = tfl.graph(name)
+        logits = decode(cfg, TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode"))
+        if logits is not None:
+            g.tensors[logits].name = "logits"
+            g.outputs.insert(0, ("logits", logits))
     return tfl, weights.report()
 
 
