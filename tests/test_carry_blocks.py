@@ -90,8 +90,8 @@ def test_carried_graph_computes_what_the_gguf_says(tiny_hf, tmp_path):
     fp32 = OrtRunner(save_onnx(build_decoder(model), tmp_path / "fp32"))
     graph = build_decoder(model)
     qpass = QuantizeMatMulPass(bits=4, block_size=32, carry_blocks=True)
-    assert qpass(graph).modified and qpass.report.matched == 2 * 7 + 1
-    assert all(t["carried_from_source"] for t in qpass.report.details)
+    assert (r := qpass(graph)).modified and r.report.matched == 2 * 7 + 1
+    assert all(t["carried_from_source"] for t in r.report.details)
     carried = OrtRunner(save_onnx(graph, tmp_path / "carried"))
     prompt = [3, 17, 99, 5, 64]
     np.testing.assert_allclose(carried.prefill(prompt), fp32.prefill(prompt), atol=1e-4)

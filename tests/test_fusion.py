@@ -49,6 +49,8 @@ def ops(model: ir.Model) -> Counter:
 
 
 def assert_idempotent(p, model: ir.Model) -> None:
+    """Nothing left to change: the same instance run again (as PassManager does) and a fresh one both say so."""
+    assert not p(model).modified
     again = type(p)(**_args(p))
     assert not again(model).modified
 
@@ -120,8 +122,8 @@ def _norm_graph(square_other: bool = False, eps_input: bool = False) -> ir.Model
 def test_rmsnorm_negative(kwargs, reason):
     model = _norm_graph(**kwargs)
     p = FuseRMSNormPass()
-    assert not p(model).modified
-    assert p.report.rejected == {reason: 1} and "Sqrt" in ops(model)
+    assert not (r := p(model)).modified
+    assert r.report.rejected == {reason: 1} and "Sqrt" in ops(model)
     assert FuseRMSNormPass()(_norm_graph()).modified  # the unbroken graph does fuse
 
 
@@ -150,8 +152,8 @@ def test_rotary_negative_wrong_half_order():
                 neg.replace_input_with(0, node.inputs[1])
                 node.replace_input_with(1, x2)
     p = FuseRotaryPass(MAX_LEN)
-    assert not p(model).modified
-    assert p.report.rejected == {"the sin term is not rotate_half(x) of the cos term's x": 4}
+    assert not (r := p(model)).modified
+    assert r.report.rejected == {"the sin term is not rotate_half(x) of the cos term's x": 4}
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -197,8 +199,8 @@ def test_static_cache_is_written_in_place(tmp_path):
 def test_static_cache_negative_without_fused_attention():
     model, cfg = plain("llama")
     p = StaticKVCachePass(MAX_LEN)
-    assert not p(model).modified
-    assert p.report.matched == 0 and sum(p.report.rejected.values()) == 2 * cfg.num_layers
+    assert not (r := p(model)).modified
+    assert r.report.matched == 0 and sum(r.report.rejected.values()) == 2 * cfg.num_layers
 
 
 def test_attention_negative_on_other_softmax():
@@ -213,7 +215,7 @@ def test_attention_negative_on_other_softmax():
         ir.Graph([a, b], [s], nodes=t.nodes, initializers=t.initializers, opset_imports={"": 21}), ir_version=10
     )
     p = FuseGroupQueryAttentionPass()
-    assert not p(model).modified and p.report.rejected == {"Q.K^T is not the 5-D grouped form": 1}
+    assert not (r := p(model)).modified and r.report.rejected == {"Q.K^T is not the 5-D grouped form": 1}
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -222,10 +224,10 @@ def test_pack_matmul(family, tmp_path):
     before = logits(model, tmp_path / "a")
     matmuls = ops(model)["MatMul"]
     p = PackMatMulPass()
-    assert p(model).modified
-    assert p.report.matched == 2 * cfg.num_layers  # q/k/v and gate/up of every layer
+    assert (r := p(model)).modified
+    assert r.report.matched == 2 * cfg.num_layers  # q/k/v and gate/up of every layer
     assert ops(model)["Split"] == 2 * cfg.num_layers and ops(model)["MatMul"] == matmuls - 3 * cfg.num_layers
-    packed = [d["packed"] for d in p.report.details]
+    packed = [d["packed"] for d in r.report.details]
     assert [w.rsplit(".", 2)[-2] for w in packed[0]] == ["q_proj", "k_proj", "v_proj"]
     np.testing.assert_allclose(logits(model, tmp_path / "b"), before, atol=1e-4)
     assert_idempotent(p, model)
@@ -238,9 +240,9 @@ def test_pack_negative_mixed_source_blocks():
         if v.name.endswith("q_proj.weight"):
             v.meta["block_grid"], v.meta["block_form"] = (lambda: None), (8, 32)
     p = PackMatMulPass(carry_blocks=True)
-    p(model)
-    assert p.report.matched == cfg.num_layers  # gate/up only
-    assert p.report.rejected == {"parts have different source block formats (packing would re-round them)": 2}
+    r = p(model)
+    assert r.report.matched == cfg.num_layers  # gate/up only
+    assert r.report.rejected == {"parts have different source block formats (packing would re-round them)": 2}
 
 
 def test_cleanup_folds_merges_and_removes():
@@ -256,9 +258,9 @@ def test_cleanup_folds_merges_and_removes():
         ir.Graph([x], [y], nodes=t.nodes, initializers=t.initializers, opset_imports={"": 21}), ir_version=10
     )
     p = CleanupPass()
-    assert p(model).modified
+    assert (r := p(model)).modified
     assert [n.op_type for n in model.graph] == ["Add", "Mul"]
-    (details,) = p.report.details
+    (details,) = r.report.details
     assert details["folded"] == 1 and details["nodes_removed"] >= 1
     import onnxruntime as ort
 
@@ -279,3 +281,48 @@ def test_whole_fp32_pipeline(family, opset, tmp_path):
     if opset == "std":  # nothing outside standard ONNX
         assert {n.domain for n in model.graph} <= {""} and model.opset_imports[""] == 23
     np.testing.assert_allclose(logits(model, tmp_path / "b", n_decode=12), before, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("opset", ["ort", "std"])
+def test_pipeline_under_pass_manager_reaches_a_fixed_point(recipe, opset, tmp_path):
+    """onnx_ir's PassManager runs the whole pipeline to a fixed point: the second round changes nothing, the
+    static cache's metadata names the real sliding layers, and the logits are the plain graph's."""
+    import json
+
+    from mobilize.targets.onnx.passes.kv_cache import META_KEY
+
+    model, cfg = plain("gemma3")
+    before = logits(model, tmp_path / "a", n_decode=12)
+    once, _ = plain("gemma3")
+    run_passes(once, onnx_passes(recipe_named(recipe), MAX_LEN, opset))  # the export's way: each pass once
+    passes = onnx_passes(recipe_named(recipe), MAX_LEN, opset)
+    first = ir.passes.PassManager(passes, steps=1)(model)
+    assert first.modified
+    second = ir.passes.PassManager(passes, steps=3)(model)
+    assert not second.modified
+    if opset == "ort":
+        meta = json.loads(model.metadata_props[META_KEY])
+        sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+        assert meta["sliding_window"]["layers"] == sliding and meta["max_seq_len"] == MAX_LEN
+    after = logits(model, tmp_path / "b", n_decode=12)
+    np.testing.assert_allclose(after, logits(once, tmp_path / "c", n_decode=12), atol=1e-6)
+    if recipe == "fp32":  # (a tiny random net amplifies quantization noise: the quantized ones are tested elsewhere)
+        np.testing.assert_allclose(after, before, atol=1e-4)
+
+
+def test_a_reused_pass_reports_each_run_alone():
+    """The report comes with the call's result: a second run of one instance reports its own (empty) work."""
+    model, cfg = plain("llama")
+    p = FuseRMSNormPass()
+    first, second = p(model), p(model)
+    assert first.modified and first.report.matched > 0
+    assert not second.modified and second.report.matched == 0 and first.report.matched > 0
+
+
+def test_pipeline_order_is_checked():
+    from mobilize.errors import MobilizeError
+
+    model, _ = plain("llama")
+    with pytest.raises(MobilizeError, match="StaticKVCachePass must run after FuseGroupQueryAttentionPass"):
+        run_passes(model, [StaticKVCachePass(MAX_LEN), FuseGroupQueryAttentionPass()])

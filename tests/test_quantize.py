@@ -87,7 +87,7 @@ def test_matmul_nbits_equals_dequantized(bits, symmetric, k, tied):
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
     before = _run(model, {"x": x})
     qpass = QuantizeMatMulPass(bits=bits, block_size=32, symmetric=symmetric)
-    assert qpass(model).modified
+    assert (r := qpass(model)).modified
     ops = [n.op_type for n in model.graph]
     assert ops == ["MatMulNBits"]  # the Transpose and the fp32 weight are gone
     assert "w" not in model.graph.initializers
@@ -95,8 +95,8 @@ def test_matmul_nbits_equals_dequantized(bits, symmetric, k, tied):
     q, s, zp = quantize_blockwise(w_kn.T, bits, 32, symmetric)
     expected = x @ dequantize_blockwise(q, s, zp, k).T
     np.testing.assert_allclose(after, expected, atol=1e-4, rtol=1e-4)
-    detail = qpass.report.details[0]
-    assert qpass.report.matched == 1 and detail["shape"] == [24, k]
+    detail = r.report.details[0]
+    assert r.report.matched == 1 and detail["shape"] == [24, k]
     rel = np.sqrt(((after - before) ** 2).mean() / (before**2).mean())
     assert rel < {4: 0.15, 8: 0.01}[bits] and detail["rel_rms_error"] < {4: 0.15, 8: 0.01}[bits]
     assert not QuantizeMatMulPass(bits=bits, block_size=32, symmetric=symmetric)(model).modified
@@ -121,7 +121,7 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
     model, w_kn, loudness, loud, x = _split_case(tied)
     before = _run(model, {"x": x})
     qpass = QuantizeMatMulPass(8, 32, True, importance=lambda name: loudness, split=(32, 4, 32, False))
-    assert qpass(model).modified
+    assert (r := qpass(model)).modified
     assert [n.op_type for n in model.graph] == ["Gather", "Split", "MatMulNBits", "MatMulNBits", "Add"]
     kept, rest = (n for n in model.graph if n.op_type == "MatMulNBits")
     assert (kept.attributes["K"].value, kept.attributes["bits"].value, len(kept.inputs)) == (32, 8, 3)
@@ -132,7 +132,7 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
     hi = dequantize_blockwise(*quantize_blockwise(w_nk[:, loud], 8, 32, True), 32)
     lo = dequantize_blockwise(*quantize_blockwise(w_nk[:, quiet], 4, 32, False), 64)
     np.testing.assert_allclose(after, x[..., loud] @ hi.T + x[..., quiet] @ lo.T, atol=1e-3, rtol=1e-3)
-    detail = qpass.report.details[0]
+    detail = r.report.details[0]
     assert detail["split"] == {"kept": {"channels": 32, "bits": 8, "block_size": 32},
                                "rest": {"channels": 64, "bits": 4, "block_size": 32}}  # fmt: skip
     whole = np.concatenate([hi, lo], axis=1) - np.concatenate([w_nk[:, loud], w_nk[:, quiet]], axis=1)
@@ -163,17 +163,17 @@ def test_split_needs_statistics_and_more_channels_than_it_keeps(case):
     model, w_kn, loudness, _, x = _split_case(False)
     importance, keep = (None, 32) if case == "no statistics" else (lambda name: loudness, 96)
     qpass = QuantizeMatMulPass(8, 32, True, importance=importance, split=(keep, 4, 32, False))
-    assert qpass(model).modified
+    assert (r := qpass(model)).modified
     assert [n.op_type for n in model.graph] == ["MatMulNBits"]  # the plain form: all of it 8-bit
-    assert "split" not in qpass.report.details[0] and qpass.report.details[0]["bits"] == 8
+    assert "split" not in r.report.details[0] and r.report.details[0]["bits"] == 8
 
 
 def test_non_constant_weight_is_not_quantized():
     model, _ = _matmul_model(64, 8, tied=False, constant=False)
     qpass = QuantizeMatMulPass()
-    assert not qpass(model).modified
+    assert not (r := qpass(model)).modified
     assert [n.op_type for n in model.graph] == ["MatMul"]
-    assert qpass.report.rejected == {"weight is not a constant initializer": 1}
+    assert r.report.rejected == {"weight is not a constant initializer": 1}
 
 
 def _grid_model(k: int, n: int, bits: int, float_zero_points: bool) -> tuple[ir.Model, np.ndarray]:
@@ -212,10 +212,10 @@ def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, sto
     qpass = QuantizeMatMulPass(
         bits=4, block_size=32, carry_blocks=True, wide_block_size=wide_block_size, widen_below=widen_below
     )
-    assert qpass(model).modified
+    assert (r := qpass(model)).modified
     bits, block, ops = stored
     assert [n.op_type for n in model.graph] == ops
-    detail = qpass.report.details[0]
+    detail = r.report.details[0]
     assert (detail["bits"], detail["block_size"]) == (bits, block)
     assert detail["carried_from_source"] == (block == 32)
     after, exact = _run(model, {"x": x}), x @ w_kn

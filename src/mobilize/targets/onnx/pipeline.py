@@ -19,6 +19,7 @@ from mobilize.targets.onnx.passes.kv_cache import StaticKVCachePass
 from mobilize.targets.onnx.passes.pack_matmul import PackMatMulPass
 from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
 from mobilize.targets.onnx.passes.quantize_embedding import QuantizeGatherPass
+from mobilize.targets.onnx.passes.report import check_order
 
 
 def recipe_named(name: str) -> Recipe:
@@ -90,15 +91,19 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> list[dict]:
     """Run the passes in order; return their reports. An error names the pass and what ran before it.
     Quantization statistics arrive when the model is written (the quantized tensors are lazy): call
     `summarize` on the reports after saving."""
+    try:
+        check_order(passes)
+    except ValueError as e:
+        raise MobilizeError(f"pass pipeline out of order: {e}") from None
     reports, ran = [], []
     for p in passes:
         try:
-            p(model)
+            result = p(model)
         except Exception as e:
             before = ", ".join(ran) or "nothing"
             raise MobilizeError(f"pass {type(p).__name__} failed (after {before}): {e}") from e
         ran.append(type(p).__name__)
-        report = getattr(p, "report", None)
+        report = getattr(result, "report", None)  # this call's own report
         if report is not None:
             reports.append(report.as_dict())
     return reports

@@ -9,17 +9,20 @@ import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
 from mobilize.targets.onnx.passes.graph import SMALL, remove_dead, replace_output, small_const
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 _NO_FOLD = {"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"}
 
 
-class CleanupPass(ir.passes.InPlacePass):
+class CleanupPass(ReportingPass):
     def __init__(self):
         super().__init__()
-        self.report = PassReport("cleanup")
+        self._name = "cleanup"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         folded = sum(self._fold(graph, node) for node in list(graph))
         merged = _dedupe(graph)
@@ -27,7 +30,7 @@ class CleanupPass(ir.passes.InPlacePass):
         TopologicalSortPass()(model)
         self.report.matched = folded + merged + removed
         self.report.details.append({"folded": folded, "constants_merged": merged, "nodes_removed": removed})
-        return ir.passes.PassResult(model, bool(folded or merged or removed))
+        return bool(folded or merged or removed)
 
     def _fold(self, graph: ir.Graph, node: ir.Node) -> int:
         if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD or not node.inputs:

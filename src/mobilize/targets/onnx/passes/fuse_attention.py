@@ -32,17 +32,21 @@ from mobilize.targets.onnx.passes.graph import (
     scalar,
     std_nodes,
 )
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 INT32 = ir.DataType.INT32
 
 
-class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
+class FuseGroupQueryAttentionPass(ReportingPass):
+    runs_after = ("FuseRotaryPass",)  # rotary fused first: the attention takes its cos/sin caches (do_rotary)
     def __init__(self):
         super().__init__()
-        self.report = PassReport("fuse_attention(GroupQueryAttention)")
+        self._name = "fuse_attention(GroupQueryAttention)"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         self._lengths: dict[int, tuple[ir.Value, ir.Value]] = {}
         for node in std_nodes(graph, "Softmax"):
@@ -50,7 +54,7 @@ class FuseGroupQueryAttentionPass(ir.passes.InPlacePass):
         if self.report.matched:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)
-        return ir.passes.PassResult(model, self.report.matched > 0)
+        return self.report.matched > 0
 
     def _fuse(self, graph: ir.Graph, softmax: ir.Node) -> None:
         m = _match(graph, softmax)

@@ -12,22 +12,26 @@ import onnx_ir as ir
 
 from mobilize.targets.onnx.passes.fuse_attention import match_attention
 from mobilize.targets.onnx.passes.graph import initializer, remove_dead, replace_output, require_std_opset, std_nodes
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 
-class FuseStdAttentionPass(ir.passes.InPlacePass):
+class FuseStdAttentionPass(ReportingPass):
+    runs_after = ("FuseRotaryPass",)  # rotary fused first
     def __init__(self):
         super().__init__()
-        self.report = PassReport("fuse_attention(opset 23 Attention)")
+        self._name = "fuse_attention(opset 23 Attention)"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         for node in std_nodes(graph, "Softmax"):
             self._fuse(graph, node)
         if self.report.matched:
             require_std_opset(model)
             remove_dead(graph)
-        return ir.passes.PassResult(model, self.report.matched > 0)
+        return self.report.matched > 0
 
     def _fuse(self, graph: ir.Graph, softmax: ir.Node) -> None:
         m = match_attention(graph, softmax)

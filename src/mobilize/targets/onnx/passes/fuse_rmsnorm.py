@@ -23,17 +23,20 @@ from mobilize.targets.onnx.passes.graph import (
     small_const,
     std_nodes,
 )
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 
-class FuseRMSNormPass(ir.passes.InPlacePass):
+class FuseRMSNormPass(ReportingPass):
     def __init__(self, std: bool = False, skip: bool = True):
         super().__init__()
         self.std = std
         self.skip = skip and not std
-        self.report = PassReport("fuse_rmsnorm" + ("(opset 23)" if std else ""))
+        self._name = "fuse_rmsnorm" + ("(opset 23)" if std else "")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         fused = 0
         for node in std_nodes(graph, "Mul"):
@@ -50,7 +53,7 @@ class FuseRMSNormPass(ir.passes.InPlacePass):
             remove_dead(graph)
         self.report.matched = fused
         self.report.details.append({"rmsnorm": fused, "residual_add_fused": skipped})
-        return ir.passes.PassResult(model, bool(fused or skipped))
+        return bool(fused or skipped)
 
     def _fuse_norm(self, graph: ir.Graph, mul: ir.Node) -> int:
         for a_idx in (0, 1):

@@ -28,7 +28,7 @@ from mobilize.targets.onnx.passes.graph import (
     small_const,
     std_nodes,
 )
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 
 def rotary_tables(inv_freq: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,13 +37,16 @@ def rotary_tables(inv_freq: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, n
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-class FuseRotaryPass(ir.passes.InPlacePass):
+class FuseRotaryPass(ReportingPass):
     def __init__(self, max_seq_len: int, std: bool = False):
         super().__init__()
         self.max_seq_len, self.std = max_seq_len, std
-        self.report = PassReport(f"fuse_rotary(max_seq_len {max_seq_len}" + (", opset 23)" if std else ")"))
+        self._name = f"fuse_rotary(max_seq_len {max_seq_len}" + (", opset 23)" if std else ")")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         for node in std_nodes(graph, "Add"):
             self._fuse(graph, node)
@@ -53,7 +56,7 @@ class FuseRotaryPass(ir.passes.InPlacePass):
             else:
                 model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)
-        return ir.passes.PassResult(model, self.report.matched > 0)
+        return self.report.matched > 0
 
     def _fuse(self, graph: ir.Graph, add: ir.Node) -> None:
         for cos_idx in (0, 1):

@@ -15,21 +15,25 @@ import json
 import onnx_ir as ir
 
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, attr_int, is_graph_input
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 META_KEY = "mobilize.kv_cache"
 WINDOW_SLACK = 16  # positions past the window in a sliding layer's buffer, as ONNX Runtime GenAI allocates
 
 
-class StaticKVCachePass(ir.passes.InPlacePass):
+class StaticKVCachePass(ReportingPass):
+    runs_after = ("FuseGroupQueryAttentionPass",)  # the cache it makes static is GroupQueryAttention's
     def __init__(self, max_seq_len: int, window_slack: int | None = WINDOW_SLACK):
         """`window_slack`: a sliding-window layer's buffer holds window + slack positions (None: every
         layer gets max_seq_len)."""
         super().__init__()
         self.max_seq_len, self.window_slack = max_seq_len, window_slack
-        self.report = PassReport(f"kv_cache(static, max_seq_len {max_seq_len})")
+        self._name = f"kv_cache(static, max_seq_len {max_seq_len})"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         changed = False
         fused_pasts: set[int] = set()
@@ -67,7 +71,7 @@ class StaticKVCachePass(ir.passes.InPlacePass):
             })  # fmt: skip
             changed |= model.metadata_props.get(META_KEY) != meta
             model.metadata_props[META_KEY] = meta
-        return ir.passes.PassResult(model, changed)
+        return changed
 
     def _check(self, graph: ir.Graph, node: ir.Node) -> str | None:
         past_k, past_v = node.inputs[3], node.inputs[4]

@@ -12,16 +12,20 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.targets.onnx.passes.graph import initializer, remove_dead, replace_output, std_nodes
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 
-class PackMatMulPass(ir.passes.InPlacePass):
+class PackMatMulPass(ReportingPass):
+    runs_after = ("FuseGroupQueryAttentionPass", "FuseStdAttentionPass")  # packed q/k/v feed the fused attention
     def __init__(self, carry_blocks: bool = False):
         super().__init__()
         self.carry_blocks = carry_blocks
-        self.report = PassReport("pack_matmul")
+        self._name = "pack_matmul"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         groups: dict[int, list[ir.Node]] = {}
         for node in std_nodes(graph, "MatMul"):
@@ -32,7 +36,7 @@ class PackMatMulPass(ir.passes.InPlacePass):
                 self._pack(graph, nodes)
         if self.report.matched:
             remove_dead(graph)
-        return ir.passes.PassResult(model, self.report.matched > 0)
+        return self.report.matched > 0
 
     def _pack(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
         weights = [_const_weight(n) for n in nodes]

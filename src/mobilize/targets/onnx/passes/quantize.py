@@ -25,12 +25,13 @@ from mobilize.quant.primitives import (
     zero_point_correction,
 )
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, WRITE_LAST, initializer, remove_dead, std_nodes
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 _CORRECTION = "mobilize.zero_point_correction"
 
 
-class QuantizeMatMulPass(ir.passes.InPlacePass):
+class QuantizeMatMulPass(ReportingPass):
+    runs_after = ("PackMatMulPass",)  # packed weights are quantized as one
     def __init__(
         self,
         bits: int = 4,
@@ -76,9 +77,12 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         self.wide_block_size, self.widen_below = wide_block_size, widen_below
         self.split = split
         kind = "sym" if symmetric else "asym"
-        self.report = PassReport(f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})")
+        self._name = f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modified = False
         for node in std_nodes(graph, "MatMul"):
@@ -90,7 +94,7 @@ class QuantizeMatMulPass(ir.passes.InPlacePass):
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)
-        return ir.passes.PassResult(model, modified)
+        return modified
 
     def _weight_of(self, node: ir.Node) -> tuple[ir.Value | None, bool]:
         """The constant weight feeding the MatMul, and whether it is stored [N, K] (behind a Transpose)."""

@@ -11,18 +11,22 @@ import onnx_ir as ir
 
 from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
-from mobilize.targets.onnx.passes.report import PassReport
+from mobilize.targets.onnx.passes.report import ReportingPass
 
 
-class QuantizeGatherPass(ir.passes.InPlacePass):
+class QuantizeGatherPass(ReportingPass):
+    runs_after = ("QuantizeMatMulPass",)  # a tied table is no longer shared once the head is quantized
     def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = False, carry_blocks: bool = False):
         """With `carry_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales."""
         super().__init__()
         self.bits, self.block_size, self.symmetric, self.carry_blocks = bits, block_size, symmetric, carry_blocks
         kind = "sym" if symmetric else "asym"
-        self.report = PassReport(f"quantize_embedding(int{bits}, block {block_size}, {kind})")
+        self._name = f"quantize_embedding(int{bits}, block {block_size}, {kind})"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def report_name(self) -> str:
+        return self._name
+
+    def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modified = False
         for node in std_nodes(graph, "Gather"):
@@ -41,7 +45,7 @@ class QuantizeGatherPass(ir.passes.InPlacePass):
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             remove_dead(graph)
-        return ir.passes.PassResult(model, modified)
+        return modified
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
         make_codes = table.meta.get("block_codes") if self.carry_blocks else None
