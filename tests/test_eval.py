@@ -17,6 +17,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_eval_figures_record_and_gate(tiny_hf, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 

@@ -179,6 +179,7 @@ def test_a_full_filesystem_leaves_the_old_package(fmt, package, tiny_hf, tmp_pat
     assert "the disk is full" in err
 
 
+@pytest.mark.slow
 def test_sigint_during_export_leaves_the_old_package(package, tmp_path):
     """Ctrl-C while the model is written: one line, exit 130, the old package whole, nothing left over, not
     even in the cache, where the tokenizer was being converted in a child process (a fresh cache)."""

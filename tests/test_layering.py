@@ -69,3 +69,19 @@ def test_the_layering_test_can_fail(tmp_path):
     bad.write_text("def f():\n    from mobilize.harness.perf import measure\n")
     assert "mobilize.harness.perf" in _imports(bad)
     assert PHASES.index(_phase("mobilize.harness.perf")) > PHASES.index("frontend")
+
+
+def test_the_driver_does_not_branch_on_the_format():
+    """Targets are plugins: the export driver asks the registry, never compares a format name itself."""
+    source = (SRC / "driver.py").read_text()
+    for name in ("onnx", "tflite"):
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+
+
+def test_every_registered_target_provides_the_target_interface():
+    from mobilize.targets.registry import TARGETS
+
+    for name, target in TARGETS.items():
+        assert target.name == name and isinstance(target.lazy_statistics, bool)
+        for method in ("check", "lower", "write", "finish"):
+            assert callable(getattr(target, method)), (name, method)

@@ -21,7 +21,6 @@ from mobilize.frontend.tokenizer import (
     convert_in_background,
     ensure_tokenizer_json,
     has_tokenizer_json,
-    special_token_ids,
     write_tokenizer,
 )
 from mobilize.package.fit import fit
@@ -29,14 +28,10 @@ from mobilize.package.readme import package_readme
 from mobilize.package.verify import sha256_file
 from mobilize.partials import remove_dead
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
-from mobilize.targets.onnx.emitter import build_decoder
-from mobilize.targets.onnx.genai_config import genai_config, graph_io
-from mobilize.targets.onnx.passes.kv_cache import static_kv
-from mobilize.targets.onnx.pipeline import OPSETS, onnx_passes, recipe_named, run_passes, summarize
-from mobilize.targets.onnx.writer import save_onnx
-from mobilize.targets.presets import FORMATS, PRESETS
-from mobilize.targets.tflite.emitter import build_tflite, tflite_io, tflite_kv
-from mobilize.targets.tflite.litertlm import write_litertlm
+from mobilize.targets.base import Lowering
+from mobilize.targets.onnx.pipeline import OPSETS, recipe_named
+from mobilize.targets.presets import PRESETS
+from mobilize.targets.registry import TARGETS
 
 MANIFEST_SCHEMA = 1
 
@@ -65,18 +60,15 @@ class ExportOptions:
             raise MobilizeError(f"unknown target {self.target!r} (known: {', '.join(PRESETS)})")
         preset = PRESETS[self.target]
         fmt = self.format or preset.format
-        if fmt not in FORMATS:
-            raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(FORMATS)})")
+        if fmt not in TARGETS:
+            raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(TARGETS)})")
         if self.opset not in OPSETS:
             raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
         if self.bundle not in (None, "litertlm"):
             raise MobilizeError(f"unknown --bundle {self.bundle!r} (known: litertlm)")
         if self.logits not in LOGITS:
             raise MobilizeError(f"unknown --logits {self.logits!r} (known: {', '.join(LOGITS)})")
-        if self.logits != "last" and fmt != "onnx":
-            raise MobilizeError("--logits all is for ONNX packages (TFLite's signatures give the last position's)")
-        if self.bundle and fmt != "tflite":
-            raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
+        TARGETS[fmt].check(Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle))
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
             raise MobilizeError(f"--prefill-len {list(self.prefill_lens)}: each must be from 1 to {1 << 16}")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
@@ -119,16 +111,18 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         tokenizer_ready()  # the conversion started above, if one was needed
         return write_tokenizer(model.ckpt, tmp)
 
+    target = TARGETS[opts.format]
+    how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle)
     meanwhile = None
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
         if recipe.needs_statistics(opts.format) and not needs_statistics:
             calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
-        elif needs_statistics and opts.format == "onnx":
-            # ONNX weights are quantized as they are written, those that use the statistics last: calibrate in
-            # a child process meanwhile (a split head only ranks channels: a shorter text does)
-            max_tokens = None if "onnx" in recipe.calibrate else RANKING_TOKENS
+        elif needs_statistics and target.lazy_statistics:
+            # The weights that use the statistics are quantized last, as they are written: calibrate in a child
+            # process meanwhile (a split head only ranks channels: a shorter text does)
+            max_tokens = None if opts.format in recipe.calibrate else RANKING_TOKENS
             meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens)
 
             @functools.cache
@@ -145,48 +139,13 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             phase("calibrating")
             computed, calibration = calibrate(model, tmp / "tokenizer.json")
             statistics = lambda: computed  # noqa: E731
-        if opts.format == "tflite":
-            phase("lowering to TFLite")
-            stats = None if statistics is None else statistics()
-            tfl, quant_report = build_tflite(model, recipe, max_seq_len, list(opts.prefill_lens), stats)
-        else:
-            passes = onnx_passes(recipe, max_seq_len, opts.opset, statistics)
-            phase("building graph")
-            graph = build_decoder(model, last_logits=opts.logits == "last")
-            phase(f"passes ({recipe.name})")
-            reports = run_passes(graph, passes)
-            kv = static_kv(graph)
-        config = dataclasses.asdict(model.config)
-        target = {"name": opts.target, "max_seq_len": max_seq_len}
-        if opts.format == "tflite":
-            phase("writing model.tflite (weights streamed)")
-            tfl.write(tmp / "model.tflite")
-            io = tflite_io(tmp / "model.tflite")
-            kv = tflite_kv(model.config, max_seq_len)
-            reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
-            target["prefill_lens"] = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
-        else:
-            phase("writing model.onnx (weights streamed)")
-            save_onnx(graph, tmp)
-            reports = summarize(reports)  # the quantization statistics came with the write
-            if meanwhile is not None:  # (had no weight asked for them, the manifest still says what was done)
-                calibration = calibrated()[1]
-            io = graph_io(graph)
-            target["opset"] = opts.opset
-            target["logits"] = opts.logits
+        lowered = target.lower(model, recipe, how, statistics, phase)
+        written = target.write(lowered, model, how, tmp, phase)
+        if meanwhile is not None:  # (had no weight asked for them, the manifest still says what was done)
+            calibration = calibrated()[1]
         if tokenizer_files is None:
             tokenizer_files = tokenizer()
-        if opts.bundle == "litertlm":
-            phase("writing model.litertlm")
-            ids = special_token_ids(model.ckpt)
-            eos = ids["eos_token_id"]
-            eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-            info = {"architecture": config, "target": target}
-            write_litertlm(tmp, info, ids["bos_token_id"], eos, tmp / "model.litertlm")
-        if opts.format == "onnx":
-            genai = genai_config(config, special_token_ids(model.ckpt), io, kv)
-            (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
-        phase("writing manifest")
+        config = dataclasses.asdict(model.config)
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "mobilize_version": __version__,
@@ -194,12 +153,14 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "architecture": config,
             "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
-            "build_report": {"calibration": calibration, "passes": reports},
-            "target": target,
-            "kv_cache": kv or {"layout": "dynamic"},
-            "io": io,
+            "build_report": {"calibration": calibration, "passes": written.reports},
+            "target": {"name": opts.target, "max_seq_len": max_seq_len, **written.target},
+            "kv_cache": written.kv_cache or {"layout": "dynamic"},
+            "io": written.io,
             "tokenizer": tokenizer_files or None,
         }
+        target.finish(model, written, manifest, how, tmp, phase)
+        phase("writing manifest")
         device = PRESETS[opts.target].device
         if device is not None:
             manifest["fit"] = fit(tmp, manifest, device)

@@ -143,25 +143,6 @@ _GGUF_GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_LAYER = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_norm": "post_attention_layernorm",
-}
-# Gemma's four norms per layer: llama.cpp's ffn_norm is its pre-MLP norm.
-_GGUF_LAYER_GEMMA = _GGUF_LAYER | {
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 _GGUF_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Buffers some exporters save that carry nothing the config does not already say.
 _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
@@ -174,7 +155,7 @@ def canonical_name(ckpt: Checkpoint, name: str) -> str | None:
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
     m = _GGUF_RE.match(name)
-    table = _GGUF_LAYER_GEMMA if ckpt.family == "gemma3" else _GGUF_LAYER
+    table = FAMILIES[ckpt.family].gguf_layer_names
     if m and m.group(2) in table:
         return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
     return None

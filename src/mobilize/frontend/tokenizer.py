@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mobilize.errors import CheckpointError, MobilizeError
+from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.sources.aliases import cache_root
 from mobilize.frontend.sources.base import Checkpoint
 from mobilize.partials import remove_dead
@@ -27,15 +28,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "generation_config.json",
 )
-
-
-_TOKENIZER_CLASSES = {
-    "gemma3": "GemmaTokenizer",
-    "llama": "LlamaTokenizer",
-    "mistral": "LlamaTokenizer",
-    "qwen2": "Qwen2Tokenizer",
-    "qwen3": "Qwen2Tokenizer",
-}
 
 
 def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
@@ -272,8 +264,9 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         "add_eos_token": bool(add_eos),
         "source": f"converted from the GGUF metadata of {file_name}",
     }
-    if meta["general.architecture"] in _TOKENIZER_CLASSES:  # ONNX Runtime GenAI picks its tokenizer by this
-        config["tokenizer_class"] = _TOKENIZER_CLASSES[meta["general.architecture"]]
+    family = next((f for f in FAMILIES.values() if f.gguf_arch == meta["general.architecture"]), None)
+    if family is not None:  # ONNX Runtime GenAI picks its tokenizer by this
+        config["tokenizer_class"] = family.tokenizer_class
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return ["tokenizer.json", "tokenizer_config.json"]
 

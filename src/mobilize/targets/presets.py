@@ -24,4 +24,3 @@ PRESETS: dict[str, Preset] = {
         Preset("host", "this machine: desktop and CI", "onnx", "int8", 4096, 0),
     ]
 }
-FORMATS = ("onnx", "tflite")

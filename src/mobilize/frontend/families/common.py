@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -155,3 +157,51 @@ def tiny_config(family: str, **overrides: Any) -> DecoderConfig:
     fields |= overrides
     fields.setdefault("layer_types", (FULL,) * fields["num_layers"])
     return DecoderConfig(**fields)
+
+
+# llama.cpp's per-layer tensor names (blk.<i>.<name>.weight|bias) -> Hugging Face's (model.layers.<i>.<name>.*)
+GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def no_fix(cfg: DecoderConfig, name: str, w: np.ndarray) -> np.ndarray:
+    """A family whose GGUF tensors are stored as transformers stores them."""
+    return w
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRoles:
+    """A chat template's turn markers: (prefix, suffix) per role, and the text that ends a turn."""
+
+    user: tuple[str, str]
+    model: tuple[str, str]
+    end_of_turn: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Everything mobilize knows of one architecture family, in one record, in the family's own file."""
+
+    name: str
+    hf_model_types: tuple[str, ...]  # config.json's model_type
+    gguf_arch: str  # llama.cpp's general.architecture
+    genai_type: str  # ONNX Runtime GenAI's model type (genai_config.json)
+    tokenizer_class: str  # tokenizer_config.json's class for a tokenizer converted from a GGUF
+    from_hf: Callable[[dict[str, Any]], DecoderConfig]
+    from_gguf: Callable[[dict[str, Any]], DecoderConfig]
+    tiny: Callable[[], DecoderConfig]  # vocab 128, a few narrow layers: the fast tests' model
+    to_hf: Callable[[DecoderConfig], dict[str, Any]]  # config.json of a config (the tests write checkpoints)
+    gguf_fix: Callable[[DecoderConfig, str, np.ndarray], np.ndarray] = no_fix  # llama.cpp's storage -> HF's
+    gguf_layer_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: GGUF_LAYER_NAMES)
+    chat: ChatRoles | None = None  # turn markers, where the tokenizer carries them

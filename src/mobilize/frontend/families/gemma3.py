@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 
 from mobilize.frontend.config import FULL, SLIDING, DecoderConfig, is_norm
-from mobilize.frontend.families.common import gguf_base, hf_base, need, tiny_config
+from mobilize.frontend.families.common import GGUF_LAYER_NAMES, ChatRoles, Family, gguf_base, hf_base, need, tiny_config
 
-HF_MODEL_TYPES = ("gemma3_text",)
 _QUIRKS = dict(
     qk_norm=True,
     sandwich_norm=True,
@@ -97,3 +96,29 @@ def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         final_logit_softcapping=None,
         attn_logit_softcapping=None,
     )
+
+
+FAMILY = Family(
+    name="gemma3",
+    hf_model_types=("gemma3_text",),
+    gguf_arch="gemma3",
+    genai_type="gemma3_text",
+    tokenizer_class="GemmaTokenizer",
+    from_hf=from_hf,
+    from_gguf=from_gguf,
+    tiny=tiny,
+    to_hf=to_hf,
+    gguf_fix=gguf_fix,
+    # four norms per layer: llama.cpp's ffn_norm is Gemma's pre-MLP norm
+    gguf_layer_names=GGUF_LAYER_NAMES
+    | {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    chat=ChatRoles(
+        user=("<start_of_turn>user\n", "<end_of_turn>\n"),
+        model=("<start_of_turn>model\n", "<end_of_turn>\n"),
+        end_of_turn="<end_of_turn>",
+    ),
+)

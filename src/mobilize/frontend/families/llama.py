@@ -7,9 +7,7 @@ from typing import Any
 import numpy as np
 
 from mobilize.frontend.config import DecoderConfig
-from mobilize.frontend.families.common import gguf_base, hf_base, tiny_config, unpermute_rotary
-
-HF_MODEL_TYPES = ("llama",)
+from mobilize.frontend.families.common import Family, gguf_base, hf_base, tiny_config, unpermute_rotary
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
@@ -55,3 +53,17 @@ def _common_hf(cfg: DecoderConfig) -> dict[str, Any]:
     if cfg.rope_scaling:
         d["rope_scaling"] = dict(cfg.rope_scaling)
     return d
+
+
+FAMILY = Family(
+    name="llama",
+    hf_model_types=("llama",),
+    gguf_arch="llama",
+    genai_type="llama",
+    tokenizer_class="LlamaTokenizer",
+    from_hf=from_hf,
+    from_gguf=from_gguf,
+    tiny=tiny,
+    to_hf=to_hf,
+    gguf_fix=gguf_fix,
+)

@@ -6,10 +6,7 @@ from typing import Any
 
 from mobilize.frontend.config import DecoderConfig
 from mobilize.frontend.families import llama
-from mobilize.frontend.families.common import gguf_base, hf_base, hf_layer_types, need, tiny_config
-
-HF_MODEL_TYPES = ("mistral",)
-gguf_fix = llama.gguf_fix  # llama.cpp converts Mistral as a llama
+from mobilize.frontend.families.common import Family, gguf_base, hf_base, hf_layer_types, need, tiny_config
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
@@ -34,3 +31,17 @@ def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
         sliding_window=cfg.sliding_window,
         **llama._common_hf(cfg),
     )
+
+
+FAMILY = Family(
+    name="mistral",
+    hf_model_types=("mistral",),
+    gguf_arch="mistral",
+    genai_type="mistral",
+    tokenizer_class="LlamaTokenizer",
+    from_hf=from_hf,
+    from_gguf=from_gguf,
+    tiny=tiny,
+    to_hf=to_hf,
+    gguf_fix=llama.gguf_fix,  # llama.cpp converts Mistral as a llama (q/k rows interleaved),
+)

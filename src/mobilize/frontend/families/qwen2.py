@@ -6,13 +6,7 @@ from typing import Any
 
 from mobilize.frontend.config import DecoderConfig
 from mobilize.frontend.families import llama
-from mobilize.frontend.families.common import gguf_base, hf_base, tiny_config
-
-HF_MODEL_TYPES = ("qwen2",)
-
-
-def gguf_fix(cfg: DecoderConfig, name: str, w):  # llama.cpp runs Qwen2 with rotate-half rope: no reorder
-    return w
+from mobilize.frontend.families.common import Family, gguf_base, hf_base, tiny_config
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
@@ -33,3 +27,16 @@ def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     d = llama._common_hf(cfg)
     d.pop("head_dim")
     return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=False, **d)
+
+
+FAMILY = Family(
+    name="qwen2",
+    hf_model_types=("qwen2",),
+    gguf_arch="qwen2",
+    genai_type="qwen2",
+    tokenizer_class="Qwen2Tokenizer",
+    from_hf=from_hf,
+    from_gguf=from_gguf,
+    tiny=tiny,
+    to_hf=to_hf,
+)

@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from mobilize.frontend.config import DecoderConfig
-from mobilize.frontend.families import llama, qwen2
-from mobilize.frontend.families.common import gguf_base, hf_base, tiny_config
-
-HF_MODEL_TYPES = ("qwen3",)
-gguf_fix = qwen2.gguf_fix
+from mobilize.frontend.families import llama
+from mobilize.frontend.families.common import Family, gguf_base, hf_base, tiny_config
 
 
 def from_hf(d: dict[str, Any]) -> DecoderConfig:
@@ -29,3 +26,16 @@ def to_hf(cfg: DecoderConfig) -> dict[str, Any]:
     return dict(
         model_type="qwen3", architectures=["Qwen3ForCausalLM"], use_sliding_window=False, **llama._common_hf(cfg)
     )
+
+
+FAMILY = Family(
+    name="qwen3",
+    hf_model_types=("qwen3",),
+    gguf_arch="qwen3",
+    genai_type="qwen3",
+    tokenizer_class="Qwen2Tokenizer",
+    from_hf=from_hf,
+    from_gguf=from_gguf,
+    tiny=tiny,
+    to_hf=to_hf,
+)

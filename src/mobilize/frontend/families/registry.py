@@ -1,35 +1,31 @@
-"""The family registry: one dict literal wiring each family's config parsing, quirks and tiny config."""
+"""The family registry: one dict literal, each family's record from its own file."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from mobilize.errors import UnsupportedArchitectureError
 from mobilize.frontend.families import gemma3, llama, mistral, qwen2, qwen3
+from mobilize.frontend.families.common import Family
 
-FAMILIES: dict[str, ModuleType] = {
-    "llama": llama,
-    "mistral": mistral,
-    "qwen2": qwen2,
-    "qwen3": qwen3,
-    "gemma3": gemma3,
+FAMILIES: dict[str, Family] = {
+    "llama": llama.FAMILY,
+    "mistral": mistral.FAMILY,
+    "qwen2": qwen2.FAMILY,
+    "qwen3": qwen3.FAMILY,
+    "gemma3": gemma3.FAMILY,
 }
-
-# llama.cpp's `general.architecture` -> our family
-GGUF_ARCHES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 
 
 def family_for_hf(model_type: str | None) -> str:
-    for name, mod in FAMILIES.items():
-        if model_type in mod.HF_MODEL_TYPES:
+    for name, family in FAMILIES.items():
+        if model_type in family.hf_model_types:
             return name
-    known = ", ".join(t for m in FAMILIES.values() for t in m.HF_MODEL_TYPES)
+    known = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
     raise UnsupportedArchitectureError(f"model_type {model_type!r} is not supported (supported: {known})")
 
 
 def family_for_gguf(arch: str | None) -> str:
-    if arch not in GGUF_ARCHES:
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(GGUF_ARCHES)})"
-        )
-    return GGUF_ARCHES[arch]
+    for name, family in FAMILIES.items():
+        if arch == family.gguf_arch:
+            return name
+    known = ", ".join(f.gguf_arch for f in FAMILIES.values())
+    raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported (supported: {known})")

@@ -6,8 +6,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-# Our family -> the model type GenAI knows (transformers' model_type spelling).
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+from mobilize.frontend.families.registry import FAMILIES
 
 
 def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
@@ -31,7 +30,7 @@ def genai_config(
     input_names = {i["name"] for i in io["inputs"]}
     eos = tokens.get("eos_token_id")
     model: dict[str, Any] = {
-        "type": GENAI_TYPES[arch["family"]],
+        "type": FAMILIES[arch["family"]].genai_type,
         "vocab_size": arch["vocab_size"],
         "context_length": arch["max_position_embeddings"],
         # GenAI wants numbers here; a source that names no such token leaves the key out.

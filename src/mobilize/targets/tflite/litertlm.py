@@ -23,11 +23,7 @@ import uuid
 from pathlib import Path
 
 from mobilize.errors import MobilizeError
-
-# Chat turn markers of the families whose tokenizers carry them (the engine's conversation API uses them).
-_TEMPLATES = {
-    "gemma3": (("<start_of_turn>user\n", "<end_of_turn>\n"), ("<start_of_turn>model\n", "<end_of_turn>\n")),
-}
+from mobilize.frontend.families.registry import FAMILIES
 
 
 def llm_metadata(family: str, bos: int | None, eos: list[int], max_tokens: int):
@@ -39,11 +35,11 @@ def llm_metadata(family: str, bos: int | None, eos: list[int], max_tokens: int):
     for token in eos:
         m.stop_tokens.add().token_ids.ids.append(token)
     m.max_num_tokens = max_tokens
-    if family in _TEMPLATES:
-        (user_pre, user_suf), (model_pre, model_suf) = _TEMPLATES[family]
-        m.prompt_templates.user.prefix, m.prompt_templates.user.suffix = user_pre, user_suf
-        m.prompt_templates.model.prefix, m.prompt_templates.model.suffix = model_pre, model_suf
-        m.stop_tokens.add().token_str = "<end_of_turn>"
+    chat = FAMILIES[family].chat  # turn markers, for the engine's conversation API
+    if chat is not None:
+        m.prompt_templates.user.prefix, m.prompt_templates.user.suffix = chat.user
+        m.prompt_templates.model.prefix, m.prompt_templates.model.suffix = chat.model
+        m.stop_tokens.add().token_str = chat.end_of_turn
     m.llm_model_type.generic_model.SetInParent()
     m.supports_thinking = False
     m.supports_function_calling = False

@@ -1,0 +1,55 @@
+"""What a target is to the driver: one object per format behind `targets/registry.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mobilize.frontend.loader import LoadedModel
+from mobilize.quant.recipes import Recipe
+
+Statistics = Callable[[], Mapping[str, np.ndarray]] | None  # calibration, when the first weight needs it
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """What `lower` needs beyond the model and the recipe (from the export options and the preset)."""
+
+    max_seq_len: int
+    opset: str = "ort"
+    logits: str = "last"
+    prefill_lens: tuple[int, ...] = (32, 128)
+    bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
+
+
+@dataclasses.dataclass
+class Written:
+    """What the manifest says of the model files a target wrote."""
+
+    io: dict[str, Any]
+    kv_cache: dict[str, Any] | None
+    reports: list[dict[str, Any]]
+    target: dict[str, Any]  # format-specific fields of the manifest's `target`
+
+
+class Target(Protocol):
+    name: str
+    # The target quantizes the weights that use calibration last, while it writes the others: calibration
+    # then runs beside the write (a child process) instead of before the lowering.
+    lazy_statistics: bool
+
+    def check(self, how: Lowering) -> None:
+        """Refuse, in one line, options this target does not take."""
+
+    def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase) -> Any:
+        """The model for this target (weights still lazy)."""
+
+    def write(self, lowered: Any, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
+        """The model files into `out`, weights streamed."""
+
+    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
+        """Files that need the tokenizer or the manifest's fields (written after both)."""

@@ -1,0 +1,47 @@
+"""The ONNX target: the plain graph from the emitter, the pass pipeline, `model.onnx` + external data, and
+`genai_config.json` for ONNX Runtime GenAI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.tokenizer import special_token_ids
+from mobilize.quant.recipes import Recipe
+from mobilize.targets.base import Lowering, Statistics, Written
+from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.genai_config import genai_config, graph_io
+from mobilize.targets.onnx.passes.kv_cache import static_kv
+from mobilize.targets.onnx.pipeline import onnx_passes, run_passes, summarize
+from mobilize.targets.onnx.writer import save_onnx
+
+
+class OnnxTarget:
+    name = "onnx"
+    lazy_statistics = True  # MatMulNBits tensors are lazy: those that use calibration are written last
+
+    def check(self, how: Lowering) -> None:
+        from mobilize.errors import MobilizeError
+
+        if how.bundle:
+            raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
+
+    def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
+        passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics)
+        phase("building graph")
+        graph = build_decoder(model, last_logits=how.logits == "last")
+        phase(f"passes ({recipe.name})")
+        return graph, run_passes(graph, passes)
+
+    def write(self, lowered, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
+        graph, reports = lowered
+        phase("writing model.onnx (weights streamed)")
+        save_onnx(graph, out)
+        fields = {"opset": how.opset, "logits": how.logits}
+        # (the quantization statistics came with the write)
+        return Written(graph_io(graph), static_kv(graph), summarize(reports), fields)
+
+    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
+        genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache)
+        (out / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,48 @@
+"""The TFLite (LiteRT) target: the decoder lowered once per signature, `model.tflite` written with the official
+schema, and optionally the `.litertlm` bundle LiteRT-LM's engine runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.tokenizer import special_token_ids
+from mobilize.quant.recipes import Recipe
+from mobilize.targets.base import Lowering, Statistics, Written
+from mobilize.targets.tflite.emitter import build_tflite, tflite_io, tflite_kv
+
+
+class TfliteTarget:
+    name = "tflite"
+    lazy_statistics = False  # the flatbuffer's scales are laid out before any buffer: calibration comes first
+
+    def check(self, how: Lowering) -> None:
+        from mobilize.errors import MobilizeError
+
+        if how.logits != "last":
+            raise MobilizeError("--logits all is for ONNX packages (TFLite's signatures give the last position's)")
+
+    def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
+        phase("lowering to TFLite")
+        return build_tflite(model, recipe, how.max_seq_len, list(how.prefill_lens), statistics and statistics())
+
+    def write(self, lowered, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
+        tfl, quant_report = lowered
+        phase("writing model.tflite (weights streamed)")
+        tfl.write(out / "model.tflite")
+        io = tflite_io(out / "model.tflite")
+        reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
+        prefill = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
+        return Written(io, tflite_kv(model.config, how.max_seq_len), reports, {"prefill_lens": prefill})
+
+    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
+        if how.bundle != "litertlm":
+            return
+        from mobilize.targets.tflite.litertlm import write_litertlm
+
+        phase("writing model.litertlm")
+        ids = special_token_ids(model.ckpt)
+        eos = ids["eos_token_id"]
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        info = {"architecture": manifest["architecture"], "target": manifest["target"]}
+        write_litertlm(out, info, ids["bos_token_id"], eos, out / "model.litertlm")
