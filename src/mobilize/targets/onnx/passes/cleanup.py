@@ -19,9 +19,6 @@ class CleanupPass(ReportingPass):
         super().__init__()
         self._name = "cleanup"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         folded = sum(self._fold(graph, node) for node in list(graph))

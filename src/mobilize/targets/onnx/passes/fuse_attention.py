@@ -43,9 +43,6 @@ class FuseGroupQueryAttentionPass(ReportingPass):
         super().__init__()
         self._name = "fuse_attention(GroupQueryAttention)"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         self._lengths: dict[int, tuple[ir.Value, ir.Value]] = {}

@@ -21,9 +21,6 @@ class FuseStdAttentionPass(ReportingPass):
         super().__init__()
         self._name = "fuse_attention(opset 23 Attention)"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         for node in std_nodes(graph, "Softmax"):

@@ -33,9 +33,6 @@ class FuseRMSNormPass(ReportingPass):
         self.skip = skip and not std
         self._name = "fuse_rmsnorm" + ("(opset 23)" if std else "")
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         fused = 0

@@ -43,9 +43,6 @@ class FuseRotaryPass(ReportingPass):
         self.max_seq_len, self.std = max_seq_len, std
         self._name = f"fuse_rotary(max_seq_len {max_seq_len}" + (", opset 23)" if std else ")")
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         for node in std_nodes(graph, "Add"):

@@ -30,9 +30,6 @@ class StaticKVCachePass(ReportingPass):
         self.max_seq_len, self.window_slack = max_seq_len, window_slack
         self._name = f"kv_cache(static, max_seq_len {max_seq_len})"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         changed = False

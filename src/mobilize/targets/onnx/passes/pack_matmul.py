@@ -22,9 +22,6 @@ class PackMatMulPass(ReportingPass):
         self.carry_blocks = carry_blocks
         self._name = "pack_matmul"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         groups: dict[int, list[ir.Node]] = {}

@@ -79,9 +79,6 @@ class QuantizeMatMulPass(ReportingPass):
         kind = "sym" if symmetric else "asym"
         self._name = f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modified = False

@@ -23,9 +23,6 @@ class QuantizeGatherPass(ReportingPass):
         kind = "sym" if symmetric else "asym"
         self._name = f"quantize_embedding(int{bits}, block {block_size}, {kind})"
 
-    def report_name(self) -> str:
-        return self._name
-
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
         modified = False

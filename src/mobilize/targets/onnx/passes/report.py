@@ -33,19 +33,18 @@ class ReportedResult(ir.passes.PassResult):
 
 
 class ReportingPass(ir.passes.InPlacePass):
-    """Subclasses implement `run(model) -> modified` and count into `self.report`, which exists only during a
-    call: a pass instance run twice (as onnx_ir's PassManager does, to a fixed point) reports each run alone."""
+    """Subclasses set `self._name` (the report's title), implement `run(model) -> modified` and count into
+    `self.report`, which exists only during a call: a pass instance run twice (as onnx_ir's PassManager does, to
+    a fixed point) reports each run alone."""
 
     runs_after: tuple[str, ...] = ()  # class names of passes that must come earlier in a pipeline, if present
-
-    def report_name(self) -> str:
-        raise NotImplementedError
+    _name: str = "pass"
 
     def run(self, model: ir.Model) -> bool:
         raise NotImplementedError
 
     def call(self, model: ir.Model) -> ReportedResult:
-        self.report = PassReport(self.report_name())
+        self.report = PassReport(self._name)
         try:
             modified = self.run(model)
             return ReportedResult(model, bool(modified), self.report)
