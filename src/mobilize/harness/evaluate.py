@@ -57,11 +57,12 @@ def reference_runner(manifest: dict, reference: str):
 def evaluate(
     package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0, reference: str = "numpy"
 ) -> dict[str, Any]:
+    ref = reference_runner(package.manifest, reference)  # first: a package without a source says so
     tok = package.tokenizer()
     ids = tok.encode(text).ids
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
-    ours, ref = package.runner(threads), reference_runner(package.manifest, reference)
+    ours = package.runner(threads)
     # Every chunk starts as the text does: with the BOS token where the tokenizer adds one (a model like
     # Gemma is far from itself mid-text without it, and so is any int8-activation kernel: differences
     # between kernels there are not the package's error). The BOS row itself is not scored.
