@@ -14,6 +14,7 @@ from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.sources.gguf_file import read_gguf
 from mobilize.frontend.sources.gguf_grid import block_grid
 from mobilize.harness.ort_runner import OrtRunner
+from mobilize.quant.recipes import WeightQuant
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import write_tiny_gguf  # noqa: E402
@@ -89,7 +90,7 @@ def test_carried_graph_computes_what_the_gguf_says(tiny_hf, tmp_path):
     model = load_model(open_checkpoint(str(path)))
     fp32 = OrtRunner(save_onnx(build_decoder(model), tmp_path / "fp32"))
     graph = build_decoder(model)
-    qpass = QuantizeMatMulPass(bits=4, block_size=32, carry_blocks=True)
+    qpass = QuantizeMatMulPass(WeightQuant(4, 32, False), carry_source_blocks=True)
     assert (r := qpass(graph)).modified and r.report.matched == 2 * 7 + 1
     assert all(t["carried_from_source"] for t in r.report.details)
     carried = OrtRunner(save_onnx(graph, tmp_path / "carried"))

@@ -17,7 +17,13 @@ from mobilize.quant.primitives import (
     quantize_blockwise,
     unpack_nbits,
 )
+from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
+
+
+def SPLIT(keep: int) -> WeightQuant:  # noqa: N802
+    """8-bit symmetric blocks of 32 for the `keep` loudest input channels, 4-bit asymmetric for the rest."""
+    return WeightQuant(8, 32, True, split_keep=keep, split_rest=WeightQuant(4, 32, False))
 
 
 @settings(max_examples=60, deadline=None)
@@ -86,7 +92,7 @@ def test_matmul_nbits_equals_dequantized(bits, symmetric, k, tied):
     model, w_kn = _matmul_model(k, 24, tied)
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
     before = _run(model, {"x": x})
-    qpass = QuantizeMatMulPass(bits=bits, block_size=32, symmetric=symmetric)
+    qpass = QuantizeMatMulPass(WeightQuant(bits, 32, symmetric))
     assert (r := qpass(model)).modified
     ops = [n.op_type for n in model.graph]
     assert ops == ["MatMulNBits"]  # the Transpose and the fp32 weight are gone
@@ -99,7 +105,7 @@ def test_matmul_nbits_equals_dequantized(bits, symmetric, k, tied):
     assert r.report.matched == 1 and detail["shape"] == [24, k]
     rel = np.sqrt(((after - before) ** 2).mean() / (before**2).mean())
     assert rel < {4: 0.15, 8: 0.01}[bits] and detail["rel_rms_error"] < {4: 0.15, 8: 0.01}[bits]
-    assert not QuantizeMatMulPass(bits=bits, block_size=32, symmetric=symmetric)(model).modified
+    assert not QuantizeMatMulPass(WeightQuant(bits, 32, symmetric))(model).modified
 
 
 def _split_case(tied: bool, k: int = 96, n: int = 40, keep: int = 32):
@@ -120,7 +126,7 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
 
     model, w_kn, loudness, loud, x = _split_case(tied)
     before = _run(model, {"x": x})
-    qpass = QuantizeMatMulPass(8, 32, True, importance=lambda name: loudness, split=(32, 4, 32, False))
+    qpass = QuantizeMatMulPass(SPLIT(32), importance=lambda name: loudness)
     assert (r := qpass(model)).modified
     assert [n.op_type for n in model.graph] == ["Gather", "Split", "MatMulNBits", "MatMulNBits", "Add"]
     kept, rest = (n for n in model.graph if n.op_type == "MatMulNBits")
@@ -140,10 +146,10 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
     assert abs(detail["rel_rms_error"] - expected_rel) < 1e-4 * expected_rel
     # against the same weight all in the narrow form, the loud channels' error is what it saves
     narrow, _ = _matmul_model(96, 40, tied)
-    QuantizeMatMulPass(4, 32, False)(narrow)
+    QuantizeMatMulPass(WeightQuant(4, 32, False))(narrow)
     error = lambda y: float(np.sqrt(((y - before) ** 2).mean()))  # noqa: E731
     assert error(after) < 0.5 * error(_run(narrow, {"x": x}))
-    assert not QuantizeMatMulPass(8, 32, True, importance=lambda name: loudness, split=(32, 4, 32, False))(
+    assert not QuantizeMatMulPass(SPLIT(32), importance=lambda name: loudness)(
         model
     ).modified
     # written after every other initializer, even those added later (an embedding's): they wait on calibration
@@ -162,7 +168,7 @@ def test_split_keeps_the_loud_channels_in_the_wider_form(tied, tmp_path):
 def test_split_needs_statistics_and_more_channels_than_it_keeps(case):
     model, w_kn, loudness, _, x = _split_case(False)
     importance, keep = (None, 32) if case == "no statistics" else (lambda name: loudness, 96)
-    qpass = QuantizeMatMulPass(8, 32, True, importance=importance, split=(keep, 4, 32, False))
+    qpass = QuantizeMatMulPass(SPLIT(keep), importance=importance)
     assert (r := qpass(model)).modified
     assert [n.op_type for n in model.graph] == ["MatMulNBits"]  # the plain form: all of it 8-bit
     assert "split" not in r.report.details[0] and r.report.details[0]["bits"] == 8
@@ -209,9 +215,8 @@ def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, sto
     k, n = 256, 48
     model, w_kn = _grid_model(k, n, 5 if grid == "q5" else 4, float_zero_points=grid == "q4k")
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
-    qpass = QuantizeMatMulPass(
-        bits=4, block_size=32, carry_blocks=True, wide_block_size=wide_block_size, widen_below=widen_below
-    )
+    quant = WeightQuant(4, 32, False, wide_block_size=wide_block_size, widen_below=widen_below)
+    qpass = QuantizeMatMulPass(quant, carry_source_blocks=True)
     assert (r := qpass(model)).modified
     bits, block, ops = stored
     assert [n.op_type for n in model.graph] == ops
@@ -224,4 +229,4 @@ def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, sto
         assert rel < 1e-5 and detail["rel_rms_error"] < 1e-6
     else:  # re-rounded onto 8-bit blocks of 128: far finer than the 4/5-bit source grid, not exact
         assert 1e-5 < rel < 0.01 and 0 < detail["rel_rms_error"] < 0.01
-    assert not QuantizeMatMulPass(bits=4, carry_blocks=True, wide_block_size=wide_block_size)(model).modified
+    assert not QuantizeMatMulPass(quant, carry_source_blocks=True)(model).modified

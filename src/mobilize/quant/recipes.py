@@ -62,13 +62,9 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "int4",
-            "4-bit weights, blocks of 32, asymmetric; a GGUF's Q4_K blocks carried over exactly, its wider "
-            "Q5_0/Q6_K/Q8_0 blocks kept at 8 bits (ONNX: symmetric blocks of 128, and Q4_K weights under 4M "
-            "elements too, where the exact form's correction ops cost more than the bytes); the output head in "
-            "ONNX split by input channel: the 256 of largest mean square input on the calibration text 8-bit "
-            "(symmetric blocks of 128), the others 4-bit (asymmetric blocks of 128), all of it 8-bit where the "
-            "source has no tokenizer to calibrate with; in TFLite 4-bit calibrated; the embedding 8-bit. TFLite: "
-            "Q4_K as symmetric INT4 plus a zero-point correction, Q5_0/Q6_K/Q8_0 as int8 per channel",
+            "4-bit weights, blocks of 32; a GGUF's blocks carried exactly where the target holds them, wider ones "
+            "kept at 8 bits; the head split by calibration (its loudest input channels 8-bit) where the target can, "
+            "else 4-bit calibrated; the embedding 8-bit. Each tensor's form: the manifest's build report",
             WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
             head=WeightQuant(4, 32, False, carry=False),
             onnx_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),

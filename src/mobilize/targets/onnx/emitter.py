@@ -79,6 +79,7 @@ class OnnxEmitter:
             # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
             value.meta["block_grid"] = _grid(ref)
             value.meta["block_form"] = GRID_FORMS[ref.dtype]
+            value.meta["block_kinds"] = (ref.dtype,)
             if ref.dtype == "Q8_0":  # codes readable without dequantizing: no fp32 copy at all
                 # computed once: a tied table's embedding and head read the same codes
                 value.meta["block_codes"] = functools.cache(lambda: block_codes(ref.dtype, ref.raw()))

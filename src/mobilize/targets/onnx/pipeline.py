@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
 from mobilize.quant.calibrate import statistics_for
+from mobilize.quant.plan import ONNX_CAPS, quant_for
 from mobilize.quant.recipes import RECIPES, Recipe, WeightQuant
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
 from mobilize.targets.onnx.passes.fuse_attention import FuseGroupQueryAttentionPass
@@ -61,22 +62,18 @@ def onnx_passes(
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
         passes.append(_matmul_pass(recipe, recipe.matmul, importance=searched))
-    if recipe.embedding is not None:  # after the head, so a tied table is no longer shared when replaced
-        e = recipe.embedding
-        passes.append(QuantizeGatherPass(e.bits, e.block_size, e.symmetric, recipe.carry_source_blocks and e.carry))
+    if (e := quant_for(recipe, "embedding", ONNX_CAPS)) is not None:  # after the head: a tied table is no longer
+        # shared when replaced
+        passes.append(QuantizeGatherPass(e, carry_source_blocks=recipe.carry_source_blocks))
     # phase: cleanup
     passes.append(CleanupPass())
     return passes
 
 
 def _matmul_pass(recipe: Recipe, q: WeightQuant, **kwargs) -> QuantizeMatMulPass:
-    rest = q.split_rest
     return QuantizeMatMulPass(
-        q.bits, q.block_size, q.symmetric, carry_blocks=recipe.carry_source_blocks and q.carry,
-        carry_wider=q.carry_wider, wide_block_size=q.wide_block_size,
-        widen_below=q.widen_below, accuracy_level=recipe.accuracy_level,
-        split=(q.split_keep, rest.bits, rest.block_size, rest.symmetric) if rest is not None else None, **kwargs,
-    )  # fmt: skip
+        q, carry_source_blocks=recipe.carry_source_blocks, accuracy_level=recipe.accuracy_level, **kwargs
+    )
 
 
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")

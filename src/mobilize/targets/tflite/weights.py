@@ -20,8 +20,9 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.frontend.loader import LoadedModel
-from mobilize.frontend.sources.gguf_grid import GRID_FORMS, block_codes, block_grid
+from mobilize.frontend.sources.gguf_grid import block_codes, block_grid
 from mobilize.quant.calibrate import statistics_for
+from mobilize.quant.plan import TFLITE_CAPS, SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for
 from mobilize.quant.primitives import codes_on_grid, search_blocks, zero_point_correction
 from mobilize.quant.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite.writer import INT4, Quant, TflGraph
@@ -56,6 +57,7 @@ class FcWeights:
         self.stats: dict[str, dict] = {}
         self._corrections: dict[str, int] = {}
         self._scales: dict[tuple[str, int], np.ndarray] = {}
+        self._plans: dict[str, WeightForm] = {}  # the planner's form of each weight, by tensor key
 
     def _load(self, name: str) -> np.ndarray:
         return np.asarray(self.ckpt[name].load(), dtype=F32)
@@ -74,7 +76,7 @@ class FcWeights:
             sq_w += float(np.square(rows, dtype=np.float64).sum())
             max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
             yield pack_int4(q) if bits == 4 else q
-        self.stats[key] = {
+        self.stats[key] = self._planned(key) | {
             "bits": bits,
             "form": "per-channel sym",
             "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
@@ -82,41 +84,30 @@ class FcWeights:
         }
 
     def _fc_tensor(self, g: TflGraph, name: str, quant: WeightQuant | None, key: str) -> int:
-        shape = self.ckpt[name].shape
-        n, k = shape
-        if quant is None:
+        ref = self.ckpt[name]
+        n, k = shape = ref.shape
+        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        form = plan_weight(shape, SourceGrid.of(ref.dtype), quant, self.recipe.carry_source_blocks, TFLITE_CAPS,
+                           stats is not None)  # fmt: skip
+        if form is None:
             return g.weight(key, shape, F32, 4 * n * k, lambda: self._load(name))
-        if quant.bits == 4 and self._keep_wider(name, quant):
-            quant = WeightQuant(8, 0, True)
-        if quant.bits == 4 and quant.block_size and k % quant.block_size == 0 and k > quant.block_size:
-            return self._blockwise(g, name, quant.block_size, key, self._carry_q4k(name, quant))
+        self._plans[key] = form
+        if form.block_size:  # INT4 blocks (the planner gives blocks only where TFLite has them)
+            return self._blockwise(g, name, form.block_size, key, form.source == "grid")
         # The scales are needed in the flatbuffer (before any buffer is written): computed from row maxima
         # here, and the codes recomputed from the same rows when the buffer is written.
-        scale = self._row_scales(name, quant.bits)
+        scale = self._row_scales(name, form.bits)
         q = Quant(scale=scale.tolist(), zero_point=[0] * n, axis=0)
 
         def produce():
-            return self._per_channel(name, quant.bits, key, scale)
+            return self._per_channel(name, form.bits, key, scale)
 
-        if quant.bits == 4:
+        if form.bits == 4:
             return g.weight(key, shape, INT4, -(-n * k // 2), produce, q)
         return g.weight(key, shape, np.int8, n * k, produce, q)
 
-    def _keep_wider(self, name: str, quant: WeightQuant) -> bool:
-        """A GGUF weight stored with more than 4 bits (Q5_0, Q6_K, Q8_0) stays 8-bit under a recipe that
-        carries source blocks (TFLite has no form that carries them exactly: this keeps their accuracy)."""
-        form = GRID_FORMS.get(self.ckpt[name].dtype)
-        return bool(self.recipe.carry_source_blocks and quant.carry and quant.carry_wider and form and form[0] > 4)
-
-    def _carry_q4k(self, name: str, quant: WeightQuant) -> bool:
-        """A GGUF's Q4_K weight kept exactly: its codes and scales as INT4 blocks of 32, and its float zero
-        points as a correction (see `correction`)."""
-        return bool(
-            self.recipe.carry_source_blocks
-            and quant.carry
-            and quant.block_size == 32
-            and self.ckpt[name].dtype == "Q4_K"
-        )
+    def _planned(self, key: str) -> dict:
+        return {"plan": self._plans[key].describe()} if key in self._plans else {}
 
     def correction(self, name: str) -> int | None:
         """For a weight carried from Q4_K (w = s * (q - zp), zp a float per block of 32): the tensor C [N, K / 32],
@@ -161,7 +152,7 @@ class FcWeights:
                 scales.append(scale)
                 corrections.append(corr)
                 yield pack_int4(q)
-            self.stats[key] = {
+            self.stats[key] = self._planned(key) | {
                 "bits": 4,
                 "form": f"blockwise {block} sym, fp16 scales" + (" + Q4_K zero points" if grid is not None else ""),
                 "carried_from_source": grid is not None,
@@ -191,7 +182,7 @@ class FcWeights:
         return self._scales[name, bits]
 
     def tensor(self, g: TflGraph, name: str) -> int:
-        return self._fc_tensor(g, name, self.recipe.matmul, name)
+        return self._fc_tensor(g, name, quant_for(self.recipe, "linear", TFLITE_CAPS), name)
 
     # ---- the embedding lookup and the head ----
     def embedding(self, g: TflGraph) -> int:
@@ -201,8 +192,10 @@ class FcWeights:
             return g.weight(EMBEDDING, shape, F32, 4 * math.prod(shape), lambda: self._load(EMBEDDING))
         # Rows looked up, then scaled: GATHER returns the int8 rows, CAST and MUL by the gathered row scale.
         if self._carry_q8_0():
+            self._plans[EMBEDDING + ".q8_0"] = self.embedding_form()
             return g.weight(EMBEDDING + ".q8_0", shape, np.int8, math.prod(shape), self._q8_0_codes)
         key = EMBEDDING + ".int8"
+        self._plans[key] = self.embedding_form()
 
         def produce():
             return self._per_channel(EMBEDDING, 8, key, self._row_scales(EMBEDDING, 8))
@@ -210,14 +203,15 @@ class FcWeights:
         return g.weight(key, shape, np.int8, math.prod(shape), produce)
 
     def _carry_q8_0(self) -> bool:
-        """A GGUF's Q8_0 embedding kept exactly: its int8 codes as the table, and its per-block scales
-        gathered with the rows (the lookup multiplies each block of 32 by its own scale)."""
-        q = self.recipe.embedding
+        """A GGUF's Q8_0 embedding kept exactly (the planner's "codes" form): its int8 codes as the table, and its
+        per-block scales gathered with the rows (the lookup multiplies each block of 32 by its own scale)."""
+        form = self.embedding_form()
+        return form is not None and form.source == "codes"
+
+    def embedding_form(self) -> WeightForm | None:
         ref = self.ckpt[EMBEDDING]
-        return bool(
-            q is not None and q.bits == 8 and q.carry and self.recipe.carry_source_blocks
-            and ref.dtype == "Q8_0" and ref.raw is not None
-        )  # fmt: skip
+        grid = SourceGrid.of(ref.dtype, codes=ref.dtype == "Q8_0" and ref.raw is not None)
+        return plan_embedding(ref.shape, grid, self.recipe.embedding, self.recipe.carry_source_blocks, TFLITE_CAPS)
 
     def _q8_0_codes(self):
         raw = self.ckpt[EMBEDDING].raw()
@@ -226,7 +220,7 @@ class FcWeights:
             yield (codes.astype(np.int16) - 128).astype(np.int8)
         key = EMBEDDING + ".q8_0"
         self.stats[key] = {"bits": 8, "form": "Q8_0, blocks of 32 (carried)", "carried_from_source": True,
-                           "rel_rms_error": 0.0, "max_abs_error": 0.0}  # fmt: skip
+                           "rel_rms_error": 0.0, "max_abs_error": 0.0} | self._planned(key)  # fmt: skip
 
     def _q8_0_scales(self) -> np.ndarray:
         raw = self.ckpt[EMBEDDING].raw()
@@ -260,7 +254,7 @@ class FcWeights:
 
     def head(self, g: TflGraph, x: int) -> int:
         name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
-        quant = self.recipe.head if self.recipe.head is not None else self.recipe.matmul
+        quant = quant_for(self.recipe, "head", TFLITE_CAPS)
         key = name if quant is None else name + ".head"
         w = self._fc_tensor(g, name, quant, key)
         options = fb.FullyConnectedOptionsT()
@@ -268,4 +262,5 @@ class FcWeights:
         return g.op(Op.FULLY_CONNECTED, [x, w, -1], (*g.shape(x)[:-1], g.shape(w)[0]), F32, options)
 
     def report(self) -> dict:
+        """The quantization report: filled as the weights are written (the same dict)."""
         return {"tensors": self.stats}

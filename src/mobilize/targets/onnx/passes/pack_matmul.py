@@ -57,6 +57,7 @@ class PackMatMulPass(ReportingPass):
             value.meta["block_grid"] = lambda: _concat_grids([g() for g in grids])
             if len(forms) == 1:
                 value.meta["block_form"] = forms.pop()
+                value.meta["block_kinds"] = tuple(sorted({k for w in weights for k in w.meta.get("block_kinds", ())}))
         matmul = ir.node("MatMul", [nodes[0].inputs[0], value], name=name + ".matmul")
         split = ir.node(
             "Split",

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
+from mobilize.quant.plan import ONNX_CAPS, SourceGrid, WeightForm, plan_weight
 from mobilize.quant.primitives import (
     ROWS,
     codes_on_grid,
@@ -24,8 +25,11 @@ from mobilize.quant.primitives import (
     quantize_blockwise,
     zero_point_correction,
 )
+from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, WRITE_LAST, initializer, remove_dead, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
+
+DEFAULT = WeightQuant(4, 32, False)
 
 _CORRECTION = "mobilize.zero_point_correction"
 
@@ -34,50 +38,54 @@ class QuantizeMatMulPass(ReportingPass):
     runs_after = ("PackMatMulPass",)  # packed weights are quantized as one
     def __init__(
         self,
-        bits: int = 4,
-        block_size: int = 32,
-        symmetric: bool = False,
+        quant: WeightQuant = DEFAULT,
+        *,
+        carry_source_blocks: bool = False,
         min_elements: int = 0,
         weights: Callable[[str], bool] | None = None,
         label: str = "",
-        carry_blocks: bool = False,
-        carry_wider: bool = True,
         accuracy_level: int = 0,
         importance: Callable[[str], np.ndarray | None] | None = None,
-        wide_block_size: int = 0,
-        widen_below: int = 0,
-        split: tuple[int, int, int, bool] | None = None,
     ):
-        """`weights` selects weights by initializer name (default: all). With `carry_blocks`, a weight whose
-        value carries a source block grid (meta "block_grid", from a GGUF) keeps that grid exactly, at the
-        grid's own bits and block size, instead of being re-rounded. `importance` gives a weight's mean
-        square input per channel (calibration): re-rounded weights then weigh each channel's error by it.
+        """MatMulNBits for every constant MatMul weight `weights` selects (by initializer name; default all), each
+        stored as the weight planner (quant/plan.py) decides from `quant` (the recipe's form for these weights),
+        the recipe's `carry_source_blocks` and the weight's source grid (meta "block_form"/"block_kinds", from a
+        GGUF). `importance` gives a weight's mean square input per channel (calibration): re-rounded weights then
+        weigh each channel's error by it, and a split weight ranks its channels by it.
 
-        `wide_block_size`: a carried grid wider than `bits` (Q5_0, Q6_K, Q8_0) is stored as 8-bit symmetric
-        blocks of this size instead of its own blocks of 32 (re-rounded: 8 bits over a 5-8-bit grid, relative
-        error ~0.6%). One fp32 scale per 128 weights instead of a scale and zero point per 32: 8.25 bits per
-        weight instead of 9.25, and ONNX Runtime's int8 kernel runs faster on longer blocks.
-        `widen_below`: a Q4_K weight (4-bit with a float zero point per block, exact only with a correction
-        subgraph of 4 ops) with fewer elements than this takes that 8-bit form too: below a few million
-        weights, the correction's fixed cost per token exceeds the time of the extra bytes.
-        `split` (keep, bits, block_size, symmetric), with `importance`: a re-rounded weight keeps this pass's
-        form for the `keep` input channels of largest mean square input and takes the given form for the
-        rest, both rounded to nearest. The input's channels are gathered into that order and split; two
+        Forms the planner can choose, for a GGUF source: the source grid kept exactly (Q5_0/Q6_K/Q8_0 as 8-bit
+        blocks with zero points, Q4_K as 4-bit with float zero points added back by a correction subgraph), the
+        Q8_0 codes as they are, or (a recipe's `wide_block_size`) wider grids as 8-bit symmetric blocks of 128:
+        one fp32 scale per 128 weights instead of a scale and zero point per 32 (8.25 bits per weight instead of
+        9.25; ONNX Runtime's int8 kernel runs faster on longer blocks), and small Q4_K tensors likewise (below a
+        few million weights the correction's fixed cost per token exceeds the time of the extra bytes).
+        A split weight keeps its form for the `split_keep` input channels of largest mean square input and
+        takes `split_rest` for the others: a Gather puts the kept channels first, a Split parts them, two
         MatMulNBits and an Add follow. An output head's input has a few loud channels (Gemma 3 270M: mean
         squares from 2 to 1,700; the top 256 of 640 carry ~80% of the sum), where 4-bit error costs the most."""
         super().__init__()
-        self.carry_blocks = carry_blocks
-        self.carry_wider = carry_wider  # also carry grids with more bits than `bits` (else re-round them)
+        self.quant, self.carry_source_blocks, self.min_elements = quant, carry_source_blocks, min_elements
         # MatMulNBits' compute type: 0 the op's default, 4 int8 activations (ONNX Runtime's fast CPU kernels;
         # its 8-bit weights have no fast path without it).
         self.accuracy_level = accuracy_level
-        self.bits, self.block_size, self.symmetric, self.min_elements = bits, block_size, symmetric, min_elements
         self.weights = weights
         self.importance = importance
-        self.wide_block_size, self.widen_below = wide_block_size, widen_below
-        self.split = split
-        kind = "sym" if symmetric else "asym"
-        self._name = f"quantize_matmul{label}(int{bits}, block {block_size}, {kind})"
+        kind = "sym" if quant.symmetric else "asym"
+        self._name = f"quantize_matmul{label}(int{quant.bits}, block {quant.block_size}, {kind})"
+
+    def plan(self, weight: ir.Value, n: int, k: int) -> WeightForm:
+        """The weight's storage, from its metadata, before any of its bytes are read."""
+        grid = None
+        form = weight.meta.get("block_form")
+        if form is not None:
+            exact = weight.meta.get("block_grid") is not None
+            grid = SourceGrid(weight.meta.get("block_kinds", ()), form[0], form[1], exact,
+                              codes=weight.meta.get("block_codes") is not None)  # fmt: skip
+        statistics = self.importance is not None
+        planned = plan_weight((n, k), grid, self.quant, self.carry_source_blocks, ONNX_CAPS, statistics)
+        if planned is None:
+            raise MobilizeError(f"{weight.name}: the recipe keeps it float, yet it was selected for quantization")
+        return planned
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -121,46 +129,23 @@ class QuantizeMatMulPass(ReportingPass):
             return None, False
         return b, transposed
 
-    def _source_codes(self, weight: ir.Value):
-        """8-bit codes read straight from the source bytes (Q8_0), when this pass would carry them."""
-        make = weight.meta.get("block_codes")
-        if make is None or (not self.carry_wider and self.bits < 8):
-            return None
-        return make
-
-    def _plan(self, weight: ir.Value) -> tuple[str, int, int, str]:
-        """How a weight will be stored, decided from its metadata before any of its bytes are read:
-        (how: codes | grid | round, bits, block_size, zero points: none | uint8 | float)."""
-        form = weight.meta.get("block_form") if self.carry_blocks else None
-        if form is not None and self.wide_block_size:
-            wider = form[0] > self.bits and self.carry_wider
-            small_grid4 = form[0] == 4 and weight.shape[0] * weight.shape[1] < self.widen_below
-            if wider or small_grid4:
-                return "round", 8, self.wide_block_size, "none"
-        if self.carry_blocks and self._source_codes(weight) is not None:
-            return "codes", 8, weight.meta["block_form"][1], "uint8"
-        if form is not None and not self.carry_wider and form[0] > self.bits:
-            self.report.reject(f"source grid has {form[0]} bits: re-rounded to {self.bits}")
-        elif form is not None and weight.meta.get("block_grid") is not None:
-            # Q4_K is the one 4-bit grid, with a float zero point per block (w = s * q - m)
-            return "grid", form[0], form[1], "float" if form[0] == 4 else "uint8"
-        elif self.carry_blocks:
-            self.report.reject("no source block grid: re-rounded")
-        return "round", self.bits, self.block_size, "none" if self.symmetric else "uint8"
-
     def _rewrite(self, graph: ir.Graph, node: ir.Node, weight: ir.Value, transposed: bool) -> None:
         """MatMulNBits in place of the MatMul. The quantized tensors are lazy: the weight is read and
         quantized when the model is written, one weight at a time, so an export holds at most a few
         weights in memory whatever the model's size; the error statistics fill the report then."""
-        how, bits, block_size, zp_kind = self._plan(weight)
         n, k = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+        form = self.plan(weight, n, k)
+        how = {"rounded": "round", "grid": "grid", "codes": "codes"}[form.source]
+        bits, block_size, zp_kind = form.bits, form.block_size, form.zero_point
+        if form.note:
+            self.report.reject(form.note)
         entry = {"weight": weight.name, "shape": [n, k], "bits": bits, "block_size": block_size,
-                 "carried_from_source": how != "round"}  # fmt: skip
+                 "carried_from_source": form.exact, "plan": form.describe()}  # fmt: skip
         self.report.matched += 1
         self.report.details.append(entry)
         x, name = node.inputs[0], (node.name or "") + "_nbits"
-        if how == "round" and self.split is not None and self.importance is not None and k > self.split[0]:
-            nodes = self._split_nodes(graph, x, weight, transposed, n, k, entry, name)
+        if form.split is not None:
+            nodes = self._split_nodes(graph, x, weight, transposed, n, k, entry, name, form)
         else:
             parts = _Parts(lambda: self._quantize(weight, transposed, how, bits, block_size, zp_kind, entry))
             base = f"{weight.name}.q{bits}b{block_size}"
@@ -185,11 +170,11 @@ class QuantizeMatMulPass(ReportingPass):
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": self.accuracy_level}
         return [ir.node("MatMulNBits", inputs, attributes=attributes, domain=MS_DOMAIN, name=name)]
 
-    def _split_nodes(self, graph, x, weight, transposed, n, k, entry, name) -> list[ir.Node]:
-        keep, rest_bits, rest_block, rest_symmetric = self.split
+    def _split_nodes(self, graph, x, weight, transposed, n, k, entry, name, form: WeightForm) -> list[ir.Node]:
+        keep, rest = form.split.keep, form.split.rest
         forms = {
-            "kept": (keep, self.bits, self.block_size, "none" if self.symmetric else "uint8"),
-            "rest": (k - keep, rest_bits, rest_block, "none" if rest_symmetric else "uint8"),
+            "kept": (keep, form.bits, form.block_size, form.zero_point),
+            "rest": (k - keep, rest.bits, rest.block_size, rest.zero_point),
         }
         entry["split"] = {part: {"channels": c, "bits": b, "block_size": bs} for part, (c, b, bs, _) in forms.items()}
         parts = _Parts(lambda: self._quantize_split(weight, transposed, forms, entry))
@@ -260,7 +245,7 @@ class QuantizeMatMulPass(ReportingPass):
     def _quantize(self, weight, transposed, how, bits, block_size, zp_kind, entry) -> dict[str, np.ndarray]:
         """The stored arrays of one weight, by name suffix; its error statistics into `entry`."""
         if how == "codes":  # exact by construction: the stored values are (q - zero_point) * scale
-            q, scale, zero_point = self._source_codes(weight)()
+            q, scale, zero_point = weight.meta["block_codes"]()
             stats = {"rel_rms_error": 0.0, "max_abs_error": 0.0}
         else:
             w = weight.const_value.numpy()

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from mobilize.quant.plan import ONNX_CAPS, SourceGrid, plan_embedding
 from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
+from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
+
+DEFAULT = WeightQuant(4, 32, False)
 
 
 class QuantizeGatherPass(ReportingPass):
     runs_after = ("QuantizeMatMulPass",)  # a tied table is no longer shared once the head is quantized
-    def __init__(self, bits: int = 4, block_size: int = 32, symmetric: bool = False, carry_blocks: bool = False):
-        """With `carry_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales."""
+    def __init__(self, quant: WeightQuant = DEFAULT, *, carry_source_blocks: bool = False):
+        """Each table stored as the weight planner says (quant/plan.py::plan_embedding): with the recipe's
+        `carry_source_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales."""
         super().__init__()
-        self.bits, self.block_size, self.symmetric, self.carry_blocks = bits, block_size, symmetric, carry_blocks
-        kind = "sym" if symmetric else "asym"
-        self._name = f"quantize_embedding(int{bits}, block {block_size}, {kind})"
+        self.quant, self.carry_source_blocks = quant, carry_source_blocks
+        kind = "sym" if quant.symmetric else "asym"
+        self._name = f"quantize_embedding(int{quant.bits}, block {quant.block_size}, {kind})"
 
     def run(self, model: ir.Model) -> bool:
         graph = model.graph
@@ -45,30 +50,34 @@ class QuantizeGatherPass(ReportingPass):
         return modified
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
-        make_codes = table.meta.get("block_codes") if self.carry_blocks else None
-        codes = make_codes() if make_codes is not None and self.bits == 8 else None
-        if codes is not None:  # a Q8_0 table: its own codes and scales, exactly
-            q, scale, zero_point = codes
+        form = table.meta.get("block_form")
+        grid = None
+        if form is not None:
+            grid = SourceGrid(table.meta.get("block_kinds", ()), *form, codes=table.meta.get("block_codes") is not None)
+        plan = plan_embedding(tuple(table.shape), grid, self.quant, self.carry_source_blocks, ONNX_CAPS)
+        bits = plan.bits
+        if plan.source == "codes":  # a Q8_0 table: its own codes and scales, exactly
+            q, scale, zero_point = table.meta["block_codes"]()
             n, k = q.shape[0], q.shape[1] * q.shape[2]
             block = q.shape[2]
             stats = {"rel_rms_error": 0.0, "max_abs_error": 0.0, "carried_from_source": True}
         else:
             w = table.const_value.numpy()
             n, k = w.shape
-            block = self.block_size
+            block = plan.block_size
             if k % block:
                 raise ValueError(f"{table.name}: hidden size {k} is not a multiple of block {block}")
-            q, scale, zero_point = quantize_blockwise(w, self.bits, block, self.symmetric)
+            q, scale, zero_point = quantize_blockwise(w, bits, block, plan.zero_point == "none")
             stats = {**error_stats(w, q, scale, zero_point), "carried_from_source": False}
         self.report.matched += 1
-        self.report.details.append({"weight": table.name, "shape": [n, k], **stats})
-        base = f"{table.name}.gather_q{self.bits}b{block}"
+        self.report.details.append({"weight": table.name, "shape": [n, k], **stats, "plan": plan.describe()})
+        base = f"{table.name}.gather_q{bits}b{block}"
         inputs = [
-            initializer(graph, base + ".qweight", pack_nbits(q, self.bits).reshape(n, -1)),
+            initializer(graph, base + ".qweight", pack_nbits(q, bits).reshape(n, -1)),
             node.inputs[1],
             initializer(graph, base + ".scales", scale),
-            initializer(graph, base + ".zero_points", pack_zero_points(zero_point, self.bits).reshape(n, -1)),
+            initializer(graph, base + ".zero_points", pack_zero_points(zero_point, bits).reshape(n, -1)),
         ]
-        attrs = {"bits": self.bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
+        attrs = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
         new = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=(node.name or "") + "_q")
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)

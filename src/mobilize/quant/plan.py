@@ -1,0 +1,183 @@
+"""The weight planner: how each weight is stored, decided once per weight, before any of its bytes are read.
+
+`plan_weight` is a pure function of (the weight's shape and source grid, the recipe's form for its role, the
+target's capabilities, whether calibration statistics exist) to a typed `WeightForm`. Both targets call it (the
+ONNX quantize pass and the TFLite weight writer) and store exactly what it says; the form goes into the
+manifest's build report tensor by tensor. Where a target cannot store what the recipe asks, its `TargetCaps` say
+so and the form's `note` says what was chosen instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mobilize.frontend.sources.gguf_grid import GRID_FORMS
+from mobilize.quant.recipes import Recipe, WeightQuant
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceGrid:
+    """A source tensor's own block format (a GGUF's), as far as the planner needs it."""
+
+    kinds: tuple[str, ...]  # ggml types (Q8_0, Q5_0, Q6_K, Q4_K): several for weights packed together
+    bits: int  # the grid's code width
+    block_size: int
+    exact: bool = True  # its grid can be read (block_grid): the values are known to lie on it
+    codes: bool = False  # 8-bit codes readable straight from the bytes (Q8_0, not packed with other tensors)
+
+    @classmethod
+    def of(cls, kind: str, exact: bool = True, codes: bool = False) -> SourceGrid | None:
+        """The grid of one ggml type (None for types without one: F32, F16, Q4_0, ...)."""
+        if kind not in GRID_FORMS:
+            return None
+        return cls((kind,), *GRID_FORMS[kind], exact=exact, codes=codes)
+
+    @property
+    def kind(self) -> str:
+        return "+".join(self.kinds)
+
+    def held_exactly_by(self, caps: TargetCaps) -> bool:
+        return self.exact and all(k in caps.exact_grids for k in self.kinds)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightForm:
+    """How one weight is stored."""
+
+    bits: int  # 4 or 8
+    block_size: int  # along the input axis; 0: one scale per output channel
+    zero_point: str  # "none" (symmetric), "uint8" (a code per block), "float" (a float per block: Q4_K, exactly)
+    scale_dtype: str  # "float32" or "float16"
+    source: str  # "rounded" (re-rounded from the values), "grid" (the source's grid kept), "codes" (its codes)
+    calibrated: bool = False  # re-rounding weighs each input channel's error by calibration statistics
+    split: Split | None = None  # input channels parted by calibration, two forms
+    note: str = ""  # why the recipe's own form was not taken
+
+    @property
+    def exact(self) -> bool:
+        return self.source != "rounded"
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of the form."""
+        out = dataclasses.asdict(self)
+        out["split"] = None if self.split is None else {"keep": self.split.keep, "rest": self.split.rest.describe()}
+        return {k: v for k, v in out.items() if v not in (None, "", False) or k in ("bits", "block_size")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    keep: int  # input channels of largest mean square input, kept in the weight's own form (placed first)
+    rest: WeightForm  # the form of the other channels
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetCaps:
+    """What a target's kernels can store."""
+
+    name: str
+    blockwise_bits: tuple[int, ...]  # widths with a blockwise form (the others: one scale per output channel)
+    integer_zero_points: bool  # a code per block (else symmetric only)
+    scale_dtype: str  # of blockwise scales
+    exact_grids: tuple[str, ...]  # source grids kept exactly (zero points included)
+    codes: bool  # 8-bit source codes used as they are
+    split: bool  # a weight parted by input channel (two matmuls and an add)
+    block_must_divide: bool  # blockwise only where the block divides the input size (else per channel)
+    wide_blocks: bool  # a recipe's `wide_block_size`/`widen_below` apply (ONNX Runtime's int8 kernel prefers them)
+    blockwise_lookup: bool  # the embedding lookup reads blocks (else: 8-bit, one scale per row)
+
+
+# ONNX Runtime's MatMulNBits: 4 or 8 bits, blocks, uint8 zero points, fp32 scales; float zero points exactly with a
+# correction subgraph. GatherBlockQuantized for the embedding.
+ONNX_CAPS = TargetCaps(
+    "onnx", (4, 8), True, "float32", ("Q4_K", "Q5_0", "Q6_K", "Q8_0"), True, True, False, True, True
+)
+# LiteRT (XNNPACK): INT4 blockwise with fp16 scales and no zero points, INT4/INT8 per output channel; Q4_K's float
+# zero points exactly with a correction (SUM + FULLY_CONNECTED + ADD).
+TFLITE_CAPS = TargetCaps("tflite", (4,), False, "float16", ("Q4_K",), False, False, True, False, False)
+
+
+def quant_for(recipe: Recipe, role: str, caps: TargetCaps) -> WeightQuant | None:
+    """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding"."""
+    if role == "embedding":
+        return recipe.embedding
+    if role == "head":
+        head = recipe.onnx_head if caps.name == "onnx" and recipe.onnx_head is not None else recipe.head
+        return head if head is not None else recipe.matmul
+    return recipe.matmul
+
+
+def plan_weight(
+    shape: tuple[int, int],
+    grid: SourceGrid | None,
+    q: WeightQuant | None,
+    carry_source_blocks: bool,
+    caps: TargetCaps,
+    statistics: bool = False,
+) -> WeightForm | None:
+    """The storage of a linear weight [out, in] (None: float). `grid`: the source's block format, if any;
+    `carry_source_blocks`: the recipe's; `statistics`: calibration statistics exist for this weight."""
+    if q is None:
+        return None
+    n, k = shape
+    wants_carry = carry_source_blocks and q.carry
+    g = grid if wants_carry else None
+
+    def rounded(bits: int, block: int, symmetric: bool, note: str = "", calibrated: bool | None = None) -> WeightForm:
+        fits = block and (not caps.block_must_divide or k % block == 0 < k - block)
+        if bits not in caps.blockwise_bits or not fits:
+            if block and not note:
+                note = f"{caps.name} stores {bits}-bit weights per output channel here"
+            return WeightForm(bits, 0, "none", "float32", "rounded", note=note)
+        zero_point = "none" if symmetric or not caps.integer_zero_points else "uint8"
+        if zero_point == "none" and not symmetric and not note:
+            note = f"{caps.name} has no zero points: symmetric"
+        return WeightForm(bits, block, zero_point, caps.scale_dtype, "rounded",
+                          statistics if calibrated is None else calibrated, note=note)  # fmt: skip
+
+    if g is not None and g.bits > q.bits:  # a wider source grid (5-8 bits) under a 4-bit recipe
+        if not q.carry_wider:
+            return _with_split(rounded(q.bits, q.block_size, q.symmetric, f"source grid has {g.bits} bits: "
+                                       f"re-rounded to {q.bits}"), q, k, caps, statistics)  # fmt: skip
+        if caps.wide_blocks and q.wide_block_size:
+            return WeightForm(8, q.wide_block_size, "none", caps.scale_dtype, "rounded",
+                              note=f"{g.kind}: as 8-bit symmetric blocks of {q.wide_block_size}")  # fmt: skip
+        if not g.held_exactly_by(caps):  # kept at 8 bits, in the target's 8-bit form
+            return rounded(8, 0, True, f"{g.kind} kept at 8 bits ({caps.name} cannot hold its grid exactly)",
+                           calibrated=False)  # fmt: skip
+    if g is not None and g.bits == 4 and caps.wide_blocks and q.wide_block_size and n * k < q.widen_below:
+        return WeightForm(8, q.wide_block_size, "none", caps.scale_dtype, "rounded",
+                          note=f"Q4_K under {q.widen_below} elements: 8-bit (its exact form's correction costs more)")
+    if g is not None and g.codes and caps.codes and (q.carry_wider or q.bits >= 8):
+        return WeightForm(8, g.block_size, "uint8", "float32", "codes")
+    if g is not None and g.held_exactly_by(caps):
+        if g.bits == 4 and caps.block_must_divide:  # the grid's blocks as the target's blockwise 4-bit form
+            if q.bits == 4 and q.block_size == g.block_size and k % g.block_size == 0 < k - g.block_size:
+                return WeightForm(4, g.block_size, "float", caps.scale_dtype, "grid")
+        elif g.bits <= q.bits or q.carry_wider:
+            return WeightForm(g.bits, g.block_size, "float" if g.bits == 4 else "uint8", "float32", "grid")
+    note = "no source block grid: re-rounded" if wants_carry else ""
+    return _with_split(rounded(q.bits, q.block_size, q.symmetric, note), q, k, caps, statistics)
+
+
+def plan_embedding(
+    shape: tuple[int, int], grid: SourceGrid | None, q: WeightQuant | None, carry_source_blocks: bool, caps: TargetCaps
+) -> WeightForm | None:
+    """The storage of the embedding table [vocab, hidden], looked up by row (None: float)."""
+    if q is None:
+        return None
+    if carry_source_blocks and q.carry and q.bits == 8 and grid is not None and grid.codes:
+        return WeightForm(8, grid.block_size, "uint8" if caps.integer_zero_points else "none", "float32", "codes")
+    if not caps.blockwise_lookup:  # one scale per row, 8-bit
+        note = "" if (q.bits, q.block_size) == (8, 0) else f"{caps.name}'s lookup table is 8-bit, one scale per row"
+        return WeightForm(8, 0, "none", "float32", "rounded", note=note)
+    return WeightForm(q.bits, q.block_size, "none" if q.symmetric else "uint8", "float32", "rounded")
+
+
+def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, statistics: bool) -> WeightForm:
+    """A re-rounded weight parted by input channel, where the recipe asks, the target can and calibration ranks."""
+    rest = q.split_rest
+    if rest is None or not caps.split or not statistics or k <= q.split_keep:
+        return form
+    rest_form = WeightForm(rest.bits, rest.block_size, "none" if rest.symmetric else "uint8", "float32", "rounded")
+    return dataclasses.replace(form, calibrated=False, split=Split(q.split_keep, rest_form))

@@ -1,0 +1,91 @@
+"""The weight planner as a table: (shape, source grid, recipe form, target) -> the form both targets store."""
+
+from __future__ import annotations
+
+import pytest
+
+from mobilize.quant.plan import ONNX_CAPS, TFLITE_CAPS, SourceGrid, WeightForm, plan_weight, quant_for
+from mobilize.quant.recipes import RECIPES, WeightQuant
+
+INT4 = RECIPES["int4"]
+BODY = quant_for(INT4, "linear", ONNX_CAPS)  # 4-bit b32 asym, wider grids 8-bit b128, Q4_K under 4M widened
+Q4K, Q6K = SourceGrid.of("Q4_K"), SourceGrid.of("Q6_K")
+Q8 = SourceGrid.of("Q8_0", codes=True)
+BIG, SMALL = (4096, 11008), (640, 2048)  # a 7B MLP weight (45M elements), a Gemma 3 270M one (1.3M)
+
+
+def form(bits, block, zp, scale, source, **kw) -> WeightForm:
+    return WeightForm(bits, block, zp, scale, source, **kw)
+
+
+TABLE = [
+    # (id, shape, grid, quant, carry, caps, statistics) -> bits, block, zero point, scale dtype, source
+    ("onnx Q4_K big: exact grid", BIG, Q4K, BODY, True, ONNX_CAPS, False, (4, 32, "float", "float32", "grid")),
+    ("onnx Q4_K small: widened", SMALL, Q4K, BODY, True, ONNX_CAPS, False, (8, 128, "none", "float32", "rounded")),
+    ("onnx Q6_K: 8-bit b128", SMALL, Q6K, BODY, True, ONNX_CAPS, False, (8, 128, "none", "float32", "rounded")),
+    ("onnx float: 4-bit asym", BIG, None, BODY, True, ONNX_CAPS, False, (4, 32, "uint8", "float32", "rounded")),
+    ("tflite Q4_K: exact INT4 + correction", SMALL, Q4K, BODY, True, TFLITE_CAPS, False,
+     (4, 32, "float", "float16", "grid")),
+    ("tflite Q6_K: int8 per channel", SMALL, Q6K, BODY, True, TFLITE_CAPS, False, (8, 0, "none", "float32", "rounded")),
+    ("tflite float: symmetric INT4 blocks", BIG, None, BODY, True, TFLITE_CAPS, True,
+     (4, 32, "none", "float16", "rounded")),
+    ("tflite int8: per channel", BIG, None, WeightQuant(8, 32, True), False, TFLITE_CAPS, False,
+     (8, 0, "none", "float32", "rounded")),
+    ("onnx int8: blocks of 32", BIG, None, WeightQuant(8, 32, True), False, ONNX_CAPS, False,
+     (8, 32, "none", "float32", "rounded")),
+    ("onnx Q8_0 codes as they are", BIG, Q8, WeightQuant(4, 32, False), True, ONNX_CAPS, False,
+     (8, 32, "uint8", "float32", "codes")),
+    ("not carrying wider grids: re-rounded", BIG, Q8, WeightQuant(4, 32, False, carry_wider=False), True, ONNX_CAPS,
+     False, (4, 32, "uint8", "float32", "rounded")),
+    ("the recipe does not carry", BIG, Q4K, WeightQuant(4, 32, False), False, ONNX_CAPS, False,
+     (4, 32, "uint8", "float32", "rounded")),
+    ("tflite: a block that does not divide K", (64, 96), None, WeightQuant(4, 64, True), False, TFLITE_CAPS, False,
+     (4, 0, "none", "float32", "rounded")),
+]
+
+
+@pytest.mark.parametrize("case", TABLE, ids=[c[0] for c in TABLE])
+def test_plan_table(case):
+    _, shape, grid, quant, carry, caps, statistics, (bits, block, zp, scale, source) = case
+    got = plan_weight(shape, grid, quant, carry, caps, statistics)
+    assert (got.bits, got.block_size, got.zero_point, got.scale_dtype, got.source) == (bits, block, zp, scale, source)
+    assert got.exact == (source != "rounded")
+
+
+def test_plan_says_what_it_chose_instead():
+    """Where the target cannot store the recipe's form, the form's note says what it did."""
+    assert "no zero points" in plan_weight(BIG, None, BODY, False, TFLITE_CAPS).note
+    assert "per output channel" in plan_weight(BIG, None, WeightQuant(8, 32, True), False, TFLITE_CAPS).note
+    assert "cannot hold its grid exactly" in plan_weight(SMALL, Q6K, BODY, True, TFLITE_CAPS).note
+    assert plan_weight(BIG, None, None, False, ONNX_CAPS) is None  # fp32: no form
+
+
+def test_head_split_needs_statistics_and_a_target_that_can():
+    head = quant_for(INT4, "head", ONNX_CAPS)
+    split = plan_weight((262144, 640), None, head, True, ONNX_CAPS, statistics=True)
+    assert split.split is not None and split.split.keep == 256 and (split.bits, split.block_size) == (8, 128)
+    assert (split.split.rest.bits, split.split.rest.block_size, split.split.rest.zero_point) == (4, 128, "uint8")
+    assert plan_weight((262144, 640), None, head, True, ONNX_CAPS, statistics=False).split is None
+    assert plan_weight((262144, 200), None, head, True, ONNX_CAPS, statistics=True).split is None  # k <= keep
+    tflite_head = quant_for(INT4, "head", TFLITE_CAPS)  # the recipe's TFLite head: 4-bit, calibrated
+    t = plan_weight((262144, 640), None, tflite_head, True, TFLITE_CAPS, statistics=True)
+    assert (t.bits, t.block_size, t.calibrated, t.split) == (4, 32, True, None)
+
+
+def test_the_form_is_recorded_as_plain_data():
+    d = plan_weight(BIG, Q4K, BODY, True, ONNX_CAPS).describe()
+    assert d == {"bits": 4, "block_size": 32, "zero_point": "float", "scale_dtype": "float32", "source": "grid"}
+
+
+def test_embedding_plans():
+    from mobilize.quant.plan import plan_embedding
+
+    q8 = WeightQuant(8, 32, True)
+    table = (262144, 640)
+    assert plan_embedding(table, Q8, q8, True, ONNX_CAPS).source == "codes"
+    assert plan_embedding(table, Q8, q8, True, TFLITE_CAPS).source == "codes"  # rows and per-block scales
+    assert plan_embedding(table, Q8, q8, False, ONNX_CAPS).source == "rounded"
+    onnx, tflite = plan_embedding(table, None, q8, True, ONNX_CAPS), plan_embedding(table, None, q8, True, TFLITE_CAPS)
+    assert (onnx.bits, onnx.block_size) == (8, 32) and (tflite.bits, tflite.block_size) == (8, 0)
+    assert "one scale per row" in tflite.note
+    assert plan_embedding(table, None, None, True, ONNX_CAPS) is None
