@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from mobilize.frontend.sources.gguf_file import read_gguf
 from mobilize.frontend.sources.gguf_grid import block_grid
 from mobilize.harness.ort_runner import OrtRunner
 from mobilize.quant.recipes import WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import write_tiny_gguf  # noqa: E402
@@ -38,6 +40,9 @@ def test_grid_reproduces_dequantized_values(quantized_gguf, kind):
     q = np.round(w / s + z)
     assert q.min() >= 0 and q.max() < 2**grid.bits
     np.testing.assert_array_equal((q - z) * s, w)
+
+
+EXACT = replace(ONNX_CAPS, wide_block_size=0, widen_below=0)  # every source grid kept as it is
 
 
 def test_int4_export_carries_blocks(quantized_gguf, tmp_path):
@@ -90,7 +95,7 @@ def test_carried_graph_computes_what_the_gguf_says(tiny_hf, tmp_path):
     model = load_model(open_checkpoint(str(path)))
     fp32 = OrtRunner(save_onnx(build_decoder(model), tmp_path / "fp32"))
     graph = build_decoder(model)
-    qpass = QuantizeMatMulPass(WeightQuant(4, 32, False), carry_source_blocks=True)
+    qpass = QuantizeMatMulPass(WeightQuant(4, 32, False), carry_source_blocks=True, caps=EXACT)
     assert (r := qpass(graph)).modified and r.report.matched == 2 * 7 + 1
     assert all(t["carried_from_source"] for t in r.report.details)
     carried = OrtRunner(save_onnx(graph, tmp_path / "carried"))

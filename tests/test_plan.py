@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from mobilize.quant.plan import ONNX_CAPS, TFLITE_CAPS, SourceGrid, WeightForm, plan_weight, quant_for
+from mobilize.quant.plan import SourceGrid, WeightForm, plan_weight, quant_for
 from mobilize.quant.recipes import RECIPES, WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
+from mobilize.targets.tflite.caps import TFLITE_CAPS
 
 INT4 = RECIPES["int4"]
 BODY = quant_for(INT4, "linear", ONNX_CAPS)  # 4-bit b32 asym, wider grids 8-bit b128, Q4_K under 4M widened
 Q4K, Q6K = SourceGrid.of("Q4_K"), SourceGrid.of("Q6_K")
 Q8 = SourceGrid.of("Q8_0", codes=True)
 BIG, SMALL = (4096, 11008), (640, 2048)  # a 7B MLP weight (45M elements), a Gemma 3 270M one (1.3M)
+EXACT_ONNX = replace(ONNX_CAPS, wide_block_size=0, widen_below=0)  # ONNX that keeps every grid as it is
 
 
 def form(bits, block, zp, scale, source, **kw) -> WeightForm:
@@ -33,8 +38,11 @@ TABLE = [
      (8, 0, "none", "float32", "rounded")),
     ("onnx int8: blocks of 32", BIG, None, WeightQuant(8, 32, True), False, ONNX_CAPS, False,
      (8, 32, "none", "float32", "rounded")),
-    ("onnx Q8_0 codes as they are", BIG, Q8, WeightQuant(4, 32, False), True, ONNX_CAPS, False,
+    ("onnx Q8_0 codes as they are", BIG, Q8, WeightQuant(4, 32, False), True, EXACT_ONNX, False,
      (8, 32, "uint8", "float32", "codes")),
+    ("onnx Q6_K grid as it is", BIG, Q6K, WeightQuant(4, 32, False), True, EXACT_ONNX, False,
+     (8, 16, "uint8", "float32", "grid")),
+    ("onnx Q4_K small, exact caps", SMALL, Q4K, BODY, True, EXACT_ONNX, False, (4, 32, "float", "float32", "grid")),
     ("not carrying wider grids: re-rounded", BIG, Q8, WeightQuant(4, 32, False, carry_wider=False), True, ONNX_CAPS,
      False, (4, 32, "uint8", "float32", "rounded")),
     ("the recipe does not carry", BIG, Q4K, WeightQuant(4, 32, False), False, ONNX_CAPS, False,

@@ -3,6 +3,8 @@ run in onnxruntime before and after."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -18,6 +20,7 @@ from mobilize.quant.primitives import (
     unpack_nbits,
 )
 from mobilize.quant.recipes import WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
 
 
@@ -215,8 +218,9 @@ def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, sto
     k, n = 256, 48
     model, w_kn = _grid_model(k, n, 5 if grid == "q5" else 4, float_zero_points=grid == "q4k")
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
-    quant = WeightQuant(4, 32, False, wide_block_size=wide_block_size, widen_below=widen_below)
-    qpass = QuantizeMatMulPass(quant, carry_source_blocks=True)
+    quant = WeightQuant(4, 32, False)
+    caps = replace(ONNX_CAPS, wide_block_size=wide_block_size, widen_below=widen_below)
+    qpass = QuantizeMatMulPass(quant, carry_source_blocks=True, caps=caps)
     assert (r := qpass(model)).modified
     bits, block, ops = stored
     assert [n.op_type for n in model.graph] == ops
@@ -229,4 +233,4 @@ def test_source_grids_carried_or_widened(grid, wide_block_size, widen_below, sto
         assert rel < 1e-5 and detail["rel_rms_error"] < 1e-6
     else:  # re-rounded onto 8-bit blocks of 128: far finer than the 4/5-bit source grid, not exact
         assert 1e-5 < rel < 0.01 and 0 < detail["rel_rms_error"] < 0.01
-    assert not QuantizeMatMulPass(quant, carry_source_blocks=True)(model).modified
+    assert not QuantizeMatMulPass(quant, carry_source_blocks=True, caps=caps)(model).modified

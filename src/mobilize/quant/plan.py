@@ -4,7 +4,8 @@
 target's capabilities, whether calibration statistics exist) to a typed `WeightForm`. Both targets call it (the
 ONNX quantize pass and the TFLite weight writer) and store exactly what it says; the form goes into the
 manifest's build report tensor by tensor. Where a target cannot store what the recipe asks, its `TargetCaps` say
-so and the form's `note` says what was chosen instead.
+so and the form's `note` says what was chosen instead. Each target's capabilities live in its own folder
+(targets/<format>/caps.py) and are passed in: this phase knows no target.
 """
 
 from __future__ import annotations
@@ -83,22 +84,19 @@ class TargetCaps:
     codes: bool  # 8-bit source codes used as they are
     split: bool  # a weight parted by input channel (two matmuls and an add)
     block_must_divide: bool  # blockwise only where the block divides the input size (else per channel)
-    wide_blocks: bool  # a recipe's `wide_block_size`/`widen_below` apply (ONNX Runtime's int8 kernel prefers them)
     blockwise_lookup: bool  # the embedding lookup reads blocks (else: 8-bit, one scale per row)
+    # Where a recipe keeps wider source grids at 8 bits: as 8-bit symmetric blocks of this size (0: the grid exactly)
+    wide_block_size: int = 0
+    # ... and a 4-bit grid with float zero points (Q4_K) under this many elements likewise (its exact form's
+    # correction subgraph costs more per token than its bytes save)
+    widen_below: int = 0
 
 
-# ONNX Runtime's MatMulNBits: 4 or 8 bits, blocks, uint8 zero points, fp32 scales; float zero points exactly with a
-# correction subgraph. GatherBlockQuantized for the embedding.
-ONNX_CAPS = TargetCaps(
-    "onnx", (4, 8), True, "float32", ("Q4_K", "Q5_0", "Q6_K", "Q8_0"), True, True, False, True, True
-)
-# LiteRT (XNNPACK): INT4 blockwise with fp16 scales and no zero points, INT4/INT8 per output channel; Q4_K's float
-# zero points exactly with a correction (SUM + FULLY_CONNECTED + ADD).
-TFLITE_CAPS = TargetCaps("tflite", (4,), False, "float16", ("Q4_K",), False, False, True, False, False)
 
 
 def quant_for(recipe: Recipe, role: str, caps: TargetCaps) -> WeightQuant | None:
-    """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding"."""
+    """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding". (A recipe's
+    `onnx_head` is still named for its target: the one recipe knob left that is not target-free.)"""
     if role == "embedding":
         return recipe.embedding
     if role == "head":
@@ -139,15 +137,15 @@ def plan_weight(
         if not q.carry_wider:
             return _with_split(rounded(q.bits, q.block_size, q.symmetric, f"source grid has {g.bits} bits: "
                                        f"re-rounded to {q.bits}"), q, k, caps, statistics)  # fmt: skip
-        if caps.wide_blocks and q.wide_block_size:
-            return WeightForm(8, q.wide_block_size, "none", caps.scale_dtype, "rounded",
-                              note=f"{g.kind}: as 8-bit symmetric blocks of {q.wide_block_size}")  # fmt: skip
+        if caps.wide_block_size:
+            return WeightForm(8, caps.wide_block_size, "none", caps.scale_dtype, "rounded",
+                              note=f"{g.kind}: as 8-bit symmetric blocks of {caps.wide_block_size}")  # fmt: skip
         if not g.held_exactly_by(caps):  # kept at 8 bits, in the target's 8-bit form
             return rounded(8, 0, True, f"{g.kind} kept at 8 bits ({caps.name} cannot hold its grid exactly)",
                            calibrated=False)  # fmt: skip
-    if g is not None and g.bits == 4 and caps.wide_blocks and q.wide_block_size and n * k < q.widen_below:
-        return WeightForm(8, q.wide_block_size, "none", caps.scale_dtype, "rounded",
-                          note=f"Q4_K under {q.widen_below} elements: 8-bit (its exact form's correction costs more)")
+    if g is not None and g.bits == 4 and q.carry_wider and caps.wide_block_size and n * k < caps.widen_below:
+        return WeightForm(8, caps.wide_block_size, "none", caps.scale_dtype, "rounded",
+                          note=f"Q4_K under {caps.widen_below} elements: 8-bit (its correction would cost more)")
     if g is not None and g.codes and caps.codes and (q.carry_wider or q.bits >= 8):
         return WeightForm(8, g.block_size, "uint8", "float32", "codes")
     if g is not None and g.held_exactly_by(caps):

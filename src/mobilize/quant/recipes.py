@@ -12,11 +12,6 @@ class WeightQuant:
     symmetric: bool
     carry: bool = True  # with the recipe's carry_source_blocks: keep these weights' source blocks as they are
     carry_wider: bool = True  # ... even when the source grid has more bits than `bits`
-    # ONNX only (targets/onnx/passes/quantize.py): carried grids wider than `bits` as 8-bit symmetric blocks of
-    # this size
-    # (0: their own blocks, exactly), and Q4_K weights with fewer than `widen_below` elements likewise
-    wide_block_size: int = 0
-    widen_below: int = 0
     # ONNX only, with calibration statistics: the `split_keep` input channels of largest mean square input keep
     # this form and the rest take `split_rest`'s (rounded to nearest; the statistics choose the channels, not
     # the scales). A Gather puts the kept channels first, a Split parts them, two MatMulNBits and an Add follow.
@@ -65,7 +60,7 @@ RECIPES: dict[str, Recipe] = {
             "4-bit weights, blocks of 32; a GGUF's blocks carried exactly where the target holds them, wider ones "
             "kept at 8 bits; the head split by calibration (its loudest input channels 8-bit) where the target can, "
             "else 4-bit calibrated; the embedding 8-bit. Each tensor's form: the manifest's build report",
-            WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
+            WeightQuant(4, 32, False),
             head=WeightQuant(4, 32, False, carry=False),
             onnx_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
             embedding=WeightQuant(8, 32, True),
@@ -76,7 +71,7 @@ RECIPES: dict[str, Recipe] = {
             "int4-head8",
             "int4 with the whole ONNX head 8-bit (symmetric blocks of 128): prefills faster, exports without a "
             "calibration pass and is a little more accurate; decodes slower (more bytes per token)",
-            WeightQuant(4, 32, False, wide_block_size=128, widen_below=4_000_000),
+            WeightQuant(4, 32, False),
             onnx_head=WeightQuant(8, 128, True, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,

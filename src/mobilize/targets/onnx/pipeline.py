@@ -9,8 +9,9 @@ import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import ONNX_CAPS, quant_for
+from mobilize.quant.plan import quant_for
 from mobilize.quant.recipes import RECIPES, Recipe, WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
 from mobilize.targets.onnx.passes.fuse_attention import FuseGroupQueryAttentionPass
 from mobilize.targets.onnx.passes.fuse_attention_std import FuseStdAttentionPass

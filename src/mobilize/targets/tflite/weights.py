@@ -22,9 +22,10 @@ from ai_edge_litert import schema_py_generated as fb
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.sources.gguf_grid import block_codes, block_grid
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import TFLITE_CAPS, SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for
+from mobilize.quant.plan import SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for
 from mobilize.quant.primitives import codes_on_grid, search_blocks, zero_point_correction
 from mobilize.quant.recipes import Recipe, WeightQuant
+from mobilize.targets.tflite.caps import TFLITE_CAPS
 from mobilize.targets.tflite.writer import INT4, Quant, TflGraph
 
 Op = fb.BuiltinOperator

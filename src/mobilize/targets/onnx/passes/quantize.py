@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
-from mobilize.quant.plan import ONNX_CAPS, SourceGrid, WeightForm, plan_weight
+from mobilize.quant.plan import SourceGrid, TargetCaps, WeightForm, plan_weight
 from mobilize.quant.primitives import (
     ROWS,
     codes_on_grid,
@@ -26,6 +26,7 @@ from mobilize.quant.primitives import (
     zero_point_correction,
 )
 from mobilize.quant.recipes import WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, WRITE_LAST, initializer, remove_dead, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
 
@@ -46,6 +47,7 @@ class QuantizeMatMulPass(ReportingPass):
         label: str = "",
         accuracy_level: int = 0,
         importance: Callable[[str], np.ndarray | None] | None = None,
+        caps: TargetCaps = ONNX_CAPS,
     ):
         """MatMulNBits for every constant MatMul weight `weights` selects (by initializer name; default all), each
         stored as the weight planner (quant/plan.py) decides from `quant` (the recipe's form for these weights),
@@ -55,10 +57,8 @@ class QuantizeMatMulPass(ReportingPass):
 
         Forms the planner can choose, for a GGUF source: the source grid kept exactly (Q5_0/Q6_K/Q8_0 as 8-bit
         blocks with zero points, Q4_K as 4-bit with float zero points added back by a correction subgraph), the
-        Q8_0 codes as they are, or (a recipe's `wide_block_size`) wider grids as 8-bit symmetric blocks of 128:
-        one fp32 scale per 128 weights instead of a scale and zero point per 32 (8.25 bits per weight instead of
-        9.25; ONNX Runtime's int8 kernel runs faster on longer blocks), and small Q4_K tensors likewise (below a
-        few million weights the correction's fixed cost per token exceeds the time of the extra bytes).
+        Q8_0 codes as they are, or (where the recipe keeps wider grids at 8 bits) 8-bit symmetric blocks of
+        `caps.wide_block_size`, small Q4_K tensors likewise (`caps.widen_below`; see ONNX_CAPS for why).
         A split weight keeps its form for the `split_keep` input channels of largest mean square input and
         takes `split_rest` for the others: a Gather puts the kept channels first, a Split parts them, two
         MatMulNBits and an Add follow. An output head's input has a few loud channels (Gemma 3 270M: mean
@@ -70,6 +70,7 @@ class QuantizeMatMulPass(ReportingPass):
         self.accuracy_level = accuracy_level
         self.weights = weights
         self.importance = importance
+        self.caps = caps
         kind = "sym" if quant.symmetric else "asym"
         self._name = f"quantize_matmul{label}(int{quant.bits}, block {quant.block_size}, {kind})"
 
@@ -82,7 +83,7 @@ class QuantizeMatMulPass(ReportingPass):
             grid = SourceGrid(weight.meta.get("block_kinds", ()), form[0], form[1], exact,
                               codes=weight.meta.get("block_codes") is not None)  # fmt: skip
         statistics = self.importance is not None
-        planned = plan_weight((n, k), grid, self.quant, self.carry_source_blocks, ONNX_CAPS, statistics)
+        planned = plan_weight((n, k), grid, self.quant, self.carry_source_blocks, self.caps, statistics)
         if planned is None:
             raise MobilizeError(f"{weight.name}: the recipe keeps it float, yet it was selected for quantization")
         return planned

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from mobilize.quant.plan import ONNX_CAPS, SourceGrid, plan_embedding
+from mobilize.quant.plan import SourceGrid, plan_embedding
 from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.quant.recipes import WeightQuant
+from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
 

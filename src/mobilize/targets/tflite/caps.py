@@ -1,0 +1,9 @@
+"""What the TFLite target's kernels store: the weight planner's view of it (quant/plan.py)."""
+
+from __future__ import annotations
+
+from mobilize.quant.plan import TargetCaps
+
+# LiteRT (XNNPACK): INT4 blockwise with fp16 scales and no zero points, INT4/INT8 per output channel; Q4_K's float
+# zero points exactly with a correction (SUM + FULLY_CONNECTED + ADD).
+TFLITE_CAPS = TargetCaps("tflite", (4,), False, "float16", ("Q4_K",), False, False, True, False)
