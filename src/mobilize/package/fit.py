@@ -13,6 +13,7 @@ from typing import Any
 
 from mobilize.errors import MobilizeError
 from mobilize.targets.devices import DEVICES
+from mobilize.targets.registry import TARGETS
 
 RUNTIME_BYTES = 64 << 20  # ONNX Runtime's own code and arenas, an allowance
 _DTYPE_BYTES = {"FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT64": 8, "INT32": 4}
@@ -22,12 +23,10 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
     if device not in DEVICES:
         raise MobilizeError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
     dev = DEVICES[device]
-    if manifest.get("format") == "tflite":
-        from mobilize.targets.tflite.writer import weight_bytes
-
-        weights, per_token = weight_bytes(package_dir / "model.tflite")
-    else:
-        weights, per_token = _weight_bytes(package_dir / "model.onnx")
+    target = TARGETS.get(manifest.get("format"))
+    if target is None:
+        raise MobilizeError(f"unknown package format {manifest.get('format')!r} (known: {', '.join(TARGETS)})")
+    weights, per_token = target.weight_bytes(package_dir)
     kv = 0
     for value in manifest["io"]["inputs"]:
         if value["name"].startswith(("past_key_values.", "kv_cache_")):
@@ -36,14 +35,7 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
             ]
             dims = [1 if d == "batch" else d for d in dims]
             kv += math.prod(dims) * _DTYPE_BYTES.get(value["dtype"], 4)
-    arch = manifest["architecture"]
-    vocab = arch["vocab_size"]
-    if manifest.get("format") == "tflite":  # prefill computes no logits: one token's, and the longest prefill's
-        longest = max(manifest["target"].get("prefill_lens", [prompt_len]))  # attention scores
-        activations = vocab * 4 + longest * arch["num_heads"] * manifest["target"]["max_seq_len"] * 4
-    else:  # the prompt's logits, the largest single tensor: one row where the package gives the last only
-        rows = 1 if manifest["target"].get("logits") == "last" else prompt_len
-        activations = rows * vocab * 4
+    activations = target.activation_bytes(manifest, prompt_len)
     need = weights + kv + activations + RUNTIME_BYTES
     budget = dev.ram_gb * 1e9 * dev.app_fraction
     read = per_token + kv
@@ -66,30 +58,3 @@ def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: in
             "tokens_per_s_at_most": dev.bandwidth_gb_s * 1e9 / read,
         },
     }
-
-
-def _weight_bytes(model_file: Path) -> tuple[int, int]:
-    """(bytes of all initializers, bytes one decode step reads: a Gather table only one row)."""
-    import onnx
-
-    model = onnx.load(str(model_file), load_external_data=False)
-    gathered = set()  # tables read one row per token: the data, and a quantized table's scales and zero points
-    for n in model.graph.node:
-        if n.op_type == "Gather":
-            gathered.add(n.input[0])
-        elif n.op_type == "GatherBlockQuantized":
-            gathered.update(n.input[i] for i in (0, 2, 3) if i < len(n.input))
-    total = per_token = 0
-    for init in model.graph.initializer:
-        size = _initializer_bytes(init)
-        total += size
-        rows = init.dims[0] if init.dims else 1
-        per_token += size // rows if init.name in gathered and rows else size
-    return total, per_token
-
-
-def _initializer_bytes(init) -> int:
-    for entry in init.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    return len(init.raw_data) or math.prod(init.dims) * 4

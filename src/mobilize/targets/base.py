@@ -53,3 +53,12 @@ class Target(Protocol):
 
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
         """Files that need the tokenizer or the manifest's fields (written after both)."""
+
+    def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
+        """(bytes of every weight, bytes one decode step reads: an embedding table one row), for `fit`."""
+
+    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
+        """The largest activations a run allocates, for `fit`."""
+
+    def readme(self, manifest: dict, file_names: list[str]) -> str:
+        """The package's README.md for the app developer."""

@@ -14,7 +14,8 @@ from mobilize.targets.onnx.emitter import build_decoder
 from mobilize.targets.onnx.genai_config import genai_config, graph_io
 from mobilize.targets.onnx.passes.kv_cache import static_kv
 from mobilize.targets.onnx.pipeline import onnx_passes, run_passes, summarize
-from mobilize.targets.onnx.writer import save_onnx
+from mobilize.targets.onnx.readme import onnx_readme
+from mobilize.targets.onnx.writer import save_onnx, weight_bytes
 
 
 class OnnxTarget:
@@ -41,6 +42,17 @@ class OnnxTarget:
         fields = {"opset": how.opset, "logits": how.logits}
         # (the quantization statistics came with the write)
         return Written(graph_io(graph), static_kv(graph), summarize(reports), fields)
+
+    def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
+        return weight_bytes(package_dir / "model.onnx")
+
+    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
+        """The prompt's logits, the largest single tensor: one row where the package gives the last only."""
+        rows = 1 if manifest["target"].get("logits") == "last" else prompt_len
+        return rows * manifest["architecture"]["vocab_size"] * 4
+
+    def readme(self, manifest: dict, file_names: list[str]) -> str:
+        return onnx_readme(manifest, file_names)
 
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
         genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import onnx_ir as ir
@@ -22,3 +23,30 @@ def save_onnx(model: ir.Model, directory: str | Path) -> Path:
             graph.register_initializer(value)
     ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
     return path
+
+
+def weight_bytes(model_file: Path) -> tuple[int, int]:
+    """(bytes of all initializers, bytes one decode step reads: a Gather table only one row)."""
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    gathered = set()  # tables read one row per token: the data, and a quantized table's scales and zero points
+    for n in model.graph.node:
+        if n.op_type == "Gather":
+            gathered.add(n.input[0])
+        elif n.op_type == "GatherBlockQuantized":
+            gathered.update(n.input[i] for i in (0, 2, 3) if i < len(n.input))
+    total = per_token = 0
+    for init in model.graph.initializer:
+        size = _initializer_bytes(init)
+        total += size
+        rows = init.dims[0] if init.dims else 1
+        per_token += size // rows if init.name in gathered and rows else size
+    return total, per_token
+
+
+def _initializer_bytes(init) -> int:
+    for entry in init.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(init.raw_data) or math.prod(init.dims) * 4

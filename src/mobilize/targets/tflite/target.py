@@ -10,6 +10,8 @@ from mobilize.frontend.tokenizer import special_token_ids
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.tflite.emitter import build_tflite, tflite_io, tflite_kv
+from mobilize.targets.tflite.readme import tflite_readme
+from mobilize.targets.tflite.writer import weight_bytes
 
 
 class TfliteTarget:
@@ -34,6 +36,18 @@ class TfliteTarget:
         reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
         prefill = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
         return Written(io, tflite_kv(model.config, how.max_seq_len), reports, {"prefill_lens": prefill})
+
+    def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
+        return weight_bytes(package_dir / "model.tflite")
+
+    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
+        """Prefill computes no logits: one token's, and the longest prefill's attention scores."""
+        arch, target = manifest["architecture"], manifest["target"]
+        longest = max(target.get("prefill_lens", [prompt_len]))
+        return arch["vocab_size"] * 4 + longest * arch["num_heads"] * target["max_seq_len"] * 4
+
+    def readme(self, manifest: dict, file_names: list[str]) -> str:
+        return tflite_readme(manifest, file_names)
 
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
         if how.bundle != "litertlm":

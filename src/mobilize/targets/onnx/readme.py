@@ -1,0 +1,87 @@
+"""`README.md` of an ONNX package, for the app developer who receives it: what is inside and how to load it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
+    """`manifest` without its file list (the README is one of the files it hashes)."""
+    arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
+    kv = manifest["kv_cache"]
+    files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
+    io_rows = "\n".join(
+        f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
+        for kind, values in (("in", manifest["io"]["inputs"]), ("out", manifest["io"]["outputs"]))
+        for v in values[:4] + ([{"name": "...", "dtype": "", "shape": ""}] if len(values) > 4 else [])
+    )
+    if kv.get("layout") == "static":
+        window = kv.get("sliding_window")
+        cache = (
+            f"Fixed-size KV buffers of {kv['max_seq_len']} positions, bound as both `past_key_values.*` and "
+            "`present.*` (ONNX Runtime GenAI does this itself: `past_present_share_buffer`); attention writes "
+            "each step in place."
+        )
+        if window:
+            cache += (
+                f" Sliding-window layers {window['layers']} keep ring buffers of {window['window']} + "
+                f"{window['slack']} positions (GenAI needs `max_length` >= {window['window'] + window['slack']})."
+            )
+    else:
+        cache = "A KV cache that grows: feed each step's `present.*` back as the next `past_key_values.*`."
+    if target.get("logits") == "last":
+        cache += (
+            " `logits` is the last input position's only ([batch, 1, vocab]), the next token's scores: a "
+            "prompt costs the output head once (export with `--logits all` for every position's)."
+        )
+    return f"""# {arch["family"]} for {target["name"]}: ONNX package
+
+Exported by mobilize {manifest["mobilize_version"]} from `{manifest["source"]["id"]}` ({manifest["source"]["format"]}).
+Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
+
+## Inside
+
+| file |
+|---|
+{files}
+
+`manifest.json` has every file's size and sha256 (`mobilize verify` checks them), the architecture,
+the pass report (fusions, per-tensor quantization error) and the model's inputs and outputs.
+
+## Load it
+
+ONNX Runtime GenAI reads this directory as it is (`genai_config.json`):
+
+```python
+import json
+import onnxruntime_genai as og
+model = og.Model("path/to/this/package")
+tokenizer = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length={kv.get("max_seq_len", arch["max_position_embeddings"])})
+generator = og.Generator(model, params)
+bos = json.load(open("path/to/this/package/genai_config.json"))["model"].get("bos_token_id")
+# GenAI's tokenizer (0.18) does not add the BOS token the model was trained with: prepend it.
+generator.append_tokens(([bos] if bos is not None else []) + list(tokenizer.encode("Hello")))
+while not generator.is_done():
+    generator.generate_next_token()
+```
+
+On Android, the `onnxruntime-genai` AAR exposes the same `Model`, `Tokenizer`, `Generator` classes
+(Java/Kotlin); copy the package directory to app storage and pass its path. The graph needs ONNX
+Runtime's contrib ops (`com.microsoft` GroupQueryAttention, MatMulNBits, ...), present in every ORT
+build for mobile. Plain onnxruntime works too: see the inputs below.
+
+## Inputs and outputs
+
+| | name | dtype | shape |
+|---|---|---|---|
+{io_rows}
+
+{cache}
+
+## Measure it
+
+`mobilize bench <package>` prints time to first token, prefill and decode tokens/s and peak RSS on the
+machine it runs on; `mobilize run <package> --prompt "..."` streams greedy text.
+"""
