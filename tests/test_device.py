@@ -155,3 +155,26 @@ def test_device_spec_errors(package):
     assert r.returncode == 1 and r.stderr.strip() == (
         "mobilize: error: --device 'usb:1': expected local, ssh:HOST or adb:SERIAL"
     )
+
+
+def test_the_runtime_zip_verifies_both_formats_by_itself(tiny_hf, tmp_path):
+    """What is pushed to a device imports from the zip alone: the package reader, verify (with the TFLite
+    signature reader it needs), the runners, and it verifies a TFLite package there."""
+    from mobilize.harness.device import ZIP_NAME, runtime_zip
+
+    (tmp_path / ZIP_NAME).write_bytes(runtime_zip())
+    out = tmp_path / "pkg"
+    r = subprocess.run(
+        [sys.executable, "-m", "mobilize.cli", "export", str(tiny_hf("llama")), "--out", str(out), "--format",
+         "tflite", "--max-seq-len", "32"], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    code = (
+        "import sys, mobilize; from mobilize.package.verify import verify_package; "
+        "from mobilize.harness import package, remote_bench; "
+        f"assert mobilize.__file__.startswith({str(tmp_path / ZIP_NAME)!r}), mobilize.__file__; "
+        f"verify_package({str(out)!r}); print('ok')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / ZIP_NAME)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

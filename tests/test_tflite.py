@@ -154,6 +154,8 @@ def test_export_verify_run_and_reproducible_bytes(tiny_hf, tmp_path):
     manifest = json.loads((outs[0] / "manifest.json").read_text())
     assert manifest["format"] == "tflite" and manifest["target"]["prefill_lens"] == [8]
     assert sorted(manifest["io"]["signatures"]) == ["decode", "prefill_8"]
+    dtypes = {v["name"]: v["dtype"] for v in manifest["io"]["inputs"] + manifest["io"]["outputs"]}
+    assert dtypes["tokens"] == dtypes["input_pos"] == "INT32" and dtypes["kv_cache_k_0"] == dtypes["logits"] == "FLOAT"
     assert manifest["kv_cache"]["shape"] == [1, 1, 64, 32]
     assert "fit" in manifest and manifest["fit"]["memory"]["kv_cache_bytes"] == 6 * 2 * 64 * 32 * 4
     assert "prefill_8" in (outs[0] / "README.md").read_text()

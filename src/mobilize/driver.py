@@ -28,6 +28,7 @@ from mobilize.package.readme import package_readme
 from mobilize.package.verify import sha256_file
 from mobilize.partials import remove_dead
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
+from mobilize.quant.plan import needs_statistics
 from mobilize.targets.base import Lowering
 from mobilize.targets.onnx.pipeline import OPSETS, recipe_named
 from mobilize.targets.presets import PRESETS
@@ -101,7 +102,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     ckpt = open_checkpoint(opts.source, opts.random_weights)
     tokenizer_ready = convert_in_background(ckpt)
     model = load_model(ckpt)
-    needs_statistics = recipe.needs_statistics(opts.format) and has_tokenizer_json(ckpt)
+    target = TARGETS[opts.format]
+    wants_statistics = needs_statistics(recipe, target.caps)
+    calibrating = wants_statistics and has_tokenizer_json(ckpt)
     max_seq_len = opts.kv_length(model.config.max_position_embeddings)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -111,15 +114,14 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         tokenizer_ready()  # the conversion started above, if one was needed
         return write_tokenizer(model.ckpt, tmp)
 
-    target = TARGETS[opts.format]
     how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle)
     meanwhile = None
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
-        if recipe.needs_statistics(opts.format) and not needs_statistics:
+        if wants_statistics and not calibrating:
             calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
-        elif needs_statistics and target.lazy_statistics:
+        elif calibrating and target.lazy_statistics:
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if opts.format in recipe.calibrate else RANKING_TOKENS
@@ -134,7 +136,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
 
             statistics = lambda: calibrated()[0]  # noqa: E731
 
-        elif needs_statistics:
+        elif calibrating:
             tokenizer_files = tokenizer()
             phase("calibrating")
             computed, calibration = calibrate(model, tmp / "tokenizer.json")

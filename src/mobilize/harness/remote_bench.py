@@ -20,7 +20,7 @@ from pathlib import Path
 RUNTIME_MODULES = [
     "__init__.py", "errors.py", "package/__init__.py", "package/verify.py", "harness/__init__.py", "harness/runner.py",
     "harness/perf.py", "harness/package.py", "harness/ort_runner.py", "harness/litert_runner.py",
-    "harness/remote_bench.py",
+    "harness/remote_bench.py", "targets/__init__.py", "targets/tflite/__init__.py", "targets/tflite/writer.py",
 ]  # fmt: skip
 
 

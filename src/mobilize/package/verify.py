@@ -89,7 +89,7 @@ def verify_package(path: str | Path, check_io: bool = True) -> dict[str, Any]:
 
 
 def _check_tflite_io(path: Path, io: dict) -> None:
-    from mobilize.targets.tflite.emitter import tflite_io
+    from mobilize.targets.tflite.writer import tflite_io
 
     try:
         found = tflite_io(path / "model.tflite")

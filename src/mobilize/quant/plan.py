@@ -94,15 +94,25 @@ class TargetCaps:
 
 
 
+def head_quant(recipe: Recipe, caps: TargetCaps) -> WeightQuant | None:
+    """The recipe's own head form for a target (None: the head is stored as the other linear layers)."""
+    return recipe.split_head if caps.split and recipe.split_head is not None else recipe.head
+
+
 def quant_for(recipe: Recipe, role: str, caps: TargetCaps) -> WeightQuant | None:
-    """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding". (A recipe's
-    `onnx_head` is still named for its target: the one recipe knob left that is not target-free.)"""
+    """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding"."""
     if role == "embedding":
         return recipe.embedding
     if role == "head":
-        head = recipe.onnx_head if caps.name == "onnx" and recipe.onnx_head is not None else recipe.head
+        head = head_quant(recipe, caps)
         return head if head is not None else recipe.matmul
     return recipe.matmul
+
+
+def needs_statistics(recipe: Recipe, caps: TargetCaps) -> bool:
+    """Whether an export runs calibration: to search scales, or to choose a split head's channels."""
+    head = head_quant(recipe, caps)
+    return caps.name in recipe.calibrate or (head is not None and head.split_rest is not None and caps.split)
 
 
 def plan_weight(

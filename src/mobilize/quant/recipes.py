@@ -25,7 +25,9 @@ class Recipe:
     description: str
     matmul: WeightQuant | None  # every linear layer (and the head, unless `head` says otherwise)
     head: WeightQuant | None = None  # the output projection (lm_head, or the tied embedding)
-    onnx_head: WeightQuant | None = None  # the head in ONNX packages, where it differs from `head`
+    # the head where the target can part it by input channel (the loudest channels in this form, the rest in
+    # its `split_rest`), ranked by calibration; elsewhere `head`
+    split_head: WeightQuant | None = None
     embedding: WeightQuant | None = None  # the input embedding lookup
     # From a GGUF source, keep block formats that map exactly onto MatMulNBits (Q4_K -> 4-bit, Q5_0, Q6_K
     # and Q8_0 -> 8-bit) as they are, instead of re-rounding them to this recipe's grid.
@@ -39,10 +41,6 @@ class Recipe:
     calibrate: tuple[str, ...] = ()
     formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
 
-    def needs_statistics(self, fmt: str) -> bool:
-        """Whether an export to `fmt` runs calibration: to search scales, or to choose a split head's channels."""
-        head = self.onnx_head or self.head
-        return fmt in self.calibrate or (fmt == "onnx" and head is not None and head.split_rest is not None)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -62,7 +60,7 @@ RECIPES: dict[str, Recipe] = {
             "else 4-bit calibrated; the embedding 8-bit. Each tensor's form: the manifest's build report",
             WeightQuant(4, 32, False),
             head=WeightQuant(4, 32, False, carry=False),
-            onnx_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
+            split_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
             calibrate=("tflite",),
@@ -72,7 +70,7 @@ RECIPES: dict[str, Recipe] = {
             "int4 with the whole ONNX head 8-bit (symmetric blocks of 128): prefills faster, exports without a "
             "calibration pass and is a little more accurate; decodes slower (more bytes per token)",
             WeightQuant(4, 32, False),
-            onnx_head=WeightQuant(8, 128, True, carry=False),
+            head=WeightQuant(8, 128, True, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
             formats=("onnx",),

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mobilize.frontend.loader import LoadedModel
+from mobilize.quant.plan import TargetCaps
 from mobilize.quant.recipes import Recipe
 
 Statistics = Callable[[], Mapping[str, np.ndarray]] | None  # calibration, when the first weight needs it
@@ -38,6 +39,7 @@ class Written:
 
 class Target(Protocol):
     name: str
+    caps: TargetCaps  # what its kernels store (the weight planner's view)
     # The target quantizes the weights that use calibration last, while it writes the others: calibration
     # then runs beside the write (a child process) instead of before the lowering.
     lazy_statistics: bool

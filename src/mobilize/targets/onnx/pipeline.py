@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import quant_for
+from mobilize.quant.plan import head_quant, quant_for
 from mobilize.quant.recipes import RECIPES, Recipe, WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
@@ -58,7 +58,7 @@ def onnx_passes(
     if statistics is not None:
         importance = lambda name: statistics_for(statistics(), name)  # noqa: E731
     searched = importance if "onnx" in recipe.calibrate else None  # a split head's statistics are its own
-    head = recipe.onnx_head or recipe.head
+    head = head_quant(recipe, ONNX_CAPS)
     if head is not None:
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:

@@ -10,6 +10,7 @@ from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.tokenizer import special_token_ids
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
+from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.emitter import build_decoder
 from mobilize.targets.onnx.genai_config import genai_config, graph_io
 from mobilize.targets.onnx.passes.kv_cache import static_kv
@@ -20,6 +21,7 @@ from mobilize.targets.onnx.writer import save_onnx, weight_bytes
 
 class OnnxTarget:
     name = "onnx"
+    caps = ONNX_CAPS
     lazy_statistics = True  # MatMulNBits tensors are lazy: those that use calibration are written last
 
     def check(self, how: Lowering) -> None:

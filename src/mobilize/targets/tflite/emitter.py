@@ -258,21 +258,6 @@ def build_tflite(
     return tfl, weights.report()
 
 
-def tflite_io(path) -> dict:
-    """The manifest's `io` of a LiteRT model: the decode signature's inputs and outputs (the names apps
-    bind), and every signature, read back from the written file."""
-    from mobilize.targets.tflite.writer import signatures
-
-    def values(entries):
-        return [{"name": n, "dtype": _TYPE_NAMES.get(t, t.upper()), "shape": s} for n, s, t in entries]
-
-    sigs = {k: {"inputs": values(v["inputs"]), "outputs": values(v["outputs"])} for k, v in signatures(path).items()}
-    return {**sigs["decode"], "signatures": sigs}
-
-
-_TYPE_NAMES = {"float32": "FLOAT", "int32": "INT32", "float16": "FLOAT16", "int8": "INT8", "bool": "BOOL"}
-
-
 def tflite_kv(cfg, max_len: int) -> dict:
     return {
         "layout": "static",

@@ -9,13 +9,15 @@ from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.tokenizer import special_token_ids
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
-from mobilize.targets.tflite.emitter import build_tflite, tflite_io, tflite_kv
+from mobilize.targets.tflite.caps import TFLITE_CAPS
+from mobilize.targets.tflite.emitter import build_tflite, tflite_kv
 from mobilize.targets.tflite.readme import tflite_readme
-from mobilize.targets.tflite.writer import weight_bytes
+from mobilize.targets.tflite.writer import tflite_io, weight_bytes
 
 
 class TfliteTarget:
     name = "tflite"
+    caps = TFLITE_CAPS
     lazy_statistics = False  # the flatbuffer's scales are laid out before any buffer: calibration comes first
 
     def check(self, how: Lowering) -> None:

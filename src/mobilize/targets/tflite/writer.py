@@ -353,3 +353,16 @@ def weight_bytes(path: Path) -> tuple[int, int]:
             total += size
             per_token += size // rows[b] if b in rows and b not in used_otherwise else size
     return total, per_token
+
+
+def tflite_io(path) -> dict:
+    """The manifest's `io` of a LiteRT model: the decode signature's inputs and outputs (the names apps
+    bind), and every signature, read back from the written file."""
+    def values(entries):
+        return [{"name": n, "dtype": _IO_DTYPES.get(t, t.upper()), "shape": s} for n, s, t in entries]
+
+    sigs = {k: {"inputs": values(v["inputs"]), "outputs": values(v["outputs"])} for k, v in signatures(path).items()}
+    return {**sigs["decode"], "signatures": sigs}
+
+
+_IO_DTYPES = {"float32": "FLOAT", "int32": "INT32", "float16": "FLOAT16", "int8": "INT8", "bool": "BOOL"}
