@@ -141,7 +141,7 @@ def run(
 @app.command(name="eval")
 def eval_(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
-    text: Path = typer.Option(None, "--text", help="A plain text file (default: bench/data/river.txt)."),
+    text: Path = typer.Option(None, "--text", help="A plain text file (default: the bundled river.txt)."),
     chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
     max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
     threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
@@ -319,7 +319,7 @@ def bench(
 
 @bench_app.command(name="run")
 def bench_run(
-    suite: str = typer.Argument(..., help="A suite: a name in bench/suites (ci, recipes) or a .toml file."),
+    suite: str = typer.Argument(..., help="A suite: a bundled one (ci, recipes, export-scale) or a .toml file."),
     out: Path = typer.Option(..., "--out", "-o", help="Results JSON to write."),
     workdir: Path = typer.Option(Path("out/bench-suite"), "--workdir", help="Where the packages are exported."),
 ) -> None:

@@ -66,7 +66,12 @@ class NumpyEmitter:
 
     # ---- the Emitter ----
     def embed(self) -> list[np.ndarray]:
-        return [embedding_rows(self.ckpt[EMBEDDING], s) for s in self.sequences]
+        ref = self.ckpt[EMBEDDING]
+        if ref.raw is None and self.keep_weights:  # a float table read once (shared with a tied head)
+            if EMBEDDING not in self.loaded:
+                self.loaded[EMBEDDING] = np.asarray(ref.load(), F32)
+            return [self.loaded[EMBEDDING][np.asarray(s)] for s in self.sequences]
+        return [embedding_rows(ref, s) for s in self.sequences]
 
     def scale(self, xs, factor: float):
         return [x * F32(factor) for x in xs]

@@ -88,8 +88,8 @@ class FcWeights:
         ref = self.ckpt[name]
         n, k = shape = ref.shape
         stats = statistics_for(self.statistics, name) if self.statistics is not None else None
-        form = plan_weight(shape, SourceGrid.of(ref.dtype), quant, self.recipe.carry_source_blocks, TFLITE_CAPS,
-                           stats is not None)  # fmt: skip
+        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None)
+        form = plan_weight(shape, grid, quant, self.recipe.carry_source_blocks, TFLITE_CAPS, stats is not None)
         if form is None:
             return g.weight(key, shape, F32, 4 * n * k, lambda: self._load(name))
         self._plans[key] = form

@@ -138,7 +138,7 @@ class QuantizeMatMulPass(ReportingPass):
         form = self.plan(weight, n, k)
         how = {"rounded": "round", "grid": "grid", "codes": "codes"}[form.source]
         bits, block_size, zp_kind = form.bits, form.block_size, form.zero_point
-        if form.note:
+        if form.note and not form.exact and "re-rounded" in form.note:  # a carry the plan declined
             self.report.reject(form.note)
         entry = {"weight": weight.name, "shape": [n, k], "bits": bits, "block_size": block_size,
                  "carried_from_source": form.exact, "plan": form.describe()}  # fmt: skip
