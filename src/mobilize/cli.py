@@ -409,7 +409,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except _CLICK_ERROR as e:  # a usage error: one line, and where the usage is
         command = getattr(getattr(e, "ctx", None), "command_path", None)
-        hint = f" (see '{command} --help')" if command and getattr(e, "ctx", None) is not None else ""
+        hint = f" (see '{command} --help')" if command else ""
         message = " ".join(e.format_message().split())
         print(f"mobilize: error: {message}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)

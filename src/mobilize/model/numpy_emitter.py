@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from mobilize.frontend.config import SLIDING, DecoderConfig
-from mobilize.model.decoder import decode
 from mobilize.model.weights import norm_weight
 
 F32 = np.float32
@@ -172,10 +171,6 @@ class NumpyEmitter:
         if xs is None:  # no logits computed
             return None
         return [np.tanh(x / F32(cap)) * F32(cap) for x in xs]
-
-
-def forward(emitter: NumpyEmitter) -> list[np.ndarray] | None:
-    return decode(emitter.cfg, emitter)
 
 
 def embedding_rows(ref, ids: list[int]) -> np.ndarray:

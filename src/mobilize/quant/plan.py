@@ -54,6 +54,7 @@ class WeightForm:
     calibrated: bool = False  # re-rounding weighs each input channel's error by calibration statistics
     split: Split | None = None  # input channels parted by calibration, two forms
     note: str = ""  # why the recipe's own form was not taken
+    declined: bool = False  # the recipe asked to carry the source's grid; it is re-rounded instead (see `note`)
 
     @property
     def exact(self) -> bool:
@@ -145,8 +146,9 @@ def plan_weight(
 
     if g is not None and g.bits > q.bits:  # a wider source grid (5-8 bits) under a 4-bit recipe
         if not q.carry_wider:
-            return _with_split(rounded(q.bits, q.block_size, q.symmetric, f"source grid has {g.bits} bits: "
-                                       f"re-rounded to {q.bits}"), q, k, caps, statistics)  # fmt: skip
+            note = f"source grid has {g.bits} bits: re-rounded to {q.bits}"
+            form = dataclasses.replace(rounded(q.bits, q.block_size, q.symmetric, note), declined=True)
+            return _with_split(form, q, k, caps, statistics)
         if caps.wide_block_size:
             return WeightForm(8, caps.wide_block_size, "none", caps.scale_dtype, "rounded",
                               note=f"{g.kind}: as 8-bit symmetric blocks of {caps.wide_block_size}")  # fmt: skip
@@ -165,7 +167,8 @@ def plan_weight(
         elif g.bits <= q.bits or q.carry_wider:
             return WeightForm(g.bits, g.block_size, "float" if g.bits == 4 else "uint8", "float32", "grid")
     note = "no source block grid: re-rounded" if wants_carry else ""
-    return _with_split(rounded(q.bits, q.block_size, q.symmetric, note), q, k, caps, statistics)
+    form = dataclasses.replace(rounded(q.bits, q.block_size, q.symmetric, note), declined=wants_carry)
+    return _with_split(form, q, k, caps, statistics)
 
 
 def plan_embedding(

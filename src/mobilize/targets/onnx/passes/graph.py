@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from mobilize.quant.plan import SourceGrid
+
 MS_DOMAIN = "com.microsoft"
 _STD = ("", "ai.onnx")
 SMALL = 4096  # constants up to this many elements are read while matching (weights never are)
@@ -112,3 +114,12 @@ def remove_dead(graph: ir.Graph) -> int:
         if not value.uses() and value not in outputs and value not in graph.inputs:
             del graph.initializers[name]
     return removed
+
+
+def source_grid(weight: ir.Value) -> SourceGrid | None:
+    """The source block format an initializer carries in its metadata (the emitter's, or packing's), if any."""
+    form = weight.meta.get("block_form")
+    if form is None:
+        return None
+    exact, codes = weight.meta.get("block_grid") is not None, weight.meta.get("block_codes") is not None
+    return SourceGrid(weight.meta.get("block_kinds", ()), form[0], form[1], exact, codes)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
-from mobilize.quant.plan import SourceGrid, TargetCaps, WeightForm, plan_weight
+from mobilize.quant.plan import TargetCaps, WeightForm, plan_weight
 from mobilize.quant.primitives import (
     ROWS,
     codes_on_grid,
@@ -27,7 +27,7 @@ from mobilize.quant.primitives import (
 )
 from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
-from mobilize.targets.onnx.passes.graph import MS_DOMAIN, WRITE_LAST, initializer, remove_dead, std_nodes
+from mobilize.targets.onnx.passes.graph import MS_DOMAIN, WRITE_LAST, initializer, remove_dead, source_grid, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
 
 DEFAULT = WeightQuant(4, 32, False)
@@ -76,12 +76,7 @@ class QuantizeMatMulPass(ReportingPass):
 
     def plan(self, weight: ir.Value, n: int, k: int) -> WeightForm:
         """The weight's storage, from its metadata, before any of its bytes are read."""
-        grid = None
-        form = weight.meta.get("block_form")
-        if form is not None:
-            exact = weight.meta.get("block_grid") is not None
-            grid = SourceGrid(weight.meta.get("block_kinds", ()), form[0], form[1], exact,
-                              codes=weight.meta.get("block_codes") is not None)  # fmt: skip
+        grid = source_grid(weight)
         statistics = self.importance is not None
         planned = plan_weight((n, k), grid, self.quant, self.carry_source_blocks, self.caps, statistics)
         if planned is None:
@@ -138,7 +133,7 @@ class QuantizeMatMulPass(ReportingPass):
         form = self.plan(weight, n, k)
         how = {"rounded": "round", "grid": "grid", "codes": "codes"}[form.source]
         bits, block_size, zp_kind = form.bits, form.block_size, form.zero_point
-        if form.note and not form.exact and "re-rounded" in form.note:  # a carry the plan declined
+        if form.declined:
             self.report.reject(form.note)
         entry = {"weight": weight.name, "shape": [n, k], "bits": bits, "block_size": block_size,
                  "carried_from_source": form.exact, "plan": form.describe()}  # fmt: skip

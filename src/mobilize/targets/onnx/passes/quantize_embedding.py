@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from mobilize.quant.plan import SourceGrid, plan_embedding
+from mobilize.quant.plan import plan_embedding
 from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
-from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, std_nodes
+from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, source_grid, std_nodes
 from mobilize.targets.onnx.passes.report import ReportingPass
 
 DEFAULT = WeightQuant(4, 32, False)
@@ -51,11 +51,7 @@ class QuantizeGatherPass(ReportingPass):
         return modified
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
-        form = table.meta.get("block_form")
-        grid = None
-        if form is not None:
-            grid = SourceGrid(table.meta.get("block_kinds", ()), *form, codes=table.meta.get("block_codes") is not None)
-        plan = plan_embedding(tuple(table.shape), grid, self.quant, self.carry_source_blocks, ONNX_CAPS)
+        plan = plan_embedding(tuple(table.shape), source_grid(table), self.quant, self.carry_source_blocks, ONNX_CAPS)
         bits = plan.bits
         if plan.source == "codes":  # a Q8_0 table: its own codes and scales, exactly
             q, scale, zero_point = table.meta["block_codes"]()
