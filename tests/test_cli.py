@@ -66,9 +66,10 @@ def test_export_package_runs(tiny_hf, tmp_path):
 
 
 def test_export_int4_package(tiny_hf, tmp_path):
-    """--quant int4: every linear layer becomes 4-bit MatMulNBits (q/k/v and gate/up packed), the tied head
-    8-bit in blocks of 128 (the ONNX head: this source has no tokenizer to rank its input channels with, so
-    none go to 4 bits), the embedding an 8-bit lookup; the report says so."""
+    """--quant int4: every linear layer becomes 4-bit MatMulNBits (q/k/v and gate/up packed), the tied head too
+    (the ONNX head is split by calibration where the source has a tokenizer to rank its input channels with; this
+    one has none, so the recipe's plain 4-bit head), the embedding a 4-bit lookup; from float values, blocks of 64
+    (fp32 scales and zero points: the recipe's 4.6 bits per weight); the report says so."""
     import onnx
 
     out = tmp_path / "pkg4"
@@ -81,12 +82,13 @@ def test_export_int4_package(tiny_hf, tmp_path):
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert embedding["matched"] == 1 and "GatherBlockQuantized" in {n.op_type for n in m.graph.node}
     assert head["matched"] == 1 and head["tensors"][0]["weight"] == "model.embed_tokens.weight"
-    assert head["tensors"][0]["block_size"] == 128 and head["tensors"][0]["bits"] == 8
+    assert head["tensors"][0]["block_size"] == 64 and head["tensors"][0]["bits"] == 4
+    assert embedding["tensors"][0]["plan"]["bits"] == 4 and embedding["tensors"][0]["plan"]["block_size"] == 64
     assert passes["pack_matmul"]["matched"] == 6 * 2
     assert body["matched"] == 6 * 4 and body["rel_rms_error"]["max"] < 0.2
     nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
-    assert bits == [4] * 24 + [8]
+    assert bits == [4] * 25
     prompt = [5, 6, 7, 8, 9, 10]
     ref = ReferenceRunner(tiny_hf("gemma3")).prefill(prompt)
 

@@ -12,7 +12,8 @@ from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.tflite.caps import TFLITE_CAPS
 
 INT4 = RECIPES["int4"]
-BODY = quant_for(INT4, "linear", ONNX_CAPS)  # 4-bit b32 asym, wider grids 8-bit b128, Q4_K under 4M widened
+# 4-bit asym (b32; wider from floats), wider grids 8-bit b128, Q4_K under 4M widened
+BODY = quant_for(INT4, "linear", ONNX_CAPS)
 Q4K, Q6K = SourceGrid.of("Q4_K"), SourceGrid.of("Q6_K")
 Q8 = SourceGrid.of("Q8_0", codes=True)
 BIG, SMALL = (4096, 11008), (640, 2048)  # a 7B MLP weight (45M elements), a Gemma 3 270M one (1.3M)
@@ -28,7 +29,9 @@ TABLE = [
     ("onnx Q4_K big: exact grid", BIG, Q4K, BODY, True, ONNX_CAPS, False, (4, 32, "float", "float32", "grid")),
     ("onnx Q4_K small: widened", SMALL, Q4K, BODY, True, ONNX_CAPS, False, (8, 128, "none", "float32", "rounded")),
     ("onnx Q6_K: 8-bit b128", SMALL, Q6K, BODY, True, ONNX_CAPS, False, (8, 128, "none", "float32", "rounded")),
-    ("onnx float: 4-bit asym", BIG, None, BODY, True, ONNX_CAPS, False, (4, 32, "uint8", "float32", "rounded")),
+    # from float values, blocks widen until the form costs at most the recipe's 4.6 bits per weight
+    ("onnx float: 4-bit asym b64", BIG, None, BODY, True, ONNX_CAPS, False, (4, 64, "uint8", "float32", "rounded")),
+    ("tflite float: 4-bit sym b32", BIG, None, BODY, True, TFLITE_CAPS, False, (4, 32, "none", "float16", "rounded")),
     ("tflite Q4_K: exact INT4 + correction", SMALL, Q4K, BODY, True, TFLITE_CAPS, False,
      (4, 32, "float", "float16", "grid")),
     ("tflite Q6_K: int8 per channel", SMALL, Q6K, BODY, True, TFLITE_CAPS, False, (8, 0, "none", "float32", "rounded")),

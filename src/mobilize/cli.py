@@ -85,6 +85,12 @@ def export(
     prefill_len: list[int] = typer.Option(
         [32, 128], "--prefill-len", help="tflite: a prefill_<L> signature for each (repeat the flag)."
     ),
+    kv_dtype: str = typer.Option(
+        None, "--kv-dtype", help="KV cache: float32 or float16 (default: the preset's plan for its device)."
+    ),
+    ignore_fit: bool = typer.Option(
+        False, "--ignore-fit", help="Write the package even if it would not fit the preset's device."
+    ),
 ) -> None:
     """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
     import time
@@ -95,7 +101,7 @@ def export(
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
-        logits=logits,
+        logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
@@ -108,16 +114,23 @@ def export(
             status.update(f"exporting: {p}")
 
         path = run_export(opts, phase=phase)
+    from mobilize.package.fit import describe
+
     manifest = json.loads((path / "manifest.json").read_text())
     kv = manifest["target"]["max_seq_len"]
-    if "fit" in manifest and not manifest["fit"]["memory"]["fits"]:
-        m = manifest["fit"]["memory"]
-        console.print(
-            f"[bold yellow]warning:[/] this package needs {m['total_bytes'] / 1e9:.2f} GB, more than the "
-            f"{m['budget_bytes'] / 1e9:.2f} GB an app can count on on a {manifest['fit']['device']} (mobilize fit)"
-        )
+    kv_dtype = manifest["kv_cache"].get("dtype", "float32")
+    plan = manifest["target"].get("plan")
+    if plan and plan["passed_over"]:
+        same = [p for p in plan["passed_over"] if p["kv_dtype"] == kv_dtype]
+        longer = (same or plan["passed_over"])[0]
+        print(f"planned for {plan['device']}: KV cache {kv_dtype}, {kv} positions ({longer['max_seq_len']} in "
+              f"{longer['kv_dtype']} would need {longer['predicted_total_bytes'] / 1e9:.2f} GB of "
+              f"{plan['budget_bytes'] / 1e9:.2f})")  # fmt: skip
+    if "fit" in manifest:
+        fits = manifest["fit"]["memory"]["fits"]
+        (print if fits else lambda t: console.print(f"[bold yellow]warning:[/] {t}"))(describe(manifest["fit"]))
     took = time.perf_counter() - start
-    print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}) in {took:.1f} s")
+    print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}, KV {kv_dtype}) in {took:.1f} s")
 
 
 @app.command()
@@ -142,6 +155,10 @@ def run(
 def eval_(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
     text: Path = typer.Option(None, "--text", help="A plain text file (default: the bundled river.txt)."),
+    texts: str = typer.Option(
+        None, "--texts", help="A text set instead: broad (prose, dialogue, legal, technical, code; dev and held-out)."
+    ),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=2, help="With --texts: tokens of each text."),
     chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
     max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
     threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
@@ -155,7 +172,33 @@ def eval_(
     from mobilize.harness.package import Package
 
     budget = _percent(max_ppl_increase) if max_ppl_increase is not None else None
+    if texts is not None and text is not None:
+        raise MobilizeError("--text and --texts: give one")
     pkg = Package.open(package)
+    if texts is not None:
+        from mobilize.harness.evaluate import evaluate_set
+        from mobilize.harness.texts import text_set
+
+        chosen = text_set(texts)
+        with console.status(f"evaluating {package.name} on the {texts} texts against the reference"):
+            result = evaluate_set(pkg, chosen, max_tokens, chunk=chunk, threads=threads, reference=reference)
+        result["text_set"] = texts
+        record(package, result)
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{'text':18} {'kind':10} {'split':9} {'tokens':>6} {'ppl':>8} {'ref':>8} {'increase':>8} "
+                  f"{'top-1':>6} {'KL':>7}")  # fmt: skip
+            rows = [(n, r["kind"], r["split"], r) for n, r in result["texts"].items()]
+            rows += [(f"[{k}]", "", "", r) for k, r in result["splits"].items()] + [("[all]", "", "", result)]
+            for name, kind, split, r in rows:
+                print(f"{name:18} {kind:10} {split:9} {r['tokens']:>6} {r['perplexity']:>8.3f} "
+                      f"{r['reference_perplexity']:>8.3f} {r['perplexity_increase']:>+8.2%} "
+                      f"{r['top1_agreement']:>6.1%} {r['mean_kl']:>7.4f}")  # fmt: skip
+        if budget is not None and result["perplexity_increase"] > budget:
+            increase = result["perplexity_increase"]
+            raise MobilizeError(f"perplexity {increase:+.2%} over the reference exceeds the budget of {budget:+.2%}")
+        return
     try:
         body = (text or DEFAULT_TEXT).read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -205,8 +248,9 @@ def fit_(
     m, d = r["memory"], r["decode_roofline"]
     mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
     print(f"device          {r['device']} ({r['soc']}), {d['bandwidth_gb_s']} GB/s peak")
+    kv_dtype = (pkg.manifest.get("kv_cache") or {}).get("dtype", "float32")
     print(f"weights         {mb(m['weights_bytes'])}")
-    print(f"KV cache        {mb(m['kv_cache_bytes'])} (full length)")
+    print(f"KV cache        {mb(m['kv_cache_bytes'])} ({kv_dtype}, full length)")
     what = (
         "one token's logits and the longest prefill's attention scores"
         if pkg.manifest["format"] == "tflite"
@@ -215,10 +259,16 @@ def fit_(
     print(f"activations     {mb(m['activation_bytes'])} ({what})")
     print(f"runtime         {mb(m['runtime_bytes'])} (allowance)")
     verdict = "fits" if m["fits"] else "DOES NOT FIT"
-    print(f"total           {mb(m['total_bytes'])} of {mb(m['budget_bytes'])} an app can count on: {verdict}")
+    print(f"resident        {mb(m['total_bytes'])} anonymous: {mb(m['weights_repacked_bytes'])} weights repacked by "
+          f"the runtime + KV, activations, runtime; {mb(m['weights_file_backed_bytes'])} of lookup tables stay "
+          "file-backed (read from the mapped file)")  # fmt: skip
+    print(f"budget          {mb(m['budget_bytes'])} an app can keep resident on a {r['device']}: {verdict}")
+    lo, hi = d["tokens_per_s"]
+    flo, fhi = d["bandwidth_fraction"]
     print(
-        f"decode bound    {d['tokens_per_s_at_most']:.1f} tok/s = {d['bandwidth_gb_s']} GB/s / "
-        f"({mb(d['weight_bytes_per_token'])} weights + {mb(d['kv_bytes_per_token_at_full_context'])} KV per token)"
+        f"decode          {lo:.1f}-{hi:.1f} tok/s at full context = {flo:.2f}-{fhi:.2f} x {d['bandwidth_gb_s']} GB/s / "
+        f"({mb(d['weight_bytes_per_token'])} weights + {mb(d['kv_bytes_per_token_at_full_context'])} KV per token); "
+        f"{d['tokens_per_s_at_most']:.1f} at the peak"
     )
 
 
@@ -347,8 +397,10 @@ def bench_compare(
         [], "--tolerance", help="METRIC=PERCENT for one metric (repeat); the baseline's own tolerances apply first."
     ),
     metrics: str = typer.Option(
-        None, "--metrics", help="Compare only these (comma-separated; 'portable': ppl,package_bytes, for a baseline "
-        "recorded on another machine)."
+        None,
+        "--metrics",
+        help="Compare only these (comma-separated; 'portable': ppl,package_bytes, for a baseline "
+        "recorded on another machine).",
     ),
 ) -> None:
     """A table of deltas; exit 1 when a metric regressed past its tolerance."""

@@ -23,12 +23,12 @@ from mobilize.frontend.tokenizer import (
     has_tokenizer_json,
     write_tokenizer,
 )
-from mobilize.package.fit import fit
+from mobilize.package.fit import describe, device_named, fit, predict
 from mobilize.package.readme import package_readme
 from mobilize.package.verify import sha256_file
 from mobilize.partials import remove_dead
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
-from mobilize.quant.plan import needs_statistics
+from mobilize.quant.plan import estimate_weight_bytes, needs_statistics
 from mobilize.targets.base import Lowering
 from mobilize.targets.onnx.pipeline import OPSETS, recipe_named
 from mobilize.targets.presets import PRESETS
@@ -38,6 +38,8 @@ MANIFEST_SCHEMA = 1
 
 
 LOGITS = ("last", "all")  # --logits: the ONNX logits output's positions
+KV_DTYPES = ("float32", "float16")
+MIN_PLANNED_CONTEXT = 512  # a preset's plan shortens the cache no further
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ExportOptions:
     prefill_lens: tuple[int, ...] = (32, 128)  # tflite: one prefill_<L> signature each
     bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
     logits: str = "last"  # onnx: the logits output of the "last" position only, or of "all"
+    kv_dtype: str | None = None  # None: the preset's plan
+    ignore_fit: bool = False  # write a package that does not fit the preset's device
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -72,6 +76,8 @@ class ExportOptions:
         TARGETS[fmt].check(Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle))
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
             raise MobilizeError(f"--prefill-len {list(self.prefill_lens)}: each must be from 1 to {1 << 16}")
+        if self.kv_dtype not in (None, *KV_DTYPES):
+            raise MobilizeError(f"unknown --kv-dtype {self.kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
             raise MobilizeError(f"--max-seq-len {self.max_seq_len} is out of range (1..{1 << 20})")
         return dataclasses.replace(self, quant=self.quant or preset.quant, format=fmt)
@@ -105,7 +111,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     target = TARGETS[opts.format]
     wants_statistics = needs_statistics(recipe, target.caps)
     calibrating = wants_statistics and has_tokenizer_json(ckpt)
-    max_seq_len = opts.kv_length(model.config.max_position_embeddings)
+    max_seq_len, kv_dtype, plan = plan_cache(opts, model, recipe, target, calibrating)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
 
@@ -114,7 +120,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         tokenizer_ready()  # the conversion started above, if one was needed
         return write_tokenizer(model.ckpt, tmp)
 
-    how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle)
+    how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle, kv_dtype)
     meanwhile = None
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
@@ -156,7 +162,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"calibration": calibration, "passes": written.reports},
-            "target": {"name": opts.target, "max_seq_len": max_seq_len, **written.target},
+            "target": {"name": opts.target, "max_seq_len": max_seq_len, **written.target, **plan},
             "kv_cache": written.kv_cache or {"layout": "dynamic"},
             "io": written.io,
             "tokenizer": tokenizer_files or None,
@@ -166,6 +172,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         device = PRESETS[opts.target].device
         if device is not None:
             manifest["fit"] = fit(tmp, manifest, device)
+            if not manifest["fit"]["memory"]["fits"] and not opts.ignore_fit:
+                raise MobilizeError(f"the package would not fit: {describe(manifest['fit'])}; nothing was written "
+                                    "(--ignore-fit writes it anyway)")  # fmt: skip
         (tmp / "README.md").write_text(package_readme(manifest, sorted(p.name for p in tmp.iterdir())))
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
@@ -183,6 +192,58 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         if meanwhile is not None:
             meanwhile.stop()
     return out
+
+
+def plan_cache(opts: ExportOptions, model, recipe, target, calibrating: bool = True) -> tuple[int, str, dict]:
+    """The KV cache's length and dtype: the options' where given, else the longest (from the preset's, halving down
+    to MIN_PLANNED_CONTEXT) and, at that length, the first of the target's dtypes whose package fits the preset's
+    device, predicted from the planned weights before any is written. Nothing fits: one error with the numbers,
+    unless --ignore-fit (then the preset's own choice)."""
+    preset = PRESETS[opts.target]
+    cfg = model.config
+    longest = opts.kv_length(cfg.max_position_embeddings)
+    lengths = [longest]
+    if opts.max_seq_len is None:
+        while lengths[-1] // 2 >= MIN_PLANNED_CONTEXT:
+            lengths.append(lengths[-1] // 2)
+    dtypes = [opts.kv_dtype] if opts.kv_dtype else list(target.kv_dtypes)
+    if preset.device is None:
+        return longest, dtypes[0], {}
+    dev = device_named(preset.device)
+    weights, per_token = estimate_weight_bytes(model, recipe, target.caps, calibrating)
+    arch = dataclasses.asdict(cfg)
+    tried = []
+    for length in lengths:
+        for dtype in dtypes:
+            kv = target.kv_cache_bytes(cfg, length, dtype)
+            fields = {"max_seq_len": length, "logits": opts.logits, "prefill_lens": list(opts.prefill_lens)}
+            shape = {"architecture": arch, "kv_cache": {"dtype": dtype}, "target": fields}
+            activations = target.activation_bytes(shape, 128)
+            r = predict(dev, weights, per_token, kv, target.kv_read_bytes(kv, dtype), activations)
+            tried.append((length, dtype, r))
+            if r["memory"]["fits"]:
+                return length, dtype, {"kv_dtype": dtype, "plan": _plan_record(preset, tried)}
+    if opts.ignore_fit:
+        return longest, dtypes[0], {"kv_dtype": dtypes[0], "plan": _plan_record(preset, tried[:1])}
+    length, dtype, r = tried[-1]
+    raise MobilizeError(
+        f"{opts.source} does not fit a {dev.name} as a {opts.target} package even with a {dtype} KV cache of {length} "
+        f"positions: {describe(r)} (predicted). Pass --ignore-fit to write it anyway, or a smaller --quant"
+    )
+
+
+def _plan_record(preset, tried) -> dict:
+    """What the preset's plan chose and what it passed over, for the manifest."""
+    length, dtype, r = tried[-1]
+    return {
+        "device": preset.device,
+        "chose": {"max_seq_len": length, "kv_dtype": dtype, "predicted_fit": r["memory"]["fits"]},
+        "passed_over": [
+            {"max_seq_len": n, "kv_dtype": d, "predicted_total_bytes": p["memory"]["total_bytes"]}
+            for n, d, p in tried[:-1]
+        ],
+        "budget_bytes": r["memory"]["budget_bytes"],
+    }
 
 
 def _write_error(e: OSError) -> str:

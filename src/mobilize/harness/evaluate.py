@@ -63,12 +63,59 @@ def evaluate(
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
     ours = package.runner(threads)
+    sums = _score_text(ours, ref, tok, ids, chunk)
+    matches = []
+    for prompt in PROMPTS:
+        p = tok.encode(prompt).ids
+        a, b = greedy(ours, p, new_tokens), greedy(ref, p, new_tokens)
+        matches.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
+    return {
+        "reference": reference,
+        "chunk": chunk,
+        **_figures(sums),
+        "greedy_match": {"prompts": list(PROMPTS), "new_tokens": new_tokens, "matched": matches},
+    }
+
+
+def evaluate_set(
+    package, texts, max_tokens: int = 1024, chunk: int = 256, threads: int = 0, reference: str = "numpy"
+) -> dict[str, Any]:
+    """The figures of each text (its first `max_tokens` tokens), of each split and of all of them."""
+    from mobilize.harness.texts import sha256_text
+
+    ref = reference_runner(package.manifest, reference)
+    tok = package.tokenizer()
+    ours = package.runner(threads)
+    per_text, by_split = {}, {}
+    for t in texts:
+        body = t.read()
+        ids = tok.encode(body).ids[:max_tokens]
+        if len(ids) < 2:
+            raise MobilizeError(f"evaluation text {t.name} is shorter than two tokens")
+        sums = _score_text(ours, ref, tok, ids, chunk)
+        per_text[t.name] = {"kind": t.kind, "split": t.split, "origin": t.origin, "sha256": sha256_text(body),
+                            **_figures(sums)}  # fmt: skip
+        for key in (t.split, "all"):
+            acc = by_split.setdefault(key, dict.fromkeys(sums, 0.0))
+            for k, v in sums.items():
+                acc[k] += v
+    return {
+        "reference": reference,
+        "chunk": chunk,
+        "max_tokens_per_text": max_tokens,
+        **_figures(by_split["all"]),
+        "splits": {k: _figures(v) for k, v in by_split.items() if k != "all"},
+        "texts": per_text,
+    }
+
+
+def _score_text(ours, ref, tok, ids: list[int], chunk: int) -> dict[str, float]:
+    """Sums over the text's positions: negative log-likelihoods, top-1 agreements, KL, count."""
     # Every chunk starts as the text does: with the BOS token where the tokenizer adds one (a model like
     # Gemma is far from itself mid-text without it, and so is any int8-activation kernel: differences
     # between kernels there are not the package's error). The BOS row itself is not scored.
     bos = tok.encode("").ids[:1]  # (an empty text may also get an EOS)
-    nll = {"package": 0.0, "reference": 0.0}
-    agree, kl, count = 0, 0.0, 0
+    out = {"nll_package": 0.0, "nll_reference": 0.0, "agree": 0.0, "kl": 0.0, "count": 0.0}
     for start in range(0, len(ids) - 1, chunk):
         prefix = bos if start and bos and ids[0] == bos[0] else []
         piece = prefix + ids[start : start + chunk + 1]
@@ -78,27 +125,24 @@ def evaluate(
         lp_ref = log_softmax(score(ref, piece[:-1]))[len(prefix) :]
         target = np.asarray(piece[len(prefix) + 1 :])
         rows = np.arange(len(target))
-        nll["package"] -= float(lp_ours[rows, target].sum())
-        nll["reference"] -= float(lp_ref[rows, target].sum())
-        agree += int((lp_ours.argmax(-1) == lp_ref.argmax(-1)).sum())
-        kl += float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum())
-        count += len(target)
-    matches = []
-    for prompt in PROMPTS:
-        p = tok.encode(prompt).ids
-        a, b = greedy(ours, p, new_tokens), greedy(ref, p, new_tokens)
-        matches.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
-    ppl = {k: float(np.exp(v / count)) for k, v in nll.items()}
+        out["nll_package"] -= float(lp_ours[rows, target].sum())
+        out["nll_reference"] -= float(lp_ref[rows, target].sum())
+        out["agree"] += int((lp_ours.argmax(-1) == lp_ref.argmax(-1)).sum())
+        out["kl"] += float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum())
+        out["count"] += len(target)
+    return out
+
+
+def _figures(sums: dict[str, float]) -> dict[str, Any]:
+    n = sums["count"]
+    ppl, ref = float(np.exp(sums["nll_package"] / n)), float(np.exp(sums["nll_reference"] / n))
     return {
-        "reference": reference,
-        "tokens": count,
-        "chunk": chunk,
-        "perplexity": ppl["package"],
-        "reference_perplexity": ppl["reference"],
-        "perplexity_increase": ppl["package"] / ppl["reference"] - 1.0,
-        "top1_agreement": agree / count,
-        "mean_kl": kl / count,
-        "greedy_match": {"prompts": list(PROMPTS), "new_tokens": new_tokens, "matched": matches},
+        "tokens": int(n),
+        "perplexity": ppl,
+        "reference_perplexity": ref,
+        "perplexity_increase": ppl / ref - 1.0,
+        "top1_agreement": sums["agree"] / n,
+        "mean_kl": sums["kl"] / n,
     }
 
 
@@ -113,9 +157,14 @@ def record(package_dir: Path, result: dict[str, Any]) -> None:
     text += (
         f"\n## Evaluation\n\n`mobilize eval`, {result['tokens']} tokens: perplexity {result['perplexity']:.2f} against "
         f"the reference's {result['reference_perplexity']:.2f} ({result['perplexity_increase']:+.1%}), top-1 "
-        f"agreement {result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.4f}; greedy continuations match "
-        f"the reference for {result['greedy_match']['matched']} of {result['greedy_match']['new_tokens']} tokens.\n"
+        f"agreement {result['top1_agreement']:.1%}, mean KL {result['mean_kl']:.4f}"
     )
+    if "greedy_match" in result:
+        g = result["greedy_match"]
+        text += f"; greedy continuations match the reference for {g['matched']} of {g['new_tokens']} tokens"
+    for split, r in result.get("splits", {}).items():
+        text += f"; {split}: {r['tokens']} tokens, {r['perplexity_increase']:+.1%}, KL {r['mean_kl']:.4f}"
+    text += ".\n"
     _replace(readme, text)
     manifest["files"]["README.md"] = {"bytes": readme.stat().st_size, "sha256": sha256_file(readme)}
     _replace(package_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -59,6 +59,8 @@ class OrtRunner:
         self.input_names = set(inputs)
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.past_shapes = {n: _concrete(inputs[n].shape, Path(model_path).parent) for n in self.past_names}
+        half = any(inputs[n].type == "tensor(float16)" for n in self.past_names)
+        self.past_dtype = np.float16 if half else np.float32
         self.output_names = [o.name for o in self.session.get_outputs()]
         # A package exported with --logits last ([batch, 1, vocab]): prefill gives the last position's row
         logits = next((o.shape for o in self.session.get_outputs() if o.name == "logits"), [])
@@ -72,7 +74,7 @@ class OrtRunner:
         if static:
             for name in self.past_names:
                 _, kv_heads, length, head_dim = self.past_shapes[name]
-                zeros = np.zeros((1, kv_heads, length, head_dim), dtype=np.float32)
+                zeros = np.zeros((1, kv_heads, length, head_dim), dtype=self.past_dtype)
                 self.buffers[name] = ort.OrtValue.ortvalue_from_numpy(zeros)
         self.reset()
 
@@ -85,7 +87,7 @@ class OrtRunner:
         if not self.static:
             for name in self.past_names:
                 _, kv_heads, _, head_dim = self.past_shapes[name]
-                self.cache[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+                self.cache[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=self.past_dtype)
         self.length = 0
 
     def _feeds(self, tokens: list[int]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ so and the form's `note` says what was chosen instead. Each target's capabilitie
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from mobilize.frontend.sources.gguf_grid import GRID_FORMS
@@ -60,6 +61,14 @@ class WeightForm:
     def exact(self) -> bool:
         return self.source != "rounded"
 
+    def nbytes(self, n: int, k: int) -> int:
+        """Bytes of a [n, k] weight in this form (codes, scales, zero points; a split's two parts)."""
+        if self.split is not None:
+            keep = self.split.keep
+            own = dataclasses.replace(self, split=None)
+            return own.nbytes(n, keep) + self.split.rest.nbytes(n, k - keep)
+        return -(-int(n * k * bits_per_weight(self.bits, self.block_size or k, self.zero_point, self.scale_dtype)) // 8)
+
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the form."""
         out = dataclasses.asdict(self)
@@ -93,19 +102,34 @@ class TargetCaps:
     widen_below: int = 0
 
 
+def bits_per_weight(bits: int, block: int, zero_point: str, scale_dtype: str) -> float:
+    """Storage per weight of a blockwise form: the code, its block's scale and zero point shared by `block` weights."""
+    scale = 16 if scale_dtype == "float16" else 32
+    zero = {"none": 0, "uint8": bits, "float": 32}[zero_point]
+    return bits + (scale + zero) / block
 
 
-def head_quant(recipe: Recipe, caps: TargetCaps) -> WeightQuant | None:
-    """The recipe's own head form for a target (None: the head is stored as the other linear layers)."""
-    return recipe.split_head if caps.split and recipe.split_head is not None else recipe.head
+def widest_needed(bits: int, block: int, zero_point: str, scale_dtype: str, k: int, budget: float) -> int:
+    """`block` doubled (up to 256, and while it divides `k`) until the form costs at most `budget` bits per weight."""
+    while bits_per_weight(bits, block, zero_point, scale_dtype) > budget + 1e-9 and block < 256 and not k % (2 * block):
+        block *= 2
+    return block
 
 
-def quant_for(recipe: Recipe, role: str, caps: TargetCaps) -> WeightQuant | None:
+def head_quant(recipe: Recipe, caps: TargetCaps, statistics: bool = True) -> WeightQuant | None:
+    """The recipe's own head form for a target (None: the head is stored as the other linear layers). A split head
+    needs calibration to rank its channels: without statistics, the recipe's `head` (its bits per weight kept)."""
+    if caps.split and recipe.split_head is not None and statistics:
+        return recipe.split_head
+    return recipe.head
+
+
+def quant_for(recipe: Recipe, role: str, caps: TargetCaps, statistics: bool = True) -> WeightQuant | None:
     """The recipe's form for a role: "linear", "head" (lm_head or the tied embedding) or "embedding"."""
     if role == "embedding":
         return recipe.embedding
     if role == "head":
-        head = head_quant(recipe, caps)
+        head = head_quant(recipe, caps, statistics)
         return head if head is not None else recipe.matmul
     return recipe.matmul
 
@@ -141,6 +165,8 @@ def plan_weight(
         zero_point = "none" if symmetric or not caps.integer_zero_points else "uint8"
         if zero_point == "none" and not symmetric and not note:
             note = f"{caps.name} has no zero points: symmetric"
+        if q.max_bits_per_weight and bits == q.bits and grid is None:  # from float values: the recipe's bits per weight
+            block = widest_needed(bits, block, zero_point, caps.scale_dtype, k, q.max_bits_per_weight)
         return WeightForm(bits, block, zero_point, caps.scale_dtype, "rounded",
                           statistics if calibrated is None else calibrated, note=note)  # fmt: skip
 
@@ -156,8 +182,14 @@ def plan_weight(
             return rounded(8, 0, True, f"{g.kind} kept at 8 bits ({caps.name} cannot hold its grid exactly)",
                            calibrated=False)  # fmt: skip
     if g is not None and g.bits == 4 and q.carry_wider and caps.wide_block_size and n * k < caps.widen_below:
-        return WeightForm(8, caps.wide_block_size, "none", caps.scale_dtype, "rounded",
-                          note=f"Q4_K under {caps.widen_below} elements: 8-bit (its correction would cost more)")
+        return WeightForm(
+            8,
+            caps.wide_block_size,
+            "none",
+            caps.scale_dtype,
+            "rounded",
+            note=f"Q4_K under {caps.widen_below} elements: 8-bit (its correction would cost more)",
+        )
     if g is not None and g.codes and caps.codes and (q.carry_wider or q.bits >= 8):
         return WeightForm(8, g.block_size, "uint8", "float32", "codes")
     if g is not None and g.held_exactly_by(caps):
@@ -177,12 +209,15 @@ def plan_embedding(
     """The storage of the embedding table [vocab, hidden], looked up by row (None: float)."""
     if q is None:
         return None
-    if carry_source_blocks and q.carry and q.bits == 8 and grid is not None and grid.codes:
+    if carry_source_blocks and q.carry and (q.bits == 8 or q.carry_wider) and grid is not None and grid.codes:
         return WeightForm(8, grid.block_size, "uint8" if caps.integer_zero_points else "none", "float32", "codes")
     if not caps.blockwise_lookup:  # one scale per row, 8-bit
         note = "" if (q.bits, q.block_size) == (8, 0) else f"{caps.name}'s lookup table is 8-bit, one scale per row"
         return WeightForm(8, 0, "none", "float32", "rounded", note=note)
-    return WeightForm(q.bits, q.block_size, "none" if q.symmetric else "uint8", "float32", "rounded")
+    zero_point, block = "none" if q.symmetric else "uint8", q.block_size
+    if q.max_bits_per_weight and grid is None:
+        block = widest_needed(q.bits, block, zero_point, "float32", shape[1], q.max_bits_per_weight)
+    return WeightForm(q.bits, block, zero_point, "float32", "rounded")
 
 
 def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, statistics: bool) -> WeightForm:
@@ -192,3 +227,35 @@ def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, stat
         return form
     rest_form = WeightForm(rest.bits, rest.block_size, "none" if rest.symmetric else "uint8", "float32", "rounded")
     return dataclasses.replace(form, calibrated=False, split=Split(q.split_keep, rest_form))
+
+
+EMBEDDING, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def estimate_weight_bytes(model, recipe: Recipe, caps: TargetCaps, statistics: bool) -> tuple[int, int]:
+    """(bytes of every weight, bytes one decode step reads) of a model stored as this plan says, before any weight
+    is read (`statistics`: calibration will run): each 2-D weight in its planned form, 1-D ones in float32, a tied
+    head as a table of its own. An estimate (a target's packing, rotary tables and split heads' index tensors are
+    not counted): the presets plan with it, and the written package is checked exactly."""
+    total = per_token = 0
+    for name, ref in model.weights.items():
+        shape = tuple(ref.shape)
+        if len(shape) != 2:
+            n = 4 * math.prod(shape)
+            total, per_token = total + n, per_token + n
+            continue
+        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, codes=ref.dtype == "Q8_0" and ref.raw is not None)
+        if name == EMBEDDING:
+            form = plan_embedding(shape, grid, recipe.embedding, recipe.carry_source_blocks, caps)
+            table = 4 * math.prod(shape) if form is None else form.nbytes(*shape)
+            total, per_token = total + table, per_token + table // shape[0]
+            if not model.config.tie_word_embeddings:
+                continue
+            role = "head"
+        else:
+            role = "head" if name == LM_HEAD else "linear"
+        quant = quant_for(recipe, role, caps, statistics)
+        form = plan_weight(shape, grid, quant, recipe.carry_source_blocks, caps, statistics)
+        n = 4 * math.prod(shape) if form is None else form.nbytes(*shape)
+        total, per_token = total + n, per_token + n
+    return total, per_token

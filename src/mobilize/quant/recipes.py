@@ -17,6 +17,10 @@ class WeightQuant:
     # the scales). A Gather puts the kept channels first, a Split parts them, two MatMulNBits and an Add follow.
     split_keep: int = 0
     split_rest: WeightQuant | None = None
+    # Re-rounded from float values: blocks widened (x2, up to 256) until the target's form costs at most this many
+    # bits per weight with its scales and zero points (0: `block_size` as it is). A target with fp16 scales and no
+    # zero points keeps blocks of 32 at 4.5; one with fp32 scales and zero points takes 64.
+    max_bits_per_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +36,9 @@ class Recipe:
     # From a GGUF source, keep block formats that map exactly onto MatMulNBits (Q4_K -> 4-bit, Q5_0, Q6_K
     # and Q8_0 -> 8-bit) as they are, instead of re-rounding them to this recipe's grid.
     carry_source_blocks: bool = False
+    # A tied embedding looked up in the head's own bytes (one table in the file) where the target can read the head's
+    # form both ways (ONNX: a plain 8-bit or symmetric head; TFLite: its lookup reads INT4 blocks and int8 rows)
+    share_tied_table: bool = False
     # MatMulNBits accuracy_level: 4 runs ONNX Runtime's int8-activation kernels (an order of magnitude faster
     # on CPU for 8-bit weights); 0 computes in float.
     accuracy_level: int = 4
@@ -42,6 +49,7 @@ class Recipe:
     formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
 
 
+INT4_BPW = 4.6  # the int4 recipe's bits per weight, scales and zero points included (a float source's 7B: 3.8 GB)
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -55,13 +63,14 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             "int4",
-            "4-bit weights, blocks of 32; a GGUF's blocks carried exactly where the target holds them, wider ones "
-            "kept at 8 bits; the head split by calibration (its loudest input channels 8-bit) where the target can, "
-            "else 4-bit calibrated; the embedding 8-bit. Each tensor's form: the manifest's build report",
-            WeightQuant(4, 32, False),
-            head=WeightQuant(4, 32, False, carry=False),
+            "4-bit weights at about 4.5 bits per weight, embedding included (blocks of 32, or wider where the "
+            "target's scales cost more); a GGUF's blocks carried exactly where the target holds them, wider ones "
+            "kept at 8 bits, its Q8_0 embedding as it is; the head split by calibration (its loudest input channels "
+            "8-bit) where the target can, else 4-bit calibrated. Each tensor's form: the manifest's build report",
+            WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
+            head=WeightQuant(4, 32, False, carry=False, max_bits_per_weight=INT4_BPW),
             split_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
-            embedding=WeightQuant(8, 32, True),
+            embedding=WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
             carry_source_blocks=True,
             calibrate=("tflite",),
         ),

@@ -25,6 +25,7 @@ class Lowering:
     logits: str = "last"
     prefill_lens: tuple[int, ...] = (32, 128)
     bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
+    kv_dtype: str = "float32"  # of the KV cache: "float32" or "float16"
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Written:
 class Target(Protocol):
     name: str
     caps: TargetCaps  # what its kernels store (the weight planner's view)
+    kv_dtypes: tuple[str, ...]  # the KV cache dtypes a preset's plan may choose, in order of preference
     # The target quantizes the weights that use calibration last, while it writes the others: calibration
     # then runs beside the write (a child process) instead of before the lowering.
     lazy_statistics: bool
@@ -61,6 +63,12 @@ class Target(Protocol):
 
     def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
         """The largest activations a run allocates, for `fit`."""
+
+    def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
+        """The KV cache a package of this config holds (its buffers' bytes), before it is written."""
+
+    def kv_read_bytes(self, kv_bytes: int, kv_dtype: str) -> int:
+        """What a decode step at full context reads of a cache of `kv_bytes` (the copies it makes included)."""
 
     def readme(self, manifest: dict, file_names: list[str]) -> str:
         """The package's README.md for the app developer."""

@@ -18,6 +18,7 @@ from mobilize.targets.onnx.passes.fuse_attention_std import FuseStdAttentionPass
 from mobilize.targets.onnx.passes.fuse_rmsnorm import FuseRMSNormPass
 from mobilize.targets.onnx.passes.fuse_rotary import FuseRotaryPass
 from mobilize.targets.onnx.passes.kv_cache import StaticKVCachePass
+from mobilize.targets.onnx.passes.kv_dtype import KVCacheFloat16Pass
 from mobilize.targets.onnx.passes.pack_matmul import PackMatMulPass
 from mobilize.targets.onnx.passes.quantize import QuantizeMatMulPass
 from mobilize.targets.onnx.passes.quantize_embedding import QuantizeGatherPass
@@ -38,34 +39,41 @@ def onnx_passes(
     max_seq_len: int,
     opset: str = "ort",
     statistics: Callable[[], Mapping[str, np.ndarray]] | None = None,
+    kv_dtype: str = "float32",
 ) -> list[ir.passes.PassBase]:
     """ONNX Runtime (`ort`): contrib fused ops and an in-place static cache. Standard ONNX (`std`):
-    opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache. `statistics`: gives the
-    calibration (quant/calibrate.py) when the first weight that uses it is written, so it may still be
-    running while the graph is built and the other weights are written."""
+        opset-23 RMSNormalization, RotaryEmbedding and Attention, with a growing cache. `statistics`: gives the
+        calibration (quant/calibrate.py) when the first weight that uses it is written, so it may still be
+        running while the graph is built and the other weights are written. `kv_dtype` "float16": the static cache
+    (and the attention that reads it) in float16."""
     if opset not in OPSETS:
         raise MobilizeError(f"unknown --opset {opset!r} (known: {', '.join(OPSETS)})")
     std = opset == "std"
     # phase: fusion
     passes: list[ir.passes.PassBase] = [FuseRMSNormPass(std=std), FuseRotaryPass(max_seq_len, std=std)]
+    if std and kv_dtype != "float32":
+        raise MobilizeError(f"--kv-dtype {kv_dtype} needs --opset ort (the standard opset's cache grows in float32)")
     if std:
         passes.append(FuseStdAttentionPass())
     else:
         passes += [FuseGroupQueryAttentionPass(), StaticKVCachePass(max_seq_len)]
+        if kv_dtype == "float16":
+            passes.append(KVCacheFloat16Pass())
     passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks))
     # phase: quantize
     importance = None
     if statistics is not None:
         importance = lambda name: statistics_for(statistics(), name)  # noqa: E731
     searched = importance if "onnx" in recipe.calibrate else None  # a split head's statistics are its own
-    head = head_quant(recipe, ONNX_CAPS)
+    head = head_quant(recipe, ONNX_CAPS, statistics is not None)
     if head is not None:
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
     if recipe.matmul is not None:
         passes.append(_matmul_pass(recipe, recipe.matmul, importance=searched))
     if (e := quant_for(recipe, "embedding", ONNX_CAPS)) is not None:  # after the head: a tied table is no longer
         # shared when replaced
-        passes.append(QuantizeGatherPass(e, carry_source_blocks=recipe.carry_source_blocks))
+        passes.append(QuantizeGatherPass(e, carry_source_blocks=recipe.carry_source_blocks,
+                                         share_tied=recipe.share_tied_table))  # fmt: skip
     # phase: cleanup
     passes.append(CleanupPass())
     return passes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mobilize.frontend.config import SLIDING
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.tokenizer import special_token_ids
 from mobilize.quant.recipes import Recipe
@@ -13,7 +14,7 @@ from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.emitter import build_decoder
 from mobilize.targets.onnx.genai_config import genai_config, graph_io
-from mobilize.targets.onnx.passes.kv_cache import static_kv
+from mobilize.targets.onnx.passes.kv_cache import WINDOW_SLACK, static_kv
 from mobilize.targets.onnx.pipeline import onnx_passes, run_passes, summarize
 from mobilize.targets.onnx.readme import onnx_readme
 from mobilize.targets.onnx.writer import save_onnx, weight_bytes
@@ -22,6 +23,7 @@ from mobilize.targets.onnx.writer import save_onnx, weight_bytes
 class OnnxTarget:
     name = "onnx"
     caps = ONNX_CAPS
+    kv_dtypes = ("float32", "float16")  # a preset's plan tries these in turn
     lazy_statistics = True  # MatMulNBits tensors are lazy: those that use calibration are written last
 
     def check(self, how: Lowering) -> None:
@@ -31,7 +33,7 @@ class OnnxTarget:
             raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
-        passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics)
+        passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics, how.kv_dtype)
         phase("building graph")
         graph = build_decoder(model, last_logits=how.logits == "last")
         phase(f"passes ({recipe.name})")
@@ -43,7 +45,10 @@ class OnnxTarget:
         save_onnx(graph, out)
         fields = {"opset": how.opset, "logits": how.logits}
         # (the quantization statistics came with the write)
-        return Written(graph_io(graph), static_kv(graph), summarize(reports), fields)
+        kv = static_kv(graph)
+        if kv is not None:
+            kv["dtype"] = how.kv_dtype
+        return Written(graph_io(graph), kv, summarize(reports), fields)
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         return weight_bytes(package_dir / "model.onnx")
@@ -52,6 +57,15 @@ class OnnxTarget:
         """The prompt's logits, the largest single tensor: one row where the package gives the last only."""
         rows = 1 if manifest["target"].get("logits") == "last" else prompt_len
         return rows * manifest["architecture"]["vocab_size"] * 4
+
+    def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
+        """Static buffers: max_seq_len positions, a sliding-window layer's window + slack (kv_cache.py)."""
+        window = config.sliding_window + WINDOW_SLACK if config.sliding_window else max_seq_len
+        lengths = [min(max_seq_len, window) if kind == SLIDING else max_seq_len for kind in config.layer_types]
+        return sum(lengths) * 2 * config.num_kv_heads * config.head_dim * (2 if kv_dtype == "float16" else 4)
+
+    def kv_read_bytes(self, kv_bytes: int, kv_dtype: str) -> int:
+        return kv_bytes  # GroupQueryAttention reads the cache in its own dtype
 
     def readme(self, manifest: dict, file_names: list[str]) -> str:
         return onnx_readme(manifest, file_names)

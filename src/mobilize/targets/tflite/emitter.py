@@ -4,8 +4,9 @@ LiteRT wants every shape fixed, so the decoder is emitted once per signature:
 
 - `prefill_<L>`: tokens int32 [1, L], input_pos int32 [L] (the position of each token);
 - `decode`: tokens [1, 1], input_pos [1];
-- every signature: kv_cache_k_<i> / kv_cache_v_<i> float32 [1, kv_heads, max_len, head_dim] in and out,
-  written with DYNAMIC_UPDATE_SLICE at input_pos[0]; `decode` also returns logits [1, 1, vocab].
+- every signature: kv_cache_k_<i> / kv_cache_v_<i> float32 (or float16) [1, kv_heads, max_len, head_dim] in and
+  out, written with DYNAMIC_UPDATE_SLICE at input_pos[0]; `decode` also returns logits [1, 1, vocab]. A float16
+  cache is written through a CAST and read through one (attention itself runs in float32).
 
 Prefill returns no logits (as LiteRT-LM expects: an app prefills all but the prompt's last token and
 decodes that one); computing them would make the head (a 262k-row matrix for Gemma) most of the work.
@@ -48,15 +49,19 @@ def kv_names(num_layers: int) -> list[str]:
 class TfliteEmitter:
     """One signature's graph: the decoder's calls as TFLite ops on `g`."""
 
-    def __init__(self, model: LoadedModel, weights: FcWeights, max_len: int, g: TflGraph, length: int, logits: bool):
+    def __init__(
+        self, model: LoadedModel, weights: FcWeights, max_len: int, g: TflGraph, length: int, logits: bool,
+        kv_dtype=F32,
+    ):  # fmt: skip
         self.cfg, self.ckpt, self.fc_weights, self.max_len, self.g = model.config, model.weights, weights, max_len, g
+        self.kv_dtype = np.dtype(kv_dtype)
         self.wants_logits = logits
         cfg = self.cfg
         self.length = length
         self.tokens = g.input("tokens", [1, length], I32)
         self.input_pos = g.input("input_pos", [length], I32)
         kv_shape = [1, cfg.num_kv_heads, max_len, cfg.head_dim]
-        self.caches = [g.input(n, kv_shape, F32) for n in kv_names(cfg.num_layers)]
+        self.caches = [g.input(n, kv_shape, self.kv_dtype) for n in kv_names(cfg.num_layers)]
 
     # ---- helpers ----
     def vector(self, name: str) -> int:
@@ -187,7 +192,9 @@ class TfliteEmitter:
         updated = []
         for new, cache, kind in ((k, self.caches[2 * i], "k"), (v, self.caches[2 * i + 1], "v")):
             new = g.reshape(self.transpose(new, [1, 0, 2]), [1, kvh, length, d])
-            out = g.tensor(f"kv_cache_{kind}_{i}", [1, kvh, T, d], F32)
+            if self.kv_dtype != F32:  # a float16 cache: the new rows cast down, the rows read cast up
+                new = g.op(Op.CAST, [new], g.shape(new), self.kv_dtype)
+            out = g.tensor(f"kv_cache_{kind}_{i}", [1, kvh, T, d], self.kv_dtype)
             g.op_into(Op.DYNAMIC_UPDATE_SLICE, [cache, new, self.start], [out])
             updated.append(out)
         g.output(f"kv_cache_k_{i}", updated[0])
@@ -198,8 +205,10 @@ class TfliteEmitter:
             gather = fb.GatherOptionsT()
             gather.axis = 1
             span = g.shape(slots)[0]
-            keys, values = (g.op(Op.GATHER, [c, slots], [kvh, span, d], F32, gather) for c in (keys, values))
+            keys, values = (g.op(Op.GATHER, [c, slots], [kvh, span, d], self.kv_dtype, gather) for c in (keys, values))
         T = g.shape(keys)[1]
+        if self.kv_dtype != F32:
+            keys, values = (g.op(Op.CAST, [c], g.shape(c), F32) for c in (keys, values))
 
         q = g.reshape(self.transpose(q, [1, 0, 2]), [kvh, groups * length, d])
         bmm = fb.BatchMatMulOptionsT()
@@ -238,7 +247,12 @@ class TfliteEmitter:
 
 
 def build_tflite(
-    model: LoadedModel, recipe: Recipe, max_len: int, prefill_lens: list[int], statistics=None
+    model: LoadedModel,
+    recipe: Recipe,
+    max_len: int,
+    prefill_lens: list[int],
+    statistics=None,
+    kv_dtype: str = "float32",
 ) -> tuple[TflModel, dict]:
     """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode`. Returns the model
     (weights still lazy: they are read, quantized and written one buffer at a time by TflModel.write)
@@ -251,15 +265,17 @@ def build_tflite(
     tfl = TflModel(f"mobilize {cfg.family}")
     for name, length in [(f"prefill_{n}", n) for n in prefill_lens] + [("decode", 1)]:
         g = tfl.graph(name)
-        logits = decode(cfg, TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode"))
+        emitter = TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode", kv_dtype=kv_dtype)
+        logits = decode(cfg, emitter)
         if logits is not None:
             g.tensors[logits].name = "logits"
             g.outputs.insert(0, ("logits", logits))
     return tfl, weights.report()
 
 
-def tflite_kv(cfg, max_len: int) -> dict:
+def tflite_kv(cfg, max_len: int, kv_dtype: str = "float32") -> dict:
     return {
+        "dtype": kv_dtype,
         "layout": "static",
         "max_seq_len": max_len,
         "tensors": "kv_cache_k_<layer> / kv_cache_v_<layer>, in and out of every signature",

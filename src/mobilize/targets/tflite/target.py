@@ -18,6 +18,7 @@ from mobilize.targets.tflite.writer import tflite_io, weight_bytes
 class TfliteTarget:
     name = "tflite"
     caps = TFLITE_CAPS
+    kv_dtypes = ("float32",)  # float16 costs a float32 copy per read (see kv_read_bytes): only when asked
     lazy_statistics = False  # the flatbuffer's scales are laid out before any buffer: calibration comes first
 
     def check(self, how: Lowering) -> None:
@@ -28,7 +29,9 @@ class TfliteTarget:
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
         phase("lowering to TFLite")
-        return build_tflite(model, recipe, how.max_seq_len, list(how.prefill_lens), statistics and statistics())
+        return build_tflite(
+            model, recipe, how.max_seq_len, list(how.prefill_lens), statistics and statistics(), how.kv_dtype
+        )
 
     def write(self, lowered, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
         tfl, quant_report = lowered
@@ -37,7 +40,7 @@ class TfliteTarget:
         io = tflite_io(out / "model.tflite")
         reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
         prefill = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
-        return Written(io, tflite_kv(model.config, how.max_seq_len), reports, {"prefill_lens": prefill})
+        return Written(io, tflite_kv(model.config, how.max_seq_len, how.kv_dtype), reports, {"prefill_lens": prefill})
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         return weight_bytes(package_dir / "model.tflite")
@@ -46,7 +49,19 @@ class TfliteTarget:
         """Prefill computes no logits: one token's, and the longest prefill's attention scores."""
         arch, target = manifest["architecture"], manifest["target"]
         longest = max(target.get("prefill_lens", [prompt_len]))
-        return arch["vocab_size"] * 4 + longest * arch["num_heads"] * target["max_seq_len"] * 4
+        out = arch["vocab_size"] * 4 + longest * arch["num_heads"] * target["max_seq_len"] * 4
+        if (manifest.get("kv_cache") or {}).get("dtype") == "float16":  # one layer's keys and values cast up
+            out += 2 * arch["num_kv_heads"] * target["max_seq_len"] * arch["head_dim"] * 4
+        return out
+
+    def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
+        """Every layer's buffer is max_seq_len long (a sliding layer gathers its window from it)."""
+        per = 2 * config.num_kv_heads * min(max_seq_len, config.max_position_embeddings) * config.head_dim
+        return config.num_layers * per * (2 if kv_dtype == "float16" else 4)
+
+    def kv_read_bytes(self, kv_bytes: int, kv_dtype: str) -> int:
+        # a float16 cache is read, cast up into float32 and that copy read by the attention (no float16 BATCH_MATMUL)
+        return kv_bytes * 5 if kv_dtype == "float16" else kv_bytes
 
     def readme(self, manifest: dict, file_names: list[str]) -> str:
         return tflite_readme(manifest, file_names)

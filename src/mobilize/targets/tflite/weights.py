@@ -59,6 +59,7 @@ class FcWeights:
         self._corrections: dict[str, int] = {}
         self._scales: dict[tuple[str, int], np.ndarray] = {}
         self._plans: dict[str, WeightForm] = {}  # the planner's form of each weight, by tensor key
+        self._block_scales: dict[tuple[int, str], int] = {}  # (graph, key) -> its blockwise scales' tensor
 
     def _load(self, name: str) -> np.ndarray:
         return np.asarray(self.ckpt[name].load(), dtype=F32)
@@ -167,6 +168,7 @@ class FcWeights:
 
         buffer = g.model.weight_buffer(key, -(-n * k // 2), codes)
         scales = g.weight(key + ".scales", [n, nb], np.float16, 2 * n * nb, lambda: pending.pop("scale"))
+        self._block_scales[id(g), key] = scales
         if carry:
             self._corrections[name] = g.weight(
                 key + ".zero_point_correction", [n, nb], F32, 4 * n * nb, lambda: pending.pop("correction")
@@ -186,9 +188,18 @@ class FcWeights:
         return self._fc_tensor(g, name, quant_for(self.recipe, "linear", TFLITE_CAPS), name)
 
     # ---- the embedding lookup and the head ----
+    def _shared(self) -> bool:
+        """The lookup reads the tied head's tensor: GATHER takes its INT4 blocks or int8 rows as they are."""
+        return self.cfg.tie_word_embeddings and self.recipe.share_tied_table and self._head_quant() is not None
+
+    def _head_quant(self) -> WeightQuant | None:
+        return quant_for(self.recipe, "head", TFLITE_CAPS, self.statistics is not None)
+
     def embedding(self, g: TflGraph) -> int:
         quant = self.recipe.embedding
         shape = self.ckpt[EMBEDDING].shape
+        if self._shared():
+            return self._fc_tensor(g, EMBEDDING, self._head_quant(), EMBEDDING + ".head")
         if quant is None:
             return g.weight(EMBEDDING, shape, F32, 4 * math.prod(shape), lambda: self._load(EMBEDDING))
         # Rows looked up, then scaled: GATHER returns the int8 rows, CAST and MUL by the gathered row scale.
@@ -231,10 +242,12 @@ class FcWeights:
 
     def dequantize_rows(self, g: TflGraph, rows: int, tokens: int) -> int:
         """After GATHER: the float rows (a no-op for an fp32 table)."""
-        if self.recipe.embedding is None:
-            return rows
         gather = fb.GatherOptionsT()
         gather.axis = 0
+        if self._shared():
+            return self._dequantize_shared(g, rows, tokens)
+        if self.recipe.embedding is None:
+            return rows
         if self._carry_q8_0():
             n, k = self.ckpt[EMBEDDING].shape
             scales = g.weight(EMBEDDING + ".q8_0.scales", [n, k // 32], F32, 4 * n * (k // 32), self._q8_0_scales)
@@ -253,9 +266,31 @@ class FcWeights:
         as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
         return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
 
+    def _dequantize_shared(self, g: TflGraph, rows: int, tokens: int) -> int:
+        """Rows GATHERed from the head's tensor (int8 codes) times their scales: the row's (per channel) or each
+        block's (gathered from the blockwise scales, fp16, cast up)."""
+        key = EMBEDDING + ".head"
+        form = self._plans[key]
+        n, k = self.ckpt[EMBEDDING].shape
+        lead = list(g.shape(tokens))
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
+        if not form.block_size:
+            scale = self._row_scales(EMBEDDING, form.bits)
+            scales = g.weight(EMBEDDING + ".scale", [n, 1], F32, 4 * n, lambda: scale[:, None])
+            row_scale = g.op(Op.GATHER, [scales, tokens], (*lead, 1), F32, gather)
+            return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
+        nb = k // form.block_size
+        half = g.op(Op.GATHER, [self._block_scales[id(g), key], tokens], (*lead, nb), np.float16, gather)
+        block_scale = g.reshape(g.op(Op.CAST, [half], (*lead, nb), F32), [*lead, nb, 1])
+        blocks = g.reshape(as_float, [*lead, nb, form.block_size])
+        scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, nb, form.block_size), F32, fb.MulOptionsT())
+        return g.reshape(scaled, [*lead, k])
+
     def head(self, g: TflGraph, x: int) -> int:
         name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
-        quant = quant_for(self.recipe, "head", TFLITE_CAPS)
+        quant = self._head_quant()
         key = name if quant is None else name + ".head"
         w = self._fc_tensor(g, name, quant, key)
         options = fb.FullyConnectedOptionsT()

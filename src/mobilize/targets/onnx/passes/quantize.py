@@ -33,6 +33,8 @@ from mobilize.targets.onnx.passes.report import ReportingPass
 DEFAULT = WeightQuant(4, 32, False)
 
 _CORRECTION = "mobilize.zero_point_correction"
+# meta key on a tied table whose head is one plain MatMulNBits: its quantized bytes, for the lookup to share
+TIED_HEAD = "mobilize.tied_head"
 
 
 class QuantizeMatMulPass(ReportingPass):
@@ -146,9 +148,12 @@ class QuantizeMatMulPass(ReportingPass):
             parts = _Parts(lambda: self._quantize(weight, transposed, how, bits, block_size, zp_kind, entry))
             base = f"{weight.name}.q{bits}b{block_size}"
             nodes = self._nbits(graph, x, base, parts, "", n, k, bits, block_size, zp_kind, name)
+            if transposed and (bits == 8 or zp_kind == "none") and zp_kind != "float":
+                parts.twice.update({".scales", ".zero_points"})  # the lookup's own shapes of them
+                weight.meta[TIED_HEAD] = {"qweight": nodes[0].inputs[1], "parts": parts, "base": base, "form": form}
             if zp_kind == "float":
                 shape = (-(-k // block_size), n)
-                correction = _lazy(graph, base + ".zero_point_correction", ir.DataType.FLOAT, shape, parts)
+                correction = lazy_part(graph, base + ".zero_point_correction", ir.DataType.FLOAT, shape, parts)
                 nodes += _zero_point_correction(graph, shape[0], x, nodes[-1].outputs[0], correction)
         ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, node.outputs, nodes[-1].outputs)
 
@@ -157,12 +162,12 @@ class QuantizeMatMulPass(ReportingPass):
         n_blocks = -(-k // block_size)
         inputs = [
             x,
-            _lazy(graph, base + ".qweight", ir.DataType.UINT8, (n, n_blocks, block_size * bits // 8), parts, key),
-            _lazy(graph, base + ".scales", ir.DataType.FLOAT, (n * n_blocks,), parts, key),
+            lazy_part(graph, base + ".qweight", ir.DataType.UINT8, (n, n_blocks, block_size * bits // 8), parts, key),
+            lazy_part(graph, base + ".scales", ir.DataType.FLOAT, (n * n_blocks,), parts, key),
         ]
         if zp_kind == "uint8":
             zp_len = n * n_blocks if bits == 8 else n * ((n_blocks + 1) // 2)
-            inputs.append(_lazy(graph, base + ".zero_points", ir.DataType.UINT8, (zp_len,), parts, key))
+            inputs.append(lazy_part(graph, base + ".zero_points", ir.DataType.UINT8, (zp_len,), parts, key))
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block_size, "accuracy_level": self.accuracy_level}
         return [ir.node("MatMulNBits", inputs, attributes=attributes, domain=MS_DOMAIN, name=name)]
 
@@ -176,7 +181,7 @@ class QuantizeMatMulPass(ReportingPass):
         parts = _Parts(lambda: self._quantize_split(weight, transposed, forms, entry))
         base = f"{weight.name}.split{keep}"
         start = len(graph.initializers)
-        order = _lazy(graph, base + ".channels", ir.DataType.INT64, (k,), parts)
+        order = lazy_part(graph, base + ".channels", ir.DataType.INT64, (k,), parts)
         sizes = initializer(graph, f"split_sizes_{keep}_{k - keep}", np.asarray([keep, k - keep], np.int64))
         gather = ir.node("Gather", [x, order], {"axis": -1}, name=name + "_channels")
         split = ir.node("Split", [gather.outputs[0], sizes], {"axis": -1}, num_outputs=2, name=name + "_split")
@@ -296,20 +301,31 @@ class _Parts:
 
     def __init__(self, compute: Callable[[], dict[str, np.ndarray]]) -> None:
         self.compute, self.ready = compute, {}
+        self.twice: set[str] = set()  # parts two initializers are made of (kept for the second take)
+        self.spare: dict[str, np.ndarray] = {}
 
     def take(self, suffix: str) -> np.ndarray:
+        if suffix in self.spare:
+            return self.spare.pop(suffix)
         if suffix not in self.ready:
             self.ready = self.compute()
-        return self.ready.pop(suffix)
+        arr = self.ready.pop(suffix)
+        if suffix in self.twice:
+            self.spare[suffix] = arr
+        return arr
 
 
-def _lazy(
-    graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], parts: _Parts, key: str = ""
+def lazy_part(
+    graph: ir.Graph, name: str, dtype: ir.DataType, shape: tuple[int, ...], parts: _Parts, key: str = "",
+    suffix: str | None = None,
 ) -> ir.Value:
-    suffix = key + name[name.rindex(".") :]  # the part's name in `parts`
+    reshaped = suffix is not None  # another initializer's part, in this one's shape
+    suffix = suffix or key + name[name.rindex(".") :]  # the part's name in `parts`
 
     def load() -> ir.Tensor:
         arr = parts.take(suffix)
+        if reshaped and arr.size == np.prod(shape):
+            arr = arr.reshape(shape)
         if arr.shape != shape:
             raise MobilizeError(f"{name}: quantized to {arr.shape} where {shape} was planned")
         return ir.Tensor(arr)

@@ -7,6 +7,7 @@ reason counted in the report.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from mobilize.quant.plan import plan_embedding
@@ -14,6 +15,7 @@ from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points,
 from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, source_grid, std_nodes
+from mobilize.targets.onnx.passes.quantize import TIED_HEAD, lazy_part
 from mobilize.targets.onnx.passes.report import ReportingPass
 
 DEFAULT = WeightQuant(4, 32, False)
@@ -21,11 +23,12 @@ DEFAULT = WeightQuant(4, 32, False)
 
 class QuantizeGatherPass(ReportingPass):
     runs_after = ("QuantizeMatMulPass",)  # a tied table is no longer shared once the head is quantized
-    def __init__(self, quant: WeightQuant = DEFAULT, *, carry_source_blocks: bool = False):
+    def __init__(self, quant: WeightQuant = DEFAULT, *, carry_source_blocks: bool = False, share_tied: bool = False):
         """Each table stored as the weight planner says (quant/plan.py::plan_embedding): with the recipe's
-        `carry_source_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales."""
+        `carry_source_blocks`, an 8-bit table whose source is Q8_0 keeps the source's codes and scales. With
+        `share_tied`, a table whose tied head is one plain MatMulNBits is looked up in the head's bytes instead."""
         super().__init__()
-        self.quant, self.carry_source_blocks = quant, carry_source_blocks
+        self.quant, self.carry_source_blocks, self.share_tied = quant, carry_source_blocks, share_tied
         kind = "sym" if quant.symmetric else "asym"
         self._name = f"quantize_embedding(int{quant.bits}, block {quant.block_size}, {kind})"
 
@@ -51,6 +54,8 @@ class QuantizeGatherPass(ReportingPass):
         return modified
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> None:
+        if self.share_tied and TIED_HEAD in table.meta:
+            return self._share(graph, node, table, table.meta[TIED_HEAD])
         plan = plan_embedding(tuple(table.shape), source_grid(table), self.quant, self.carry_source_blocks, ONNX_CAPS)
         bits = plan.bits
         if plan.source == "codes":  # a Q8_0 table: its own codes and scales, exactly
@@ -78,3 +83,26 @@ class QuantizeGatherPass(ReportingPass):
         attrs = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}
         new = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=(node.name or "") + "_q")
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+    def _share(self, graph: ir.Graph, node: ir.Node, table: ir.Value, head: dict) -> None:
+        """The lookup reads the tied head's MatMulNBits bytes ([N, n_blocks, block bytes]) as they are: one copy of
+        the table in the file. Its scales (and 8-bit zero points) are the head's in the [N, n_blocks, 1] shape
+        GatherBlockQuantized wants (MatMulNBits accepts only [N * n_blocks] or [N, n_blocks]); the rows come out
+        [.., n_blocks, block] and are reshaped to [.., K]."""
+        form, qweight, parts, base = head["form"], head["qweight"], head["parts"], head["base"]
+        n, n_blocks, _ = qweight.shape
+        k = n_blocks * form.block_size
+        scales = lazy_part(graph, base + ".lookup_scales", ir.DataType.FLOAT, (n, n_blocks, 1), parts, suffix=".scales")
+        inputs = [qweight, node.inputs[1], scales]
+        if form.zero_point == "uint8":  # 8-bit: one byte per block, the same bytes in another shape
+            inputs.append(lazy_part(graph, base + ".lookup_zero_points", ir.DataType.UINT8, (n, n_blocks, 1), parts,
+                                suffix=".zero_points"))  # fmt: skip
+        attrs = {"bits": form.bits, "block_size": form.block_size, "gather_axis": 0, "quantize_axis": 2}
+        name = (node.name or "") + "_q"
+        gather = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=name)
+        shape = initializer(graph, f"rows_shape_{k}", np.asarray([0, 0, k], np.int64))
+        rows = ir.node("Reshape", [gather.outputs[0], shape], name=name + "_rows")
+        self.report.matched += 1
+        self.report.details.append({"weight": table.name, "shape": [n, k], "shared_with_head": qweight.name,
+                                    "plan": form.describe()})  # fmt: skip
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [gather, rows], node.outputs, rows.outputs)
