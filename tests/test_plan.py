@@ -78,9 +78,13 @@ def test_head_split_needs_statistics_and_a_target_that_can():
     assert (split.split.rest.bits, split.split.rest.block_size, split.split.rest.zero_point) == (4, 128, "uint8")
     assert plan_weight((262144, 640), None, head, True, ONNX_CAPS, statistics=False).split is None
     assert plan_weight((262144, 200), None, head, True, ONNX_CAPS, statistics=True).split is None  # k <= keep
-    tflite_head = quant_for(INT4, "head", TFLITE_CAPS)  # the recipe's TFLite head: 4-bit, calibrated
-    t = plan_weight((262144, 640), None, tflite_head, True, TFLITE_CAPS, statistics=True)
-    assert (t.bits, t.block_size, t.calibrated, t.split) == (4, 32, True, None)
+    tflite_head = quant_for(INT4, "head", TFLITE_CAPS)  # TFLite splits too: kept channels 8-bit per row, the rest
+    t = plan_weight((262144, 640), None, tflite_head, True, TFLITE_CAPS, statistics=True)  # INT4 blocks, fp16 scales
+    assert (t.bits, t.block_size, t.split.keep) == (8, 0, 256)
+    assert (t.split.rest.bits, t.split.rest.block_size, t.split.rest.zero_point, t.split.rest.scale_dtype) == (
+        4, 128, "none", "float16")  # fmt: skip
+    no_stats = plan_weight((262144, 640), None, quant_for(INT4, "head", TFLITE_CAPS, False), True, TFLITE_CAPS)
+    assert (no_stats.bits, no_stats.block_size, no_stats.split) == (4, 32, None)  # without calibration: plain 4-bit
 
 
 def test_the_form_is_recorded_as_plain_data():

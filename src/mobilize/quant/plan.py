@@ -225,7 +225,9 @@ def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, stat
     rest = q.split_rest
     if rest is None or not caps.split or not statistics or k <= q.split_keep:
         return form
-    rest_form = WeightForm(rest.bits, rest.block_size, "none" if rest.symmetric else "uint8", "float32", "rounded")
+    symmetric = rest.symmetric or not caps.integer_zero_points
+    rest_form = WeightForm(rest.bits, rest.block_size, "none" if symmetric else "uint8",
+                           caps.scale_dtype if rest.block_size else "float32", "rounded")  # fmt: skip
     return dataclasses.replace(form, calibrated=False, split=Split(q.split_keep, rest_form))
 
 

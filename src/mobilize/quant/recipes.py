@@ -72,6 +72,7 @@ RECIPES: dict[str, Recipe] = {
             split_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
             embedding=WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
             carry_source_blocks=True,
+            share_tied_table=True,
             calibrate=("tflite",),
         ),
         Recipe(

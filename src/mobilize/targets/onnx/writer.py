@@ -31,11 +31,16 @@ def weight_bytes(model_file: Path) -> tuple[int, int]:
 
     model = onnx.load(str(model_file), load_external_data=False)
     gathered = set()  # tables read one row per token: the data, and a quantized table's scales and zero points
+    used_otherwise = set()  # ... unless a matmul reads them too (a tied head shared with its lookup)
     for n in model.graph.node:
         if n.op_type == "Gather":
             gathered.add(n.input[0])
+            used_otherwise.update(n.input[1:])
         elif n.op_type == "GatherBlockQuantized":
             gathered.update(n.input[i] for i in (0, 2, 3) if i < len(n.input))
+        else:
+            used_otherwise.update(n.input)
+    gathered -= used_otherwise
     total = per_token = 0
     for init in model.graph.initializer:
         size = _initializer_bytes(init)

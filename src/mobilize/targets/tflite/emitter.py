@@ -103,12 +103,7 @@ class TfliteEmitter:
 
     # ---- the Emitter ----
     def embed(self) -> int:
-        g, cfg = self.g, self.cfg
-        emb = self.fc_weights.embedding(g)
-        gather = fb.GatherOptionsT()
-        gather.axis = 0
-        x = g.op(Op.GATHER, [emb, self.tokens], [1, self.length, cfg.hidden_size], F32, gather)
-        return self.fc_weights.dequantize_rows(g, x, self.tokens)
+        return self.fc_weights.lookup(self.g, self.tokens)
 
     def scale(self, x: int, factor: float) -> int:
         return self.binary(Op.MUL, x, self.g.const([factor], F32))

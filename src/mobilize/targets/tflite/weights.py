@@ -13,6 +13,7 @@ most one weight is in memory at a time; the error statistics are gathered then, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -60,14 +61,17 @@ class FcWeights:
         self._scales: dict[tuple[str, int], np.ndarray] = {}
         self._plans: dict[str, WeightForm] = {}  # the planner's form of each weight, by tensor key
         self._block_scales: dict[tuple[int, str], int] = {}  # (graph, key) -> its blockwise scales' tensor
+        self._splits: dict[tuple[int, str], dict] = {}  # (graph, name) -> a split head's tensors
 
-    def _load(self, name: str) -> np.ndarray:
-        return np.asarray(self.ckpt[name].load(), dtype=F32)
+    def _load(self, name: str, cols: np.ndarray | None = None) -> np.ndarray:
+        """The weight [N, K] in float32; with `cols`, those input channels only (a split head's part)."""
+        w = np.asarray(self.ckpt[name].load(), dtype=F32)
+        return w if cols is None else np.ascontiguousarray(w[:, cols])
 
-    def _per_channel(self, name: str, bits: int, key: str, scale: np.ndarray):
+    def _per_channel(self, name: str, bits: int, key: str, scale: np.ndarray, cols: np.ndarray | None = None):
         """Codes of a weight per output channel with the layout's scales, a slice of rows at a time (bytes for
         the writer), the error statistics gathered along."""
-        w = self._load(name)
+        w = self._load(name, cols)
         qmax = (1 << (bits - 1)) - 1
         sq_err = sq_w = max_abs = 0.0
         for start in range(0, w.shape[0], ROWS):
@@ -117,19 +121,23 @@ class FcWeights:
         q - 8 are exactly TFLite's symmetric INT4; the lowering adds the second term."""
         return self._corrections.get(name)
 
-    def _blockwise(self, g: TflGraph, name: str, block: int, key: str, carry: bool = False) -> int:
+    def _blockwise(
+        self, g: TflGraph, name: str, block: int, key: str, carry: bool = False, cols: np.ndarray | None = None
+    ) -> int:
         """INT4 codes [N, K] and fp16 scales [N, K / block]; both from one read of the weight, at the
         codes' write (the scales' buffer is laid out right after and takes them from `pending`). With
-        `carry`, a Q4_K weight's own codes and scales, and its zero-point correction after them."""
+        `carry`, a Q4_K weight's own codes and scales, and its zero-point correction after them. With `cols`,
+        those input channels only, rounded to nearest (a split head's rest: calibration chose the channels)."""
         n, k = self.ckpt[name].shape
+        k = k if cols is None else len(cols)
         nb = k // block
         pending: dict[str, np.ndarray] = {}
 
-        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        stats = statistics_for(self.statistics, name) if self.statistics is not None and cols is None else None
         weight = None if stats is None else stats.reshape(nb, block)
 
         def codes():
-            w = self._load(name)
+            w = self._load(name, cols)
             grid = None
             if carry:
                 ref = self.ckpt[name]
@@ -175,19 +183,117 @@ class FcWeights:
             )
         return g.buffer_tensor(buffer, key, [n, k], INT4, Quant(block_scales=scales, block_size=block))
 
-    def _row_scales(self, name: str, bits: int) -> np.ndarray:
-        if (name, bits) not in self._scales:  # a tied table may be an 8-bit lookup and a 4-bit head
+    def _row_scales(self, name: str, bits: int, cols: np.ndarray | None = None) -> np.ndarray:
+        key = (name, bits, None if cols is None else cols.tobytes())
+        if key not in self._scales:  # a tied table may be an 8-bit lookup and a 4-bit head
             qmax = (1 << (bits - 1)) - 1
-            w = self._load(name)
+            w = self._load(name, cols)
             amax = np.concatenate([np.abs(w[i : i + ROWS]).max(axis=1) for i in range(0, w.shape[0], ROWS)])
             del w
-            self._scales[name, bits] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
-        return self._scales[name, bits]
+            self._scales[key] = (np.where(amax == 0, 1.0, amax) / qmax).astype(F32)
+        return self._scales[key]
 
     def tensor(self, g: TflGraph, name: str) -> int:
         return self._fc_tensor(g, name, quant_for(self.recipe, "linear", TFLITE_CAPS), name)
 
     # ---- the embedding lookup and the head ----
+    def lookup(self, g: TflGraph, tokens: int) -> int:
+        """The embedding rows of `tokens` in float32: GATHER from the table, then its scales."""
+        n, k = self.ckpt[EMBEDDING].shape
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        if self._shared() and self._head_form().split is not None:
+            return self._lookup_split(g, tokens)
+        table = self.embedding(g)
+        rows = g.op(Op.GATHER, [table, tokens], (*g.shape(tokens), k), F32, gather)
+        return self.dequantize_rows(g, rows, tokens)
+
+    def _head_form(self) -> WeightForm | None:
+        name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
+        ref = self.ckpt[name]
+        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None)
+        has = self.statistics is not None and statistics_for(self.statistics, name) is not None
+        return plan_weight(ref.shape, grid, self._head_quant(), self.recipe.carry_source_blocks, TFLITE_CAPS, has)
+
+    def _split_head(self, g: TflGraph, name: str, form: WeightForm) -> dict:
+        """A head parted by input channel (tensors of this graph, the buffers shared by every graph): the `keep`
+        channels of largest mean square input (calibration) in the head's own form, the others in the rest's."""
+        cached = self._splits.get((id(g), name))
+        if cached is not None:
+            return cached
+        n, k = self.ckpt[name].shape
+        keep = form.split.keep
+        ranked = np.argsort(-np.asarray(statistics_for(self.statistics, name), np.float64), kind="stable")
+        kept_cols, rest_cols = np.sort(ranked[:keep]), np.sort(ranked[keep:])
+        order = np.concatenate([kept_cols, rest_cols])
+        key = name + ".head"
+        parts = {"order": order, "inverse": np.argsort(order), "keep": keep}
+        # the kept channels: 8 bits per output channel (TFLite's only 8-bit form)
+        self._plans[key + ".kept"] = dataclasses.replace(form, split=None)
+        scale = self._row_scales(name, form.bits, kept_cols)
+        q = Quant(scale=scale.tolist(), zero_point=[0] * n, axis=0)
+        def kept_codes():
+            return self._per_channel(name, form.bits, key + ".kept", scale, kept_cols)
+
+        parts["kept"] = g.weight(key + ".kept", [n, keep], np.int8, n * keep, kept_codes, q)
+        parts["kept_scale"] = (key + ".kept", scale)
+        rest = form.split.rest
+        self._plans[key + ".rest"] = rest
+        parts["rest"] = self._blockwise(g, name, rest.block_size, key + ".rest", cols=rest_cols)
+        parts["rest_form"] = rest
+        self._splits[id(g), name] = parts
+        return parts
+
+    def _split_matmul(self, g: TflGraph, x: int, parts: dict) -> int:
+        """x @ Wᵀ with W parted: x's channels in the parts' order (GATHER on the last axis), sliced, two
+        FULLY_CONNECTED and an ADD."""
+        lead, k = list(g.shape(x)[:-1]), g.shape(x)[-1]
+        gather = fb.GatherOptionsT()
+        gather.axis = len(lead)
+        ordered = g.op(Op.GATHER, [x, g.const(parts["order"].astype(np.int32))], (*lead, k), F32, gather)
+        keep = parts["keep"]
+        kept = g.op(Op.SLICE, [ordered, g.const([0] * len(lead) + [0]), g.const(lead + [keep])], (*lead, keep), F32,
+                    fb.SliceOptionsT())  # fmt: skip
+        rest = g.op(Op.SLICE, [ordered, g.const([0] * len(lead) + [keep]), g.const(lead + [k - keep])],
+                    (*lead, k - keep), F32, fb.SliceOptionsT())  # fmt: skip
+        options = fb.FullyConnectedOptionsT()
+        options.keepNumDims = True
+        n = g.shape(parts["kept"])[0]
+        a = g.op(Op.FULLY_CONNECTED, [kept, parts["kept"], -1], (*lead, n), F32, options)
+        b = g.op(Op.FULLY_CONNECTED, [rest, parts["rest"], -1], (*lead, n), F32, options)
+        return g.op(Op.ADD, [a, b], (*lead, n), F32, fb.AddOptionsT())
+
+    def _lookup_split(self, g: TflGraph, tokens: int) -> int:
+        """Rows looked up in a split head's two parts (int8 rows times their row scale, INT4 blocks times their
+        block scales), joined, and put back in the table's channel order."""
+        parts = self._split_head(g, EMBEDDING, self._head_form())
+        n, k = self.ckpt[EMBEDDING].shape
+        lead = list(g.shape(tokens))
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        keep = parts["keep"]
+        kept = g.op(Op.CAST, [g.op(Op.GATHER, [parts["kept"], tokens], (*lead, keep), np.int8, gather)],
+                    (*lead, keep), F32)  # fmt: skip
+        key, scale = parts["kept_scale"]
+        scales = g.weight(key + ".scale", [n, 1], F32, 4 * n, lambda: scale[:, None])
+        row_scale = g.op(Op.GATHER, [scales, tokens], (*lead, 1), F32, gather)
+        kept = g.op(Op.MUL, [kept, row_scale], (*lead, keep), F32, fb.MulOptionsT())
+        rest_form = parts["rest_form"]
+        block, nb = rest_form.block_size, (k - keep) // rest_form.block_size
+        rest = g.op(Op.CAST, [g.op(Op.GATHER, [parts["rest"], tokens], (*lead, k - keep), np.int8, gather)],
+                    (*lead, k - keep), F32)  # fmt: skip
+        half = g.op(Op.GATHER, [self._block_scales[id(g), EMBEDDING + ".head.rest"], tokens], (*lead, nb), np.float16,
+                    gather)  # fmt: skip
+        block_scale = g.reshape(g.op(Op.CAST, [half], (*lead, nb), F32), [*lead, nb, 1])
+        blocks = g.op(Op.MUL, [g.reshape(rest, [*lead, nb, block]), block_scale], (*lead, nb, block), F32,
+                      fb.MulOptionsT())  # fmt: skip
+        concat = fb.ConcatenationOptionsT()
+        concat.axis = len(lead)
+        joined = g.op(Op.CONCATENATION, [kept, g.reshape(blocks, [*lead, k - keep])], (*lead, k), F32, concat)
+        back = fb.GatherOptionsT()
+        back.axis = len(lead)
+        return g.op(Op.GATHER, [joined, g.const(parts["inverse"].astype(np.int32))], (*lead, k), F32, back)
+
     def _shared(self) -> bool:
         """The lookup reads the tied head's tensor: GATHER takes its INT4 blocks or int8 rows as they are."""
         return self.cfg.tie_word_embeddings and self.recipe.share_tied_table and self._head_quant() is not None
@@ -290,6 +396,9 @@ class FcWeights:
 
     def head(self, g: TflGraph, x: int) -> int:
         name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
+        form = self._head_form()
+        if form is not None and form.split is not None:
+            return self._split_matmul(g, x, self._split_head(g, name, form))
         quant = self._head_quant()
         key = name if quant is None else name + ".head"
         w = self._fc_tensor(g, name, quant, key)

@@ -190,6 +190,10 @@ class QuantizeMatMulPass(ReportingPass):
             nodes += self._nbits(graph, split.outputs[i], f"{base}.{part}.q{bits}b{block_size}", parts, part + ".",
                                  n, c, bits, block_size, zp_kind, f"{name}_{part}")  # fmt: skip
         nodes.append(ir.node("Add", [nodes[2].outputs[0], nodes[3].outputs[0]], name=name + "_sum"))
+        if transposed:  # a tied head: the lookup may read its two parts (tests: tests/test_shared_table.py)
+            parts.twice.update({"kept..scales", "rest..scales"})
+            weight.meta[TIED_HEAD] = {"split": forms, "parts": parts, "base": base, "n": n, "k": k,
+                                      "qweights": [nodes[2].inputs[1], nodes[3].inputs[1]], "form": form}  # fmt: skip
         for value in list(graph.initializers.values())[start:]:
             value.meta[WRITE_LAST] = True  # quantized only once calibration is done
         return nodes
@@ -236,11 +240,12 @@ class QuantizeMatMulPass(ReportingPass):
             clear()
         sq_w, sq_err = sum(s[0] for s in sums), sum(s[1] for s in sums)
         entry.update({"rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5, "max_abs_error": max(s[2] for s in sums)})
-        out = {".channels": order}
+        out = {".channels": order, ".inverse_channels": np.argsort(order).astype(np.int64)}
         for part, (q, scale, zero_point) in arrays.items():
             out[f"{part}..qweight"], out[f"{part}..scales"] = q, scale.reshape(-1)
             if forms[part][3] == "uint8":
                 out[f"{part}..zero_points"] = pack_zero_points(zero_point, forms[part][1])
+                out[f"{part}..lookup_zero_points"] = zero_point[..., None]  # one per block (a low nibble at 4 bits)
         return out
 
     def _quantize(self, weight, transposed, how, bits, block_size, zp_kind, entry) -> dict[str, np.ndarray]:

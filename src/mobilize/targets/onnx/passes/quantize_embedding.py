@@ -14,7 +14,14 @@ from mobilize.quant.plan import plan_embedding
 from mobilize.quant.primitives import error_stats, pack_nbits, pack_zero_points, quantize_blockwise
 from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
-from mobilize.targets.onnx.passes.graph import MS_DOMAIN, initializer, remove_dead, source_grid, std_nodes
+from mobilize.targets.onnx.passes.graph import (
+    MS_DOMAIN,
+    WRITE_LAST,
+    initializer,
+    remove_dead,
+    source_grid,
+    std_nodes,
+)
 from mobilize.targets.onnx.passes.quantize import TIED_HEAD, lazy_part
 from mobilize.targets.onnx.passes.report import ReportingPass
 
@@ -89,6 +96,8 @@ class QuantizeGatherPass(ReportingPass):
         the table in the file. Its scales (and 8-bit zero points) are the head's in the [N, n_blocks, 1] shape
         GatherBlockQuantized wants (MatMulNBits accepts only [N * n_blocks] or [N, n_blocks]); the rows come out
         [.., n_blocks, block] and are reshaped to [.., K]."""
+        if "split" in head:
+            return self._share_split(graph, node, table, head)
         form, qweight, parts, base = head["form"], head["qweight"], head["parts"], head["base"]
         n, n_blocks, _ = qweight.shape
         k = n_blocks * form.block_size
@@ -106,3 +115,37 @@ class QuantizeGatherPass(ReportingPass):
         self.report.details.append({"weight": table.name, "shape": [n, k], "shared_with_head": qweight.name,
                                     "plan": form.describe()})  # fmt: skip
         ir.convenience.replace_nodes_and_values(graph, node, [node], [gather, rows], node.outputs, rows.outputs)
+
+    def _share_split(self, graph: ir.Graph, node: ir.Node, table: ir.Value, head: dict) -> None:
+        """A split head's two parts looked up each (the kept channels' blocks, the others'), joined, and put back in
+        the table's channel order: one copy of the table in the file, in the head's two forms."""
+        parts, base, n, k = head["parts"], head["base"], head["n"], head["k"]
+        name = (node.name or "") + "_q"
+        nodes, outputs = [], []
+        pairs = zip(head["split"].items(), head["qweights"], strict=True)
+        for (part, (channels, bits, block, zp_kind)), qweight in pairs:
+            n_blocks = -(-channels // block)
+            scales = lazy_part(graph, f"{base}.{part}.lookup_scales", ir.DataType.FLOAT, (n, n_blocks, 1), parts,
+                               suffix=f"{part}..scales")  # fmt: skip
+            inputs = [qweight, node.inputs[1], scales]
+            if zp_kind == "uint8":
+                zero_points = f"{base}.{part}.lookup_zero_points"
+                suffix = f"{part}..lookup_zero_points"
+                inputs.append(lazy_part(graph, zero_points, ir.DataType.UINT8, (n, n_blocks, 1), parts, suffix=suffix))
+            attrs = {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 2}
+            gather = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{name}_{part}")
+            shape = initializer(graph, f"rows_shape_{channels}", np.asarray([0, 0, channels], np.int64))
+            rows = ir.node("Reshape", [gather.outputs[0], shape], name=f"{name}_{part}_rows")
+            nodes += [gather, rows]
+            outputs.append(rows.outputs[0])
+        joined = ir.node("Concat", outputs, {"axis": -1}, name=name + "_join")
+        suffix = ".inverse_channels"
+        inverse = lazy_part(graph, base + suffix, ir.DataType.INT64, (k,), parts, suffix=suffix)
+        for value in [v for v in graph.initializers.values() if v.name and v.name.startswith(base + ".")]:
+            value.meta[WRITE_LAST] = True  # from calibration's ranking, like the head's
+        ordered = ir.node("Gather", [joined.outputs[0], inverse], {"axis": -1}, name=name + "_order")
+        nodes += [joined, ordered]
+        self.report.matched += 1
+        self.report.details.append({"weight": table.name, "shape": [n, k], "shared_with_head": base,
+                                    "plan": head["form"].describe()})  # fmt: skip
+        ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, node.outputs, ordered.outputs)
