@@ -75,14 +75,15 @@ def test_head_split_needs_statistics_and_a_target_that_can():
     head = quant_for(INT4, "head", ONNX_CAPS)
     split = plan_weight((262144, 640), None, head, True, ONNX_CAPS, statistics=True)
     assert split.split is not None and split.split.keep == 256 and (split.bits, split.block_size) == (8, 128)
-    assert (split.split.rest.bits, split.split.rest.block_size, split.split.rest.zero_point) == (4, 128, "uint8")
+    # the rest: 4-bit at the recipe's 4.6 bits per weight (ONNX: asymmetric blocks of 64; TFLite: symmetric of 32)
+    assert (split.split.rest.bits, split.split.rest.block_size, split.split.rest.zero_point) == (4, 64, "uint8")
     assert plan_weight((262144, 640), None, head, True, ONNX_CAPS, statistics=False).split is None
     assert plan_weight((262144, 200), None, head, True, ONNX_CAPS, statistics=True).split is None  # k <= keep
     tflite_head = quant_for(INT4, "head", TFLITE_CAPS)  # TFLite splits too: kept channels 8-bit per row, the rest
     t = plan_weight((262144, 640), None, tflite_head, True, TFLITE_CAPS, statistics=True)  # INT4 blocks, fp16 scales
     assert (t.bits, t.block_size, t.split.keep) == (8, 0, 256)
     assert (t.split.rest.bits, t.split.rest.block_size, t.split.rest.zero_point, t.split.rest.scale_dtype) == (
-        4, 128, "none", "float16")  # fmt: skip
+        4, 32, "none", "float16")  # fmt: skip
     no_stats = plan_weight((262144, 640), None, quant_for(INT4, "head", TFLITE_CAPS, False), True, TFLITE_CAPS)
     assert (no_stats.bits, no_stats.block_size, no_stats.split) == (4, 32, None)  # without calibration: plain 4-bit
 

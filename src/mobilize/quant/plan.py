@@ -226,8 +226,11 @@ def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, stat
     if rest is None or not caps.split or not statistics or k <= q.split_keep:
         return form
     symmetric = rest.symmetric or not caps.integer_zero_points
-    rest_form = WeightForm(rest.bits, rest.block_size, "none" if symmetric else "uint8",
-                           caps.scale_dtype if rest.block_size else "float32", "rounded")  # fmt: skip
+    zero_point, scale_dtype = "none" if symmetric else "uint8", caps.scale_dtype if rest.block_size else "float32"
+    block = rest.block_size
+    if rest.max_bits_per_weight and block:
+        block = widest_needed(rest.bits, block, zero_point, scale_dtype, k - q.split_keep, rest.max_bits_per_weight)
+    rest_form = WeightForm(rest.bits, block, zero_point, scale_dtype, "rounded")
     return dataclasses.replace(form, calibrated=False, split=Split(q.split_keep, rest_form))
 
 

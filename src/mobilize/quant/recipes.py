@@ -65,11 +65,13 @@ RECIPES: dict[str, Recipe] = {
             "int4",
             "4-bit weights at about 4.5 bits per weight, embedding included (blocks of 32, or wider where the "
             "target's scales cost more); a GGUF's blocks carried exactly where the target holds them, wider ones "
-            "kept at 8 bits, its Q8_0 embedding as it is; the head split by calibration (its loudest input channels "
-            "8-bit) where the target can, else 4-bit calibrated. Each tensor's form: the manifest's build report",
+            "kept at 8 bits; the head split by calibration (its loudest 256 input channels 8-bit, the rest 4-bit), "
+            "else 4-bit; a tied embedding looked up in the head's own bytes (one table). Each tensor's form: the "
+            "manifest's build report",
             WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
             head=WeightQuant(4, 32, False, carry=False, max_bits_per_weight=INT4_BPW),
-            split_head=WeightQuant(8, 128, True, carry=False, split_keep=256, split_rest=WeightQuant(4, 128, False)),
+            split_head=WeightQuant(8, 128, True, carry=False, split_keep=256,
+                                   split_rest=WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW)),  # fmt: skip
             embedding=WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
             carry_source_blocks=True,
             share_tied_table=True,
@@ -83,6 +85,7 @@ RECIPES: dict[str, Recipe] = {
             head=WeightQuant(8, 128, True, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
+            share_tied_table=True,
             formats=("onnx",),
         ),
         Recipe(

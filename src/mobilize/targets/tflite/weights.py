@@ -122,18 +122,21 @@ class FcWeights:
         return self._corrections.get(name)
 
     def _blockwise(
-        self, g: TflGraph, name: str, block: int, key: str, carry: bool = False, cols: np.ndarray | None = None
+        self, g: TflGraph, name: str, block: int, key: str, carry: bool = False, cols: np.ndarray | None = None,
+        searched: bool = False,
     ) -> int:
         """INT4 codes [N, K] and fp16 scales [N, K / block]; both from one read of the weight, at the
         codes' write (the scales' buffer is laid out right after and takes them from `pending`). With
         `carry`, a Q4_K weight's own codes and scales, and its zero-point correction after them. With `cols`,
-        those input channels only, rounded to nearest (a split head's rest: calibration chose the channels)."""
+        those input channels only (a split head's rest), their scales searched with the statistics if `searched`."""
         n, k = self.ckpt[name].shape
         k = k if cols is None else len(cols)
         nb = k // block
         pending: dict[str, np.ndarray] = {}
 
-        stats = statistics_for(self.statistics, name) if self.statistics is not None and cols is None else None
+        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        if stats is not None and cols is not None:
+            stats = stats[cols] if searched else None
         weight = None if stats is None else stats.reshape(nb, block)
 
         def codes():
@@ -239,7 +242,8 @@ class FcWeights:
         parts["kept_scale"] = (key + ".kept", scale)
         rest = form.split.rest
         self._plans[key + ".rest"] = rest
-        parts["rest"] = self._blockwise(g, name, rest.block_size, key + ".rest", cols=rest_cols)
+        searched = TFLITE_CAPS.name in self.recipe.calibrate  # the rest's scales searched with the statistics too
+        parts["rest"] = self._blockwise(g, name, rest.block_size, key + ".rest", cols=rest_cols, searched=searched)
         parts["rest_form"] = rest
         self._splits[id(g), name] = parts
         return parts
