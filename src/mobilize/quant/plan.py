@@ -230,6 +230,8 @@ def _with_split(form: WeightForm, q: WeightQuant, k: int, caps: TargetCaps, stat
     block = rest.block_size
     if rest.max_bits_per_weight and block:
         block = widest_needed(rest.bits, block, zero_point, scale_dtype, k - q.split_keep, rest.max_bits_per_weight)
+    if block and (k - q.split_keep) % block:
+        return form  # the rest's blocks would not tile it
     rest_form = WeightForm(rest.bits, block, zero_point, scale_dtype, "rounded")
     return dataclasses.replace(form, calibrated=False, split=Split(q.split_keep, rest_form))
 

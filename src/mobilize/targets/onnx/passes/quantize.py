@@ -148,7 +148,7 @@ class QuantizeMatMulPass(ReportingPass):
             parts = _Parts(lambda: self._quantize(weight, transposed, how, bits, block_size, zp_kind, entry))
             base = f"{weight.name}.q{bits}b{block_size}"
             nodes = self._nbits(graph, x, base, parts, "", n, k, bits, block_size, zp_kind, name)
-            if transposed and (bits == 8 or zp_kind == "none") and zp_kind != "float":
+            if transposed and (bits == 8 or zp_kind == "none") and zp_kind != "float" and k % block_size == 0:
                 parts.twice.update({".scales", ".zero_points"})  # the lookup's own shapes of them
                 weight.meta[TIED_HEAD] = {"qweight": nodes[0].inputs[1], "parts": parts, "base": base, "form": form}
             if zp_kind == "float":
@@ -190,7 +190,8 @@ class QuantizeMatMulPass(ReportingPass):
             nodes += self._nbits(graph, split.outputs[i], f"{base}.{part}.q{bits}b{block_size}", parts, part + ".",
                                  n, c, bits, block_size, zp_kind, f"{name}_{part}")  # fmt: skip
         nodes.append(ir.node("Add", [nodes[2].outputs[0], nodes[3].outputs[0]], name=name + "_sum"))
-        if transposed:  # a tied head: the lookup may read its two parts (tests: tests/test_shared_table.py)
+        if transposed and all(c % b == 0 for c, _, b, _ in forms.values()):  # a tied head: the lookup may read its
+            # two parts whole (tests/test_shared_table.py)
             parts.twice.update({"kept..scales", "rest..scales"})
             weight.meta[TIED_HEAD] = {"split": forms, "parts": parts, "base": base, "n": n, "k": k,
                                       "qweights": [nodes[2].inputs[1], nodes[3].inputs[1]], "form": form}  # fmt: skip
