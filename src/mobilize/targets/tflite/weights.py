@@ -202,7 +202,7 @@ class FcWeights:
     # ---- the embedding lookup and the head ----
     def lookup(self, g: TflGraph, tokens: int) -> int:
         """The embedding rows of `tokens` in float32: GATHER from the table, then its scales."""
-        n, k = self.ckpt[EMBEDDING].shape
+        k = self.ckpt[EMBEDDING].shape[1]
         gather = fb.GatherOptionsT()
         gather.axis = 0
         if self._shared() and self._head_form().split is not None:
@@ -271,29 +271,19 @@ class FcWeights:
         """Rows looked up in a split head's two parts (int8 rows times their row scale, INT4 blocks times their
         block scales), joined, and put back in the table's channel order."""
         parts = self._split_head(g, EMBEDDING, self._head_form())
-        n, k = self.ckpt[EMBEDDING].shape
+        k = self.ckpt[EMBEDDING].shape[1]
         lead = list(g.shape(tokens))
         gather = fb.GatherOptionsT()
         gather.axis = 0
         keep = parts["keep"]
-        kept = g.op(Op.CAST, [g.op(Op.GATHER, [parts["kept"], tokens], (*lead, keep), np.int8, gather)],
-                    (*lead, keep), F32)  # fmt: skip
-        key, scale = parts["kept_scale"]
-        scales = g.weight(key + ".scale", [n, 1], F32, 4 * n, lambda: scale[:, None])
-        row_scale = g.op(Op.GATHER, [scales, tokens], (*lead, 1), F32, gather)
-        kept = g.op(Op.MUL, [kept, row_scale], (*lead, keep), F32, fb.MulOptionsT())
-        rest_form = parts["rest_form"]
-        block, nb = rest_form.block_size, (k - keep) // rest_form.block_size
-        rest = g.op(Op.CAST, [g.op(Op.GATHER, [parts["rest"], tokens], (*lead, k - keep), np.int8, gather)],
-                    (*lead, k - keep), F32)  # fmt: skip
-        half = g.op(Op.GATHER, [self._block_scales[id(g), EMBEDDING + ".head.rest"], tokens], (*lead, nb), np.float16,
-                    gather)  # fmt: skip
-        block_scale = g.reshape(g.op(Op.CAST, [half], (*lead, nb), F32), [*lead, nb, 1])
-        blocks = g.op(Op.MUL, [g.reshape(rest, [*lead, nb, block]), block_scale], (*lead, nb, block), F32,
-                      fb.MulOptionsT())  # fmt: skip
+        kept = g.op(Op.GATHER, [parts["kept"], tokens], (*lead, keep), np.int8, gather)
+        kept = self._times_row_scale(g, kept, tokens, *parts["kept_scale"])
+        rest = g.op(Op.GATHER, [parts["rest"], tokens], (*lead, k - keep), np.int8, gather)
+        scales = self._block_scales[id(g), EMBEDDING + ".head.rest"]
+        rest = self._times_block_scales(g, rest, tokens, scales, parts["rest_form"].block_size)
         concat = fb.ConcatenationOptionsT()
         concat.axis = len(lead)
-        joined = g.op(Op.CONCATENATION, [kept, g.reshape(blocks, [*lead, k - keep])], (*lead, k), F32, concat)
+        joined = g.op(Op.CONCATENATION, [kept, rest], (*lead, k), F32, concat)
         back = fb.GatherOptionsT()
         back.axis = len(lead)
         return g.op(Op.GATHER, [joined, g.const(parts["inverse"].astype(np.int32))], (*lead, k), F32, back)
@@ -352,8 +342,6 @@ class FcWeights:
 
     def dequantize_rows(self, g: TflGraph, rows: int, tokens: int) -> int:
         """After GATHER: the float rows (a no-op for an fp32 table)."""
-        gather = fb.GatherOptionsT()
-        gather.axis = 0
         if self._shared():
             return self._dequantize_shared(g, rows, tokens)
         if self.recipe.embedding is None:
@@ -361,41 +349,41 @@ class FcWeights:
         if self._carry_q8_0():
             n, k = self.ckpt[EMBEDDING].shape
             scales = g.weight(EMBEDDING + ".q8_0.scales", [n, k // 32], F32, 4 * n * (k // 32), self._q8_0_scales)
-            lead = list(g.shape(tokens))
-            block_scale = g.op(Op.GATHER, [scales, tokens], (*lead, k // 32), F32, gather)
-            block_scale = g.reshape(block_scale, [*lead, k // 32, 1])
-            as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
-            blocks = g.reshape(as_float, [*lead, k // 32, 32])
-            scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, k // 32, 32), F32, fb.MulOptionsT())
-            return g.reshape(scaled, [*lead, k])
-        scale = self._row_scales(EMBEDDING, 8)
-        scales = g.weight(EMBEDDING + ".scale", [len(scale), 1], F32, 4 * len(scale), lambda: scale[:, None])
-        options = fb.GatherOptionsT()
-        options.axis = 0
-        row_scale = g.op(Op.GATHER, [scales, tokens], (*g.shape(tokens), 1), F32, options)
-        as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
-        return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
+            return self._times_block_scales(g, rows, tokens, scales, 32)
+        return self._times_row_scale(g, rows, tokens, EMBEDDING, self._row_scales(EMBEDDING, 8))
 
     def _dequantize_shared(self, g: TflGraph, rows: int, tokens: int) -> int:
         """Rows GATHERed from the head's tensor (int8 codes) times their scales: the row's (per channel) or each
-        block's (gathered from the blockwise scales, fp16, cast up)."""
+        block's (its blockwise scales)."""
         key = EMBEDDING + ".head"
         form = self._plans[key]
-        n, k = self.ckpt[EMBEDDING].shape
-        lead = list(g.shape(tokens))
+        if not form.block_size:
+            return self._times_row_scale(g, rows, tokens, EMBEDDING, self._row_scales(EMBEDDING, form.bits))
+        return self._times_block_scales(g, rows, tokens, self._block_scales[id(g), key], form.block_size)
+
+    def _times_row_scale(self, g: TflGraph, rows: int, tokens: int, key: str, scale: np.ndarray) -> int:
+        """Integer rows [.., K] looked up from a per-row table, as floats times their row's scale (`key`.scale)."""
         gather = fb.GatherOptionsT()
         gather.axis = 0
+        n, lead = len(scale), list(g.shape(tokens))
+        scales = g.weight(key + ".scale", [n, 1], F32, 4 * n, lambda: scale[:, None])
+        row_scale = g.op(Op.GATHER, [scales, tokens], (*lead, 1), F32, gather)
         as_float = g.op(Op.CAST, [rows], g.shape(rows), F32)
-        if not form.block_size:
-            scale = self._row_scales(EMBEDDING, form.bits)
-            scales = g.weight(EMBEDDING + ".scale", [n, 1], F32, 4 * n, lambda: scale[:, None])
-            row_scale = g.op(Op.GATHER, [scales, tokens], (*lead, 1), F32, gather)
-            return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
-        nb = k // form.block_size
-        half = g.op(Op.GATHER, [self._block_scales[id(g), key], tokens], (*lead, nb), np.float16, gather)
-        block_scale = g.reshape(g.op(Op.CAST, [half], (*lead, nb), F32), [*lead, nb, 1])
-        blocks = g.reshape(as_float, [*lead, nb, form.block_size])
-        scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, nb, form.block_size), F32, fb.MulOptionsT())
+        return g.op(Op.MUL, [as_float, row_scale], g.shape(rows), F32, fb.MulOptionsT())
+
+    def _times_block_scales(self, g: TflGraph, rows: int, tokens: int, scales: int, block: int) -> int:
+        """Integer rows [.., K] looked up from a blockwise table, as floats times each block's scale (the scales
+        tensor [N, K / block] gathered by the same tokens, cast up if fp16)."""
+        gather = fb.GatherOptionsT()
+        gather.axis = 0
+        lead, k = list(g.shape(tokens)), g.shape(rows)[-1]
+        nb = k // block
+        block_scale = g.op(Op.GATHER, [scales, tokens], (*lead, nb), g.dtype(scales), gather)
+        if g.dtype(scales) != F32:
+            block_scale = g.op(Op.CAST, [block_scale], (*lead, nb), F32)
+        block_scale = g.reshape(block_scale, [*lead, nb, 1])
+        blocks = g.reshape(g.op(Op.CAST, [rows], g.shape(rows), F32), [*lead, nb, block])
+        scaled = g.op(Op.MUL, [blocks, block_scale], (*lead, nb, block), F32, fb.MulOptionsT())
         return g.reshape(scaled, [*lead, k])
 
     def head(self, g: TflGraph, x: int) -> int:
