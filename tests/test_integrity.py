@@ -79,7 +79,7 @@ def test_missing_and_unlisted_files_are_refused(package, tmp_path):
     extra = tmp_path / "extra"
     shutil.copytree(package, extra)
     (extra / "payload.so").write_bytes(b"\x7fELF")
-    _one_line_error(_cli("verify", str(extra)), "payload.so is not in the manifest")
+    _one_line_error(_cli("verify", str(extra)), "'payload.so' is not in the manifest")
     _one_line_error(_cli("verify", str(tmp_path / "nowhere")), "not a package directory")
 
 

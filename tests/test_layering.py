@@ -10,7 +10,10 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mobilize"
 # Lowest first. A module may import its own phase and those before it, never one after it.
-PHASES = ["errors", "partials", "frontend", "model", "quant", "targets", "package", "harness", "driver", "bench", "cli"]
+PHASES = [
+    "errors", "partials", "safe_io", "optional", "frontend", "model", "quant", "targets", "package", "harness",
+    "driver", "bench", "cli",
+]  # fmt: skip
 # torch is the reference runner's and the peers' (an optional extra), nobody else's.
 TORCH_ALLOWED = ("harness/reference.py", "bench/")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +25,8 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+MAX_THREADS = 256
+THREADS_HELP = "Intra-op threads (0: runtime default)."
 SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
 
 
@@ -91,6 +95,9 @@ def export(
     ignore_fit: bool = typer.Option(
         False, "--ignore-fit", help="Write the package even if it would not fit the preset's device."
     ),
+    sign: Path = typer.Option(
+        None, "--sign", help="Sign the manifest with this Ed25519 private key (OpenSSH format: ssh-keygen -t ed25519)."
+    ),
 ) -> None:
     """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
     import time
@@ -101,7 +108,7 @@ def export(
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
-        logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit,
+        logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit, sign=sign,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
@@ -137,13 +144,16 @@ def export(
 def run(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
-    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, max=1 << 20),
+    threads: int = typer.Option(0, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP),
+    key: Path = typer.Option(None, "--key", help="Run it only if its manifest is signed by this public key."),
 ) -> None:
     """Greedy generation from a package, streamed to stdout."""
     from mobilize.harness.package import Package, stream_greedy
 
-    pkg = Package.open(package)
+    if not prompt.strip():
+        raise MobilizeError("--prompt is empty; give some text to continue")
+    pkg = Package.open(package, key=key)
     sys.stdout.write(prompt)
     for piece in stream_greedy(pkg, prompt, max_new_tokens, threads):
         sys.stdout.write(piece)
@@ -158,10 +168,10 @@ def eval_(
     texts: str = typer.Option(
         None, "--texts", help="A text set instead: broad (prose, dialogue, legal, technical, code; dev and held-out)."
     ),
-    max_tokens: int = typer.Option(1024, "--max-tokens", min=2, help="With --texts: tokens of each text."),
-    chunk: int = typer.Option(256, "--chunk", min=2, help="Tokens per perplexity chunk."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", min=2, max=1 << 20, help="With --texts: tokens of each text."),
+    chunk: int = typer.Option(256, "--chunk", min=2, max=1 << 16, help="Tokens per perplexity chunk."),
     max_ppl_increase: str = typer.Option(None, "--max-ppl-increase", help="A gate, e.g. 5%: exit 1 when exceeded."),
-    threads: int = typer.Option(0, "--threads", help="Intra-op threads (0: runtime default)."),
+    threads: int = typer.Option(0, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP),
     reference: str = typer.Option(
         "numpy", "--reference", help="numpy: mobilize's decoder in fp32 (no torch); transformers: PyTorch's."
     ),
@@ -233,7 +243,9 @@ def _percent(value: str, flag: str = "--max-ppl-increase") -> float:
 def fit_(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
     device: str = typer.Option("pixel6", "--device", help="Device profile: pixel6, pixel8, iphone15."),
-    prompt_len: int = typer.Option(128, "--prompt-len", min=1, help="Prompt whose logits are the largest activation."),
+    prompt_len: int = typer.Option(
+        128, "--prompt-len", min=1, max=1 << 20, help="Prompt whose logits are the largest activation."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Memory needed against the device's budget, and the bandwidth bound on decode tokens/s."""
@@ -273,14 +285,25 @@ def fit_(
 
 
 @app.command()
-def verify(package: Path = typer.Argument(..., help="A package directory written by `mobilize export`.")) -> None:
-    """Check a package against its manifest: schema, every file's size and sha256, the model's I/O."""
-    from mobilize.package.verify import verify_package
+def verify(
+    package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
+    key: Path = typer.Option(None, "--key", help="An OpenSSH public key (key.pub): the manifest must be signed by it."),
+) -> None:
+    """Check a package against its manifest: schema, every file's size and sha256, the model's I/O, what the
+    runtimes read; with --key, the manifest's signature."""
+    from mobilize.package.verify import check_signature, manifest_digest, signer, verify_package
 
     with console.status(f"verifying {package}"):
-        manifest = verify_package(package)
+        manifest = verify_package(package, key=key)
     total = sum(f["bytes"] for f in manifest["files"].values())
     print(f"ok: {package} ({len(manifest['files'])} files, {total:,} bytes, sha256 and I/O as the manifest says)")
+    print(f"manifest sha256 {manifest_digest(package)}")
+    if key is not None:
+        print(f"signed by {check_signature(package, key)} (checked against {key})")
+    elif (who := signer(package)) is not None:
+        print(f"signature names key {who}; not checked (pass --key KEY.pub)")
+    else:
+        print("not signed: anyone who can write the files can rewrite the manifest (mobilize export --sign KEY)")
 
 
 class _BenchGroup(typer.core.TyperGroup):
@@ -305,10 +328,10 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command(name="package", hidden=True)
 def bench(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
-    prompt_len: int = typer.Option(128, "--prompt-len", min=1),
-    gen_len: int = typer.Option(64, "--gen-len", min=1),
-    threads: int = typer.Option(2, "--threads", min=0, help="Intra-op threads (0: runtime default)."),
-    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs after one warm-up; medians reported."),
+    prompt_len: int = typer.Option(128, "--prompt-len", min=1, max=1 << 20),
+    gen_len: int = typer.Option(64, "--gen-len", min=1, max=1 << 20),
+    threads: int = typer.Option(2, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP),
+    repeats: int = typer.Option(3, "--repeats", min=1, max=1000, help="Timed runs after a warm-up; medians."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     runtime: str = typer.Option(
         "default",
@@ -446,15 +469,40 @@ def bench_plot(
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
+MAX_ERROR_CHARS = 1000  # a name of megabytes is cut short: an error is a line to read
+
+
+def _say(message: str) -> None:
+    """One line on stderr, whatever the message holds: control characters (a newline in a file name would
+    forge a second line) escaped, and cut short."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[: MAX_ERROR_CHARS - 30]}... ({len(text):,} characters)"
+    print(text, file=sys.stderr)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that every cleanup on the way out runs, as for Ctrl-C."""
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    raise _Terminated
+
+
 def main() -> None:
     # A dependency's deprecation notice is for its callers' developers, not for the person at the prompt: on
     # stderr it would break the one-line error contract.
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    from mobilize.partials import catch_bus_errors
+
+    catch_bus_errors()
+    interrupted = "mobilize: interrupted; nothing was left half-written"
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), returned here
         if code == 130:
-            print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+            _say(interrupted)
         if isinstance(code, int) and code:
             sys.exit(code)
     except typer.Exit as e:
@@ -463,24 +511,36 @@ def main() -> None:
         command = getattr(getattr(e, "ctx", None), "command_path", None)
         hint = f" (see '{command} --help')" if command else ""
         message = " ".join(e.format_message().split())
-        print(f"mobilize: error: {message}{hint}", file=sys.stderr)
+        _say(f"mobilize: error: {message}{hint}")
         sys.exit(e.exit_code)
     except typer.Abort:
-        print("mobilize: aborted", file=sys.stderr)
+        _say("mobilize: aborted")
         sys.exit(130)
+    except _Terminated:
+        _say("mobilize: terminated; nothing was left half-written")
+        sys.exit(143)
     except KeyboardInterrupt:
-        print("mobilize: interrupted; nothing was left half-written", file=sys.stderr)
+        _say(interrupted)
         sys.exit(130)
     except MobilizeError as e:
-        print(f"mobilize: error: {e}", file=sys.stderr)
+        _say(f"mobilize: error: {e}")
         sys.exit(1)
     except OSError as e:
         full = e.errno == errno.ENOSPC or "free space" in str(e)  # numpy's tofile raises without an errno
         what = f"the disk is full ({e.strerror or e})" if full else (e.strerror or str(e))
-        print(f"mobilize: error: {what}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        _say(f"mobilize: error: {what}" + (f": {e.filename!r}" if e.filename else ""))
         sys.exit(1)
     except MemoryError:
-        print("mobilize: error: out of memory", file=sys.stderr)
+        _say("mobilize: error: out of memory")
+        sys.exit(1)
+    except RecursionError:
+        _say("mobilize: error: the input is nested too deeply to read")
+        sys.exit(1)
+    except Exception as e:  # a case no check foresaw: still one line (MOBILIZE_DEBUG=1 shows the traceback)
+        if os.environ.get("MOBILIZE_DEBUG"):
+            raise
+        _say(f"mobilize: error: unexpected {type(e).__name__}: {e} (a bug in mobilize: please report it with "
+             "the command; MOBILIZE_DEBUG=1 shows where)")  # fmt: skip
         sys.exit(1)
 
 

@@ -24,11 +24,14 @@ from mobilize.frontend.tokenizer import (
     write_tokenizer,
 )
 from mobilize.package.fit import describe, device_named, fit, predict
+from mobilize.package.install import check_destination, destination, install, sweep
 from mobilize.package.readme import package_readme
-from mobilize.package.verify import sha256_file
-from mobilize.partials import remove_dead
+from mobilize.package.signing import load_signing_key, sign_manifest
+from mobilize.package.verify import MANIFEST, SIGNATURE, sha256_file
+from mobilize.partials import ACTIVE
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
 from mobilize.quant.plan import estimate_weight_bytes, needs_statistics
+from mobilize.safe_io import fingerprint, quoted
 from mobilize.targets.base import Lowering
 from mobilize.targets.onnx.pipeline import OPSETS, recipe_named
 from mobilize.targets.presets import PRESETS
@@ -58,6 +61,7 @@ class ExportOptions:
     logits: str = "last"  # onnx: the logits output of the "last" position only, or of "all"
     kv_dtype: str | None = None  # None: the preset's plan
     ignore_fit: bool = False  # write a package that does not fit the preset's device
+    sign: Path | None = None  # an OpenSSH private key: the manifest signed (manifest.json.sig)
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -94,11 +98,11 @@ class ExportOptions:
 def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -> Path:
     """Write the package; the destination appears only once every file is complete."""
     opts = opts.resolved()
-    out = opts.out.resolve()
+    out = destination(opts.out)
     if out.parent.is_dir():
-        _remove_stale_partials(out)
-    if out.exists() and not opts.overwrite:
-        raise MobilizeError(f"{out} already exists; pass --overwrite to replace it")
+        sweep(out)
+    check_destination(out, opts.overwrite, [opts.source] if os.path.lexists(opts.source) else [])
+    signer = load_signing_key(opts.sign) if opts.sign is not None else None
     recipe = recipe_named(opts.quant)
     if opts.format not in recipe.formats:
         raise MobilizeError(
@@ -106,6 +110,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         )
     phase("reading checkpoint")
     ckpt = open_checkpoint(opts.source, opts.random_weights)
+    sources = ckpt.files + ([opts.source] if os.path.lexists(opts.source) else [])
+    check_destination(out, opts.overwrite, sources)  # (an alias's files are known only now)
+    read_state = fingerprint(ckpt.files)
     tokenizer_ready = convert_in_background(ckpt)
     model = load_model(ckpt)
     target = TARGETS[opts.format]
@@ -114,6 +121,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     max_seq_len, kv_dtype, plan = plan_cache(opts, model, recipe, target, calibrating)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    ACTIVE.add(str(tmp))
 
     def tokenizer() -> list[str]:
         phase("writing tokenizer")
@@ -179,16 +187,23 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if signer is not None:
+            (tmp / SIGNATURE).write_bytes(sign_manifest(signer, (tmp / MANIFEST).read_bytes()))
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
-        _install(tmp, out)
+        if fingerprint(ckpt.files) != read_state:
+            raise MobilizeError(f"{quoted(opts.source)} changed while it was read; nothing was written")
+        install(tmp, out, opts.overwrite, sources)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MobilizeError(f"could not write the package to {out.parent}: {_write_error(e)}; nothing was left") from e
+        raise MobilizeError(
+            f"could not write the package to {quoted(out.parent)}: {_write_error(e)}; nothing was left"
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        ACTIVE.discard(str(tmp))
         if meanwhile is not None:
             meanwhile.stop()
     return out
@@ -252,21 +267,3 @@ def _write_error(e: OSError) -> str:
         # numpy's tofile reports a short write without an errno ("N requested and M written")
         return f"the disk is full or a file-size limit was reached ({e.strerror or text})"
     return e.strerror or text
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Put the finished package at `out`. A previous package is moved aside first and deleted only once
-    the new one is in place, so a kill at any moment leaves one whole package (old or new) or the old
-    one beside the new, never a half-written one under the name."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Temporary directories of exports that were killed: the pid in the name is no longer running."""
-    remove_dead(out.parent, f".{out.name}.partial-*", "partial-")

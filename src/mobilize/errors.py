@@ -19,3 +19,10 @@ class UnsupportedArchitectureError(MobilizeError):
 
 class SourceNotFoundError(MobilizeError):
     """An alias or path names nothing we can find offline."""
+
+
+def runtime_reason(e: BaseException, limit: int = 300) -> str:
+    """A runtime's exception as part of one line: its first non-empty line, cut short."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

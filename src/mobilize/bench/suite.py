@@ -173,8 +173,9 @@ def compare(
 
 def plot(results: dict, out: Path) -> list[Path]:
     """tokens/s per case (prefill and decode bars) and perplexity against package size, as PNGs."""
-    import matplotlib
+    from mobilize.optional import require
 
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -8,7 +8,7 @@ config implies and raises naming anything missing, left over, or of the wrong sh
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from mobilize.frontend.sources.base import Checkpoint, TensorRef
 from mobilize.frontend.sources.gguf_file import GGUF_MAGIC, read_gguf
 from mobilize.frontend.sources.random_weights import random_tensors
 from mobilize.frontend.sources.safetensors_file import read_safetensors
+from mobilize.safe_io import quoted, read_json, regular_file
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -52,6 +53,7 @@ def _open_file(path: Path, random_weights: bool, source: str | None = None) -> C
             f"{path.name}: pickle checkpoints are never loaded (they can run code); convert it to safetensors "
             "first, e.g. with transformers' save_pretrained(safe_serialization=True)"
         )
+    regular_file(path, follow=True)  # a FIFO or a device would block the read below
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
@@ -67,17 +69,9 @@ def _open_file(path: Path, random_weights: bool, source: str | None = None) -> C
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no config.json; a Hugging Face model directory needs one")
-    if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for a config.json")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return d
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{quoted(path.parent)}: no {path.name}; a Hugging Face model directory needs one")
+    return read_json(path, _MAX_CONFIG_BYTES, root=path.parent)
 
 
 def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) -> Checkpoint:
@@ -88,7 +82,7 @@ def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) ->
         ckpt.tensors = random_tensors(config_of(ckpt))
         return ckpt
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if os.path.lexists(index):
         weight_map = read_config_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no weight_map object")
@@ -109,8 +103,9 @@ def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) ->
     files = []
     for shard in shard_names:
         shard_path = path / shard
-        if not shard_path.is_file():
-            raise CheckpointError(f"{index.name} names shard {shard} but {path} has no such file")
+        if not os.path.lexists(shard_path):
+            raise CheckpointError(f"{index.name} names shard {quoted(shard)} but {quoted(path)} has no such file")
+        regular_file(shard_path, root=path)
         for name, ref in read_safetensors(str(shard_path)).items():
             if weight_map is not None and weight_map.get(name) != shard:
                 continue  # the index decides which shard owns a tensor

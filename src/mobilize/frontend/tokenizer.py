@@ -20,6 +20,8 @@ from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.sources.aliases import cache_root
 from mobilize.frontend.sources.base import Checkpoint
 from mobilize.partials import remove_dead
+from mobilize.safe_io import MAX_JSON_BYTES as MAX_SMALL_JSON_BYTES
+from mobilize.safe_io import MAX_TOKENIZER_JSON_BYTES, read_bytes, read_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -42,11 +44,8 @@ def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
     ids = {k: (ckpt.hf_config or {}).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if ckpt.format == "hf":
         gen = Path(ckpt.files[0]).parent / "generation_config.json"
-        if gen.is_file():
-            try:
-                extra = json.loads(gen.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                extra = {}
+        if os.path.lexists(gen):
+            extra = read_json(gen, root=gen.parent)
             ids |= {k: extra[k] for k in ids if extra.get(k) is not None}
     return ids
 
@@ -57,10 +56,10 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
         src = Path(ckpt.files[0]).parent
         written = []
         for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                if name.endswith(".json"):
-                    _check_json(src / name)
-                shutil.copyfile(src / name, out / name)
+            if os.path.lexists(src / name):  # read once, checked, and those bytes written (not the path copied)
+                json_file = name.endswith(".json")
+                data = _check_json(src / name) if json_file else read_bytes(src / name, MAX_JSON_BYTES, src)
+                (out / name).write_bytes(data)
                 written.append(name)
         return written
     if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
@@ -85,15 +84,15 @@ def ensure_tokenizer_json(ckpt: Checkpoint) -> Path:
     return _ensure_cached(Path(ckpt.files[0]).name, ckpt.gguf_metadata) / "tokenizer.json"
 
 
-MAX_JSON_BYTES = 256 << 20  # a 262k-token tokenizer.json is ~33 MB
+MAX_JSON_BYTES = MAX_TOKENIZER_JSON_BYTES
 
 
-def _check_json(path: Path) -> None:
-    """A source's JSON file is a bounded JSON object, and tokenizer.json one the tokenizers library loads,
-    before it goes into a package that apps will parse."""
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path.name} is {path.stat().st_size:,} bytes, past the {MAX_JSON_BYTES:,} accepted")
-    text = path.read_bytes()
+def _check_json(path: Path) -> bytes:
+    """A source's JSON file is a bounded JSON object (a regular file, a symlink only within its directory), and
+    tokenizer.json one the tokenizers library loads, before it goes into a package that apps will parse. Returns
+    the bytes that were checked."""
+    limit = MAX_TOKENIZER_JSON_BYTES if path.name == "tokenizer.json" else MAX_SMALL_JSON_BYTES
+    text = read_bytes(path, limit, path.parent)
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -110,9 +109,10 @@ def _check_json(path: Path) -> None:
             raise CheckpointError(
                 f"tokenizer.json is not a tokenizer the tokenizers library can load: {reason}"
             ) from None
+    return text
 
 
-_CONVERTER = "mobilize tokenizer converter 2"  # in the cache key: a conversion that changes is not reused
+_CONVERTER = "mobilize tokenizer converter 3"  # in the cache key: a conversion that changes is not reused
 
 
 def _cached_dir(meta: dict) -> Path:
@@ -127,17 +127,32 @@ def _cached_dir(meta: dict) -> Path:
 _CACHED_NAMES = ("tokenizer.json", "tokenizer_config.json")
 
 
+_DIGESTS = "sha256.json"  # written with a cache entry: an entry whose files no longer match is converted again
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in _CACHED_NAMES}
+
+
 def _complete(cached: Path) -> bool:
-    return all((cached / n).is_file() for n in _CACHED_NAMES)
+    return all((cached / n).is_file() for n in (*_CACHED_NAMES, _DIGESTS))
 
 
 def _ensure_cached(file_name: str, meta: dict) -> Path:
     cached = _cached_dir(meta)
+    if _complete(cached):
+        try:
+            intact = json.loads((cached / _DIGESTS).read_text()) == _digests(cached)
+        except (OSError, ValueError):
+            intact = False
+        if not intact:
+            shutil.rmtree(cached, ignore_errors=True)
     if not _complete(cached):
         remove_dead(_mkdir(cached.parent), "tokenizer-*", "tokenizer-")  # conversions killed midway
         tmp = Path(tempfile.mkdtemp(prefix=f"tokenizer-{os.getpid()}-", dir=cached.parent))
         try:
             _from_gguf(file_name, meta, tmp)
+            (tmp / _DIGESTS).write_text(json.dumps(_digests(tmp)))
             if cached.exists():  # another export converted it meanwhile
                 shutil.rmtree(tmp)
             else:

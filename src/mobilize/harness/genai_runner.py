@@ -8,17 +8,24 @@ from pathlib import Path
 
 import numpy as np
 
+from mobilize.errors import MobilizeError, runtime_reason
+
 
 class GenAIRunner:
     def __init__(self, package: str | Path, threads: int = 0, max_length: int | None = None) -> None:
-        import onnxruntime_genai as og
+        from mobilize.optional import require
+
+        og = require("onnxruntime_genai")
 
         self.og = og
         config = og.Config(str(package))
         if threads:
             options = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
             config.overlay(json.dumps(options))
-        self.model = og.Model(config)
+        try:
+            self.model = og.Model(config)
+        except Exception as e:
+            raise MobilizeError(f"ONNX Runtime GenAI cannot load {package}: {runtime_reason(e)}") from None
         genai = json.loads((Path(package) / "genai_config.json").read_text())
         self.max_length = max_length or genai["search"]["max_length"]
         self.generator = None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mobilize.errors import MobilizeError
+from mobilize.errors import MobilizeError, runtime_reason
 
 
 class _Signature:
@@ -44,7 +44,10 @@ class LiteRtRunner:
     def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
+        try:
+            self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
+        except Exception as e:
+            raise MobilizeError(f"LiteRT cannot load {model_path}: {runtime_reason(e)}") from None
         keys = self.interpreter.get_signature_list()
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")

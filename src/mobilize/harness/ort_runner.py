@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mobilize.errors import MobilizeError
+from mobilize.errors import MobilizeError, runtime_reason
 
 
 def _concrete(shape: list, package: Path) -> list:
@@ -54,7 +54,10 @@ class OrtRunner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's own exception types: a model it refuses is one line
+            raise MobilizeError(f"ONNX Runtime cannot load {model_path}: {runtime_reason(e)}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = set(inputs)
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]

@@ -19,11 +19,11 @@ class Package:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> Package:
-        """A package, verified first (every file against its manifest sha256): a tampered or truncated
-        package is refused before anything is loaded from it."""
+    def open(cls, path: str | Path, verify: bool = True, key: Path | None = None) -> Package:
+        """A package, verified first (every file against its manifest sha256; with `key`, the manifest's
+        signature): a tampered or truncated package is refused before anything is loaded from it."""
         path = Path(path)
-        manifest = verify_package(path) if verify else read_manifest(path)
+        manifest = verify_package(path, key=key) if verify or key is not None else read_manifest(path)
         return cls.checked(path, manifest)
 
     @classmethod

@@ -12,7 +12,7 @@ class ReferenceRunner:
     """Runs the original model through transformers' own loader: a HF directory or a GGUF file."""
 
     def __init__(self, source: str | Path, gguf_file: str | None = None) -> None:
-        import torch
+        import torch  # (an ImportError is the caller's one line: harness/evaluate.py)
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 # The modules pushed to a device, by path inside the `mobilize` package: enough to verify and measure a package.
 RUNTIME_MODULES = [
-    "__init__.py", "errors.py", "package/__init__.py", "package/verify.py", "harness/__init__.py", "harness/runner.py",
-    "harness/perf.py", "harness/package.py", "harness/ort_runner.py", "harness/litert_runner.py",
+    "__init__.py", "errors.py", "safe_io.py", "package/__init__.py", "package/verify.py", "harness/__init__.py",
+    "harness/runner.py", "harness/perf.py", "harness/package.py", "harness/ort_runner.py", "harness/litert_runner.py",
     "harness/remote_bench.py", "targets/__init__.py", "targets/tflite/__init__.py", "targets/tflite/writer.py",
 ]  # fmt: skip
 

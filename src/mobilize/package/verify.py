@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from mobilize.errors import MobilizeError
+from mobilize.safe_io import quoted, read_bytes, read_json
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"  # the manifest signed (OpenSSH's signature format): package/signing.py
+MAX_MANIFEST_BYTES = 16 << 20
+# Every name export writes (the tokenizer's as the source has them); nothing else may be in a package.
+PACKAGE_FILES = frozenset({
+    "model.onnx", "model.onnx.data", "genai_config.json", "model.tflite", "model.litertlm", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "generation_config.json",
+})  # fmt: skip
 SCHEMA_VERSION = 1
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,
@@ -35,63 +43,126 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise MobilizeError(f"{path} is not a mobilize package (no {MANIFEST})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise MobilizeError(f"{path}/{MANIFEST} is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(manifest, dict):
-        raise MobilizeError(f"{path}/{MANIFEST} is not a JSON object")
+    manifest_file = path / MANIFEST
+    if not os.path.lexists(manifest_file):
+        raise MobilizeError(f"{quoted(path)} is not a mobilize package (no {MANIFEST})")
+    manifest = read_json(manifest_file, MAX_MANIFEST_BYTES)
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
-            raise MobilizeError(f"{path}/{MANIFEST}: '{key}' is missing or not a {getattr(kind, '__name__', kind)}")
+            raise MobilizeError(
+                f"{quoted(manifest_file)}: {key!r} is missing or not a {getattr(kind, '__name__', kind)}"
+            )
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise MobilizeError(
-            f"{path}: manifest schema {manifest['schema_version']} (this mobilize reads {SCHEMA_VERSION})"
+            f"{quoted(path)}: manifest schema {str(manifest['schema_version'])[:20]} "
+            f"(this mobilize reads {SCHEMA_VERSION})"
         )
     return manifest
 
 
-def verify_package(path: str | Path, check_io: bool = True) -> dict[str, Any]:
-    """Check the manifest's schema, every file's size and sha256 (and that no file is unlisted), and that
-    the model's inputs and outputs are the manifest's (`check_io`: a device checks the bytes only, with
-    none of the model parsers). Returns the manifest; raises MobilizeError."""
+def manifest_digest(path: Path) -> str:
+    return sha256_file(path / MANIFEST)
+
+
+def verify_package(path: str | Path, check_io: bool = True, key: Path | None = None) -> dict[str, Any]:
+    """Check everything a runtime will read before anything loads it: the signature of the manifest (with `key`,
+    an OpenSSH public key), the manifest's schema, that the package holds only the files export writes, as
+    regular files (no symlinks), each of the size and sha256 the manifest lists, and (`check_io`; a device
+    checks the bytes only, with none of the model parsers) that the model's inputs and outputs are the
+    manifest's, its external data or buffers inside the package, and `genai_config.json` as export writes it.
+    Returns the manifest; raises MobilizeError."""
     path = Path(path)
     if not path.is_dir():
-        raise MobilizeError(f"{path} is not a package directory")
+        raise MobilizeError(f"{quoted(path)} is not a package directory")
+    if key is not None:
+        check_signature(path, key)
     manifest = read_manifest(path)
     files = manifest["files"]
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
-    if present - set(files):
-        raise MobilizeError(f"{path}: {sorted(present - set(files))[0]} is not in the manifest")
+    for name, entry in sorted(files.items()):
+        if name not in PACKAGE_FILES or not isinstance(entry, dict):
+            raise MobilizeError(f"{quoted(path / MANIFEST)}: {quoted(name)} is not a file a package has")
+    for entry in os.scandir(path):
+        if entry.name in (MANIFEST, SIGNATURE):
+            pass
+        elif entry.name not in files:
+            raise MobilizeError(f"{quoted(path)}: {quoted(entry.name)} is not in the manifest")
+        if not entry.is_file(follow_symlinks=False):  # a symlink would hand a runtime a file from outside
+            raise MobilizeError(f"{quoted(path)}: {quoted(entry.name)} is not a regular file")
     for name, entry in sorted(files.items()):
         file = path / name
-        if "/" in name or name.startswith(".") or not isinstance(entry, dict):
-            raise MobilizeError(f"{path}/{MANIFEST}: bad file entry {name!r}")
-        if not file.is_file():
-            raise MobilizeError(f"{path}: {name} is missing")
-        if file.stat().st_size != entry.get("bytes"):
+        if not os.path.lexists(file):
+            raise MobilizeError(f"{quoted(path)}: {name} is missing")
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
             raise MobilizeError(
-                f"{path}: {name} has {file.stat().st_size} bytes, the manifest says {entry.get('bytes')}"
+                f"{quoted(path)}: {name} has {size} bytes, the manifest says {str(entry.get('bytes'))[:30]}"
             )
         if sha256_file(file) != entry.get("sha256"):
-            raise MobilizeError(f"{path}: {name} does not match its sha256 in the manifest (modified or corrupt)")
+            raise MobilizeError(
+                f"{quoted(path)}: {name} does not match its sha256 in the manifest (modified or corrupt)"
+            )
     if not check_io:
         return manifest
     if manifest["format"] == "onnx":
-        _check_io(path, manifest["io"])
+        _check_io(path, manifest["io"], files)
+        _check_genai_config(path, manifest)
     elif manifest["format"] == "tflite":
         _check_tflite_io(path, manifest["io"])
     else:
-        raise MobilizeError(f"{path}: unknown package format {manifest['format']!r} (onnx, tflite)")
+        raise MobilizeError(f"{quoted(path)}: unknown package format {quoted(manifest['format'])} (onnx, tflite)")
     return manifest
 
 
+def check_signature(path: Path, key: Path) -> str:
+    """The manifest signed by `key`'s private half (manifest.json.sig); returns the key's fingerprint."""
+    from mobilize.package.signing import fingerprint, load_public_key, verify_signature
+
+    public = load_public_key(key)
+    sig = path / SIGNATURE
+    if not os.path.lexists(sig):
+        raise MobilizeError(f"{quoted(path)} is not signed (no {SIGNATURE}); --key asks for a signed package")
+    verify_signature(
+        read_bytes(sig, 64 << 10),
+        read_bytes(path / MANIFEST, MAX_MANIFEST_BYTES),
+        public,
+        f"{quoted(path)}/{SIGNATURE}",
+    )
+    return fingerprint(public)
+
+
+def signer(path: Path) -> str | None:
+    """The fingerprint of the key a package's signature names, unchecked (None: not signed)."""
+    from mobilize.package.signing import fingerprint, signer_of
+
+    sig = path / SIGNATURE
+    if not os.path.lexists(sig):
+        return None
+    return fingerprint(signer_of(read_bytes(sig, 64 << 10), f"{quoted(path)}/{SIGNATURE}"))
+
+
+def _check_genai_config(path: Path, manifest: dict) -> None:
+    """genai_config.json is what export writes for this manifest: ONNX Runtime GenAI reads it to decide what
+    to load (a native library, other files, providers), so any other content is refused."""
+    from mobilize.targets.onnx.genai_config import expected_genai_config
+
+    if "genai_config.json" not in manifest["files"]:
+        return
+    found = read_json(path / "genai_config.json")
+    try:
+        expected = expected_genai_config(manifest, found)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MobilizeError(
+            f"{quoted(path)}: the manifest cannot describe a genai_config.json ({type(e).__name__})"
+        ) from None
+    if found != expected:
+        raise MobilizeError(f"{quoted(path)}: genai_config.json is not the one export writes for this manifest")
+
+
 def _check_tflite_io(path: Path, io: dict) -> None:
-    from mobilize.targets.tflite.writer import tflite_io
+    from mobilize.targets.tflite.writer import check_buffers, tflite_io
 
     try:
+        check_buffers(path / "model.tflite")
         found = tflite_io(path / "model.tflite")
     except MobilizeError:
         raise
@@ -101,13 +172,14 @@ def _check_tflite_io(path: Path, io: dict) -> None:
         raise MobilizeError(f"{path}: the model's signatures are not the manifest's")
 
 
-def _check_io(path: Path, io: dict) -> None:
+def _check_io(path: Path, io: dict, files: dict) -> None:
     import onnx
 
     try:
         model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     except Exception as e:  # the protobuf parser's errors are many; the file passed its hash, so say so
-        raise MobilizeError(f"{path}/model.onnx cannot be parsed ({type(e).__name__})") from None
+        raise MobilizeError(f"{quoted(path)}/model.onnx cannot be parsed ({type(e).__name__})") from None
+    _check_external_data(path, model, files)
 
     def describe(values) -> list[tuple]:
         out = []
@@ -120,3 +192,38 @@ def _check_io(path: Path, io: dict) -> None:
         expected = [(v["name"], v["dtype"], v["shape"]) for v in io.get(kind, [])]
         if describe(values) != expected:
             raise MobilizeError(f"{path}: the model's {kind} are not the manifest's")
+
+
+def _check_external_data(path: Path, model, files: dict) -> None:
+    """Every tensor stored outside model.onnx points into a file of the package, within its bytes (ONNX Runtime
+    would follow a `../` or an absolute location to any file on the device)."""
+    import onnx
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(g)
+
+    for t in tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if location not in files or location in ("model.onnx", MANIFEST) or not location.endswith(".data"):
+            raise MobilizeError(
+                f"{quoted(path)}/model.onnx: tensor {quoted(t.name)} is stored in {quoted(location)}, not in a data "
+                "file of the package"
+            )
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+        except (KeyError, ValueError):
+            raise MobilizeError(
+                f"{quoted(path)}/model.onnx: tensor {quoted(t.name)} has no valid offset/length"
+            ) from None
+        if offset < 0 or length < 0 or offset + length > files[location]["bytes"]:
+            raise MobilizeError(f"{quoted(path)}/model.onnx: tensor {quoted(t.name)} lies outside {location}")

@@ -22,6 +22,8 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
+from mobilize.errors import MobilizeError
+
 ALIGN = 64  # buffer alignment: XNNPACK and mmap-friendly
 _PLACEHOLDER = 1  # offset 1 marks "outside the flatbuffer" during the sizing pass (0 would be omitted)
 
@@ -366,3 +368,19 @@ def tflite_io(path) -> dict:
 
 
 _IO_DTYPES = {"float32": "FLOAT", "int32": "INT32", "float16": "FLOAT16", "int8": "INT8", "bool": "BOOL"}
+
+
+def check_buffers(path: Path) -> None:
+    """Every buffer a runtime will map lies inside the file (a file cut short, or offsets edited, would make
+    LiteRT read past its end)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as head:
+        model = fb.Model.GetRootAs(head, 0)
+        for b in range(model.BuffersLength()):
+            buf = model.Buffers(b)
+            offset, length = buf.Offset(), buf.Size()
+            if offset > 1 and (length < 0 or offset + length > size):
+                raise MobilizeError(
+                    f"{path.name}: buffer {b} ({length:,} bytes at {offset:,}) lies past the end of the file "
+                    f"({size:,} bytes)"
+                )
