@@ -485,7 +485,11 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is so that every cleanup on the way out runs, as for Ctrl-C."""
 
 
-def _on_sigterm(_signum, _frame) -> None:
+_terminated: list[int] = []  # typer turns any KeyboardInterrupt into Exit(130): this says it was SIGTERM
+
+
+def _on_sigterm(signum, _frame) -> None:
+    _terminated.append(signum)
     raise _Terminated
 
 
@@ -501,6 +505,9 @@ def main() -> None:
     interrupted = "mobilize: interrupted; nothing was left half-written"
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), returned here
+        if code == 130 and _terminated:
+            _say("mobilize: terminated; nothing was left half-written")
+            sys.exit(143)
         if code == 130:
             _say(interrupted)
         if isinstance(code, int) and code:
@@ -514,8 +521,8 @@ def main() -> None:
         _say(f"mobilize: error: {message}{hint}")
         sys.exit(e.exit_code)
     except typer.Abort:
-        _say("mobilize: aborted")
-        sys.exit(130)
+        _say("mobilize: terminated; nothing was left half-written" if _terminated else "mobilize: aborted")
+        sys.exit(143 if _terminated else 130)
     except _Terminated:
         _say("mobilize: terminated; nothing was left half-written")
         sys.exit(143)

@@ -18,6 +18,7 @@ from mobilize import __version__
 from mobilize.errors import MobilizeError
 from mobilize.frontend.loader import load_model, open_checkpoint
 from mobilize.frontend.tokenizer import (
+    check_tokenizer,
     convert_in_background,
     ensure_tokenizer_json,
     has_tokenizer_json,
@@ -126,7 +127,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     def tokenizer() -> list[str]:
         phase("writing tokenizer")
         tokenizer_ready()  # the conversion started above, if one was needed
-        return write_tokenizer(model.ckpt, tmp)
+        written = write_tokenizer(model.ckpt, tmp)
+        check_tokenizer(model.ckpt, model.config.vocab_size, tmp)
+        return written
 
     how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle, kv_dtype)
     meanwhile = None

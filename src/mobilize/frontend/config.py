@@ -11,6 +11,38 @@ import numpy as np
 from mobilize.errors import ConfigError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+MAX_DIMENSION = 1 << 24
+ROPE_TYPES = ("linear", "llama3")  # besides the default
+
+
+def is_positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def rope_scaling_problems(items: Any) -> list[str]:
+    """What is wrong with a rope_scaling (as items): a supported type with every field it needs, finite."""
+    if items is None:
+        return []
+    try:
+        s = dict(items)
+    except (TypeError, ValueError):
+        return [f"rope_scaling={_short(items)} must be an object"]
+    kind = s.get("rope_type", s.get("type"))
+    if kind not in ROPE_TYPES:
+        return [f"rope_scaling type {_short(kind)} is not supported (default, {', '.join(ROPE_TYPES)})"]
+    need = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                         if kind == "llama3" else [])  # fmt: skip
+    bad = [f"{k}={_short(s.get(k))}" for k in need if not is_positive_number(s.get(k))]
+    if bad:
+        return [f"rope_scaling ({kind}) needs finite positive {', '.join(bad)}"]
+    if kind == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:
+        return ["rope_scaling (llama3): high_freq_factor must be above low_freq_factor"]
+    return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +83,29 @@ class DecoderConfig:
             "num_heads",
             "num_kv_heads",
             "head_dim",
+            "max_position_embeddings",
         ):
             v = getattr(self, field)
-            if not isinstance(v, int) or v <= 0:
-                problems.append(f"{field}={v!r} must be a positive integer")
-        if not problems and self.num_heads % self.num_kv_heads:
+            if type(v) is not int or not 0 < v <= MAX_DIMENSION:
+                problems.append(f"{field}={_short(v)} must be an integer from 1 to {MAX_DIMENSION}")
+        for field, optional in (("rms_norm_eps", False), ("rope_theta", False), ("rope_local_theta", True),
+                                ("query_pre_attn_scalar", True), ("final_logit_softcapping", True),
+                                ("attn_logit_softcapping", True)):  # fmt: skip
+            v = getattr(self, field)
+            if not (optional and v is None) and not is_positive_number(v):
+                problems.append(f"{field}={_short(v)} must be a finite positive number")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window <= 0):
+            problems.append(f"sliding_window={_short(self.sliding_window)} must be a positive integer")
+        for field in ("tie_word_embeddings", "attention_bias", "qk_norm", "sandwich_norm", "norm_plus_one",
+                      "scale_embeddings"):  # fmt: skip
+            if type(getattr(self, field)) is not bool:
+                problems.append(f"{field}={_short(getattr(self, field))} must be true or false")
+        if not isinstance(self.layer_types, tuple) or any(t not in (FULL, SLIDING) for t in self.layer_types):
+            problems.append(f"layer_types={_short(self.layer_types)} must list {FULL!r} or {SLIDING!r} per layer")
+        problems += rope_scaling_problems(self.rope_scaling)
+        if problems:
+            raise ConfigError(f"{self.family} config: " + "; ".join(problems))
+        if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
@@ -64,7 +114,7 @@ class DecoderConfig:
         if SLIDING in self.layer_types and not self.sliding_window:
             problems.append("sliding-window layers need sliding_window")
         if self.hidden_act not in ("silu", "gelu_tanh"):
-            problems.append(f"hidden_act={self.hidden_act!r} is not supported (silu, gelu_tanh)")
+            problems.append(f"hidden_act={_short(self.hidden_act)} is not supported (silu, gelu_tanh)")
         if problems:
             raise ConfigError(f"{self.family} config: " + "; ".join(problems))
 

@@ -8,10 +8,13 @@ config implies and raises naming anything missing, left over, or of the wrong sh
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from mobilize.errors import CheckpointError, ConfigError, SourceNotFoundError
 from mobilize.frontend.config import DecoderConfig, expected_shapes
@@ -188,6 +191,8 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
         if fix is not None:  # the same row fix applies to the raw blocks (rows are whole blocks)
             raw = _fixed(fix, cfg, name, ref.raw) if ref.raw is not None else None
             ref = dataclasses.replace(ref, name=name, load=_fixed(fix, cfg, name, ref.load), raw=raw)
+        if ckpt.format != "random":
+            ref = dataclasses.replace(ref, load=_finite(ckpt.source, src_name, ref.load))
         weights[name] = ref
     missing = [n for n in want if n not in weights]
     if missing:
@@ -204,3 +209,16 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
 
 def _fixed(fix, cfg: DecoderConfig, name: str, load):
     return lambda: fix(cfg, name, load())
+
+
+def _finite(source: str, name: str, load):
+    """A weight with a NaN or an infinity would make every logit NaN: refused as it is read (one pass over it)."""
+
+    def checked():
+        w = load()
+        # a float64 sum of float32s cannot overflow: it is finite exactly when every value is (and needs no copy)
+        if w.dtype.kind == "f" and not math.isfinite(float(w.sum(dtype=np.float64))):
+            raise CheckpointError(f"{quoted(source)}: tensor {quoted(name)} holds NaN or infinite values")
+        return w
+
+    return checked

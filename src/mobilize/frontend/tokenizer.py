@@ -50,6 +50,36 @@ def special_token_ids(ckpt: Checkpoint) -> dict[str, int | list[int] | None]:
     return ids
 
 
+def check_special_ids(tokens: dict, vocab_size: int) -> None:
+    """Special token ids are integers (not booleans, not strings) inside the vocabulary: a runtime would index
+    past the logits with any other."""
+    for key, value in tokens.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is None and not isinstance(value, list):
+                continue
+            if type(v) is not int or not 0 <= v < vocab_size:
+                raise CheckpointError(
+                    f"the source's {key} is {repr(value)[:60]}, not a token id of its {vocab_size}-token vocabulary"
+                )
+
+
+def check_tokenizer(ckpt: Checkpoint, vocab_size: int, package: Path) -> None:
+    """What the package's tokenizer hands a runtime fits the model: special ids and every token id inside the
+    embedding, and a vocabulary not a fraction of it (a tokenizer of another model)."""
+    check_special_ids(special_token_ids(ckpt), vocab_size)
+    file = package / "tokenizer.json"
+    if not file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(file)).get_vocab_size(with_added_tokens=True)
+    if size > vocab_size or size * 2 < vocab_size:
+        raise CheckpointError(
+            f"the tokenizer has {size} tokens for an embedding of {vocab_size} rows: "
+            + ("its ids would index past the table" if size > vocab_size else "it is not this model's tokenizer")
+        )
+
+
 def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
     """Write the tokenizer next to the model; return the file names (empty when the source has none)."""
     if ckpt.format == "hf":

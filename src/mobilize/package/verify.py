@@ -125,7 +125,7 @@ def check_signature(path: Path, key: Path) -> str:
         read_bytes(sig, 64 << 10),
         read_bytes(path / MANIFEST, MAX_MANIFEST_BYTES),
         public,
-        f"{quoted(path)}/{SIGNATURE}",
+        quoted(path / SIGNATURE),
     )
     return fingerprint(public)
 
@@ -137,7 +137,7 @@ def signer(path: Path) -> str | None:
     sig = path / SIGNATURE
     if not os.path.lexists(sig):
         return None
-    return fingerprint(signer_of(read_bytes(sig, 64 << 10), f"{quoted(path)}/{SIGNATURE}"))
+    return fingerprint(signer_of(read_bytes(sig, 64 << 10), quoted(path / SIGNATURE)))
 
 
 def _check_genai_config(path: Path, manifest: dict) -> None:

@@ -34,45 +34,81 @@ def need(d: dict[str, Any], key: str, where: str) -> Any:
     return value
 
 
+def integer(v: Any, key: str, where: str) -> int:
+    """A config's integer as it is: JSON's 12, never "12", 12.5 or true (which int() would accept)."""
+    if type(v) is not int:
+        raise ConfigError(f"{where}: {key}={repr(v)[:60]} must be an integer")
+    return v
+
+
+def number(v: Any, key: str, where: str) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise ConfigError(f"{where}: {key}={repr(v)[:60]} must be a number")
+    return float(v)
+
+
+def activation(d: dict[str, Any], default: str, where: str) -> str:
+    """hidden_activation (Gemma's) or hidden_act, as the decoder names it; anything else is refused, never built
+    as the family's usual one."""
+    name = d.get("hidden_activation", d.get("hidden_act", default))
+    if name not in _ACTIVATIONS:
+        raise ConfigError(f"{where}: hidden_act={repr(name)[:60]} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+                "gelu_new": "gelu_tanh"}  # fmt: skip
+
+
 def hf_rope(d: dict[str, Any]) -> tuple[float, tuple | None]:
     """(rope_theta, rope_scaling items) from either transformers 4 (flat) or 5 (rope_parameters)."""
+    where = "config.json"
     params = d.get("rope_parameters")
     if isinstance(params, dict) and FULL in params:  # per layer type (gemma3, transformers 5)
         params = params[FULL]
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{where}: rope_parameters={repr(params)[:60]} must be an object")
     if isinstance(params, dict):
         theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = d.get("rope_theta", 10000.0)
         scaling = d.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{where}: rope_scaling={repr(scaling)[:60]} must be an object")
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        return float(theta), None
-    return float(theta), tuple(sorted(scaling.items()))
+        return number(theta, "rope_theta", where), None
+    return number(theta, "rope_theta", where), tuple(sorted(scaling.items()))
 
 
 def hf_base(d: dict[str, Any], family: str, **quirks: Any) -> DecoderConfig:
     """The fields every Llama-like config.json spells the same way; `quirks` override or add."""
     where = f"config.json ({family})"
-    heads = int(need(d, "num_attention_heads", where))
-    hidden = int(need(d, "hidden_size", where))
-    layers = int(need(d, "num_hidden_layers", where))
+    heads = need(d, "num_attention_heads", where)
+    hidden = need(d, "hidden_size", where)
+    layers = need(d, "num_hidden_layers", where)
     theta, scaling = hf_rope(d)
+    layer_types = d.get("layer_types") or [FULL] * layers
+    if not isinstance(layer_types, (list, tuple)):
+        raise ConfigError(f"{where}: layer_types={repr(layer_types)[:60]} must be a list")
+    default_act = quirks.pop("hidden_act", "silu")  # the family's, where its config.json may say nothing
     fields: dict[str, Any] = dict(
         family=family,
-        vocab_size=int(need(d, "vocab_size", where)),
+        vocab_size=need(d, "vocab_size", where),
         hidden_size=hidden,
-        intermediate_size=int(need(d, "intermediate_size", where)),
+        intermediate_size=need(d, "intermediate_size", where),
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=integer(d.get("num_key_value_heads") or heads, "num_key_value_heads", where),
+        head_dim=integer(d.get("head_dim") or hidden // heads, "head_dim", where),
+        rms_norm_eps=number(d.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)),
-        layer_types=tuple(d.get("layer_types") or [FULL] * layers),
+        max_position_embeddings=integer(d.get("max_position_embeddings", 4096), "max_position_embeddings", where),
+        tie_word_embeddings=d.get("tie_word_embeddings", False),  # (checked: a boolean, not "false")
+        attention_bias=d.get("attention_bias", False),
+        hidden_act=activation(d, default_act, where),
+        layer_types=tuple(layer_types),
     )
     fields |= quirks
     try:
@@ -91,40 +127,42 @@ def gguf_base(meta: dict[str, Any], family: str, **quirks: Any) -> DecoderConfig
             return default
         return need({k: meta.get(f"{arch}.{k}")}, k, where)
 
-    heads = int(key("attention.head_count"))
+    heads = key("attention.head_count")
     kv = key("attention.head_count_kv", heads)
     if isinstance(kv, list):  # per-layer counts: only uniform ones are supported
         if len(set(kv)) != 1:
             raise ConfigError(f"{where}: per-layer KV head counts {sorted(set(kv))} are not supported")
         kv = kv[0]
-    hidden = int(key("embedding_length"))
-    layers = int(key("block_count"))
+    hidden = key("embedding_length")
+    layers = key("block_count")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens else None)
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else 0)
     fields: dict[str, Any] = dict(
         family=family,
-        vocab_size=int(vocab or 0),
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
+        intermediate_size=key("feed_forward_length"),
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(kv),
-        head_dim=int(key("attention.key_length", hidden // heads)),
+        num_kv_heads=kv,
+        head_dim=key("attention.key_length", hidden // heads),
         rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=_f32(key("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(key("context_length", 4096)),
+        max_position_embeddings=key("context_length", 4096),
         layer_types=(FULL,) * layers,
     )
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
     if scaling_type == "linear":
-        fields["rope_scaling"] = (("factor", float(key("rope.scaling.factor"))), ("rope_type", "linear"))
+        fields["rope_scaling"] = (("factor", key("rope.scaling.factor")), ("rope_type", "linear"))
+    elif scaling_type not in (None, "none"):
+        raise ConfigError(f"{where}: rope scaling {repr(scaling_type)[:40]} is not supported (linear)")
     fields |= quirks
     return DecoderConfig(**fields)
 
 
 def _f32(x: float) -> float:
     """GGUF stores float32: read 1e-05, not 9.99999974e-06."""
-    return float(f"{float(x):.7g}")
+    return float(f"{number(x, 'value', 'GGUF metadata'):.7g}")
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -7,8 +7,18 @@ from typing import Any
 
 import numpy as np
 
+from mobilize.errors import ConfigError
 from mobilize.frontend.config import FULL, SLIDING, DecoderConfig, is_norm
-from mobilize.frontend.families.common import GGUF_LAYER_NAMES, ChatRoles, Family, gguf_base, hf_base, need, tiny_config
+from mobilize.frontend.families.common import (
+    GGUF_LAYER_NAMES,
+    ChatRoles,
+    Family,
+    gguf_base,
+    hf_base,
+    integer,
+    need,
+    tiny_config,
+)
 
 _QUIRKS = dict(
     qk_norm=True,
@@ -29,15 +39,18 @@ def from_hf(d: dict[str, Any]) -> DecoderConfig:
     layers = need(d, "num_hidden_layers", "config.json")
     params = d.get("rope_parameters") or {}
     local = params.get(SLIDING, {}).get("rope_theta") if isinstance(params, dict) else None
-    layer_types = d.get("layer_types") or _pattern(layers, int(d.get("sliding_window_pattern", 6)))
+    every = integer(d.get("sliding_window_pattern", 6), "sliding_window_pattern", "config.json")
+    layer_types = d.get("layer_types") or _pattern(layers, max(every, 1))
+    if not isinstance(layer_types, (list, tuple)):
+        raise ConfigError(f"config.json: layer_types={repr(layer_types)[:60]} must be a list")
     return hf_base(
         d,
         "gemma3",
         **_QUIRKS,
-        rope_local_theta=float(local or d.get("rope_local_base_freq", 10000.0)),
-        sliding_window=int(d.get("sliding_window") or 512),
+        rope_local_theta=local or d.get("rope_local_base_freq", 10000.0),
+        sliding_window=d.get("sliding_window") or 512,
         layer_types=tuple(layer_types),
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or d.get("head_dim") or 256),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar") or d.get("head_dim") or 256,
         final_logit_softcapping=d.get("final_logit_softcapping"),
         attn_logit_softcapping=d.get("attn_logit_softcapping"),
     )
@@ -45,16 +58,16 @@ def from_hf(d: dict[str, Any]) -> DecoderConfig:
 
 def from_gguf(meta: dict[str, Any]) -> DecoderConfig:
     layers = need({"block_count": meta.get("gemma3.block_count")}, "block_count", "GGUF metadata")
-    head_dim = int(meta.get("gemma3.attention.key_length", 256))
+    head_dim = meta.get("gemma3.attention.key_length", 256)
     # llama.cpp keeps the local rope base (10k) and the 5:1 pattern in code, not in the file.
     return gguf_base(
         meta,
         "gemma3",
         **_QUIRKS,
         rope_local_theta=10000.0,
-        sliding_window=int(meta.get("gemma3.attention.sliding_window", 512)),
+        sliding_window=meta.get("gemma3.attention.sliding_window", 512),
         layer_types=_pattern(layers),
-        query_pre_attn_scalar=float(head_dim),
+        query_pre_attn_scalar=head_dim,
     )
 
 

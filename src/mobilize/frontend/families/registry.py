@@ -20,7 +20,7 @@ def family_for_hf(model_type: str | None) -> str:
         if model_type in family.hf_model_types:
             return name
     known = ", ".join(t for f in FAMILIES.values() for t in f.hf_model_types)
-    raise UnsupportedArchitectureError(f"model_type {model_type!r} is not supported (supported: {known})")
+    raise UnsupportedArchitectureError(f"model_type {repr(model_type)[:60]} is not supported (supported: {known})")
 
 
 def family_for_gguf(arch: str | None) -> str:
@@ -28,4 +28,4 @@ def family_for_gguf(arch: str | None) -> str:
         if arch == family.gguf_arch:
             return name
     known = ", ".join(f.gguf_arch for f in FAMILIES.values())
-    raise UnsupportedArchitectureError(f"GGUF architecture {arch!r} is not supported (supported: {known})")
+    raise UnsupportedArchitectureError(f"GGUF architecture {repr(arch)[:60]} is not supported (supported: {known})")

@@ -18,7 +18,27 @@ from mobilize.frontend.sources.base import TensorRef
 
 GGUF_MAGIC = b"GGUF"
 _MAX_DIMS = 4
-_MAX_STRING = 1 << 24  # 16 MiB: no key or token is longer
+_MAX_STRING = 1 << 24  # 16 MiB: no key or chat template is longer
+_MAX_ITEMS = 1 << 22  # array items in all the metadata: a 262k vocabulary with merges has ~1M
+_MAX_TOKEN_BYTES = 1024  # one vocabulary entry (the longest in real vocabularies are ~100); converters are O(n^2)
+# Keys whose type the readers rely on: (kind, what it must be)
+_TYPED_KEYS = {
+    "general.architecture": str,
+    "tokenizer.ggml.model": str,
+    "tokenizer.ggml.pre": str,
+    "tokenizer.ggml.tokens": (list, str),
+    "tokenizer.ggml.merges": (list, str),
+    "tokenizer.ggml.scores": (list, float),
+    "tokenizer.ggml.token_type": (list, int),
+    "tokenizer.ggml.bos_token_id": int,
+    "tokenizer.ggml.eos_token_id": int,
+    "tokenizer.ggml.padding_token_id": int,
+    "tokenizer.ggml.unknown_token_id": int,
+    "tokenizer.ggml.add_bos_token": bool,
+    "tokenizer.ggml.add_eos_token": bool,
+    "tokenizer.chat_template": str,
+    "general.alignment": int,
+}
 
 # value type id -> (struct format, size) for scalars
 _SCALARS = {
@@ -57,6 +77,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 class _Cursor:
     def __init__(self, buf: memoryview, name: str) -> None:
         self.buf, self.pos, self.name = buf, 0, name
+        self.items = 0  # array items read so far
 
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > len(self.buf):
@@ -94,8 +115,14 @@ class _Cursor:
         if type_id == _ARRAY:
             item_type, count = self.u32(), self.u64()
             remaining = len(self.buf) - self.pos
-            if count > remaining:  # every item takes at least one byte
+            item_bytes = _SCALARS[item_type][1] if item_type in _SCALARS else 8  # a string: its length at least
+            if count * item_bytes > remaining:
                 raise CheckpointError(f"{self.name}: GGUF array of {count} items cannot fit in the file")
+            if item_type == _ARRAY:
+                raise CheckpointError(f"{self.name}: GGUF array of arrays at byte {self.pos} (llama.cpp has none)")
+            self.items += count
+            if self.items > _MAX_ITEMS:  # a Python list holds ~9x an array's bytes: bounded before it is built
+                raise CheckpointError(f"{self.name}: GGUF metadata holds more than {_MAX_ITEMS:,} array items")
             if item_type in _SCALARS:  # numeric arrays in one read
                 fmt, size = _SCALARS[item_type]
                 raw = self.take(size * count)
@@ -127,7 +154,10 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
+        if key in metadata:  # as llama.cpp refuses them: which one would a reader take?
+            raise CheckpointError(f"{name}: GGUF key {key[:80]!r} appears twice")
         metadata[key] = cur.value(cur.u32())
+    _check_types(metadata, name)
 
     infos = []
     for _ in range(n_tensors):
@@ -138,6 +168,10 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
         dims = [cur.u64() for _ in range(n_dims)]
         type_id, offset = cur.u32(), cur.u64()
         infos.append((tname, dims, type_id, offset))
+    if len({t[0] for t in infos}) != len(infos):
+        seen: set[str] = set()
+        twice = next(t[0] for t in infos if t[0] in seen or seen.add(t[0]))
+        raise CheckpointError(f"{name}: GGUF tensor {twice[:80]!r} appears twice")
 
     alignment = metadata.get("general.alignment", 32)
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
@@ -146,6 +180,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
     data_size = size - data_start
 
     tensors: dict[str, TensorRef] = {}
+    spans: list[tuple[int, int, str]] = []
     for tname, dims, type_id, offset in infos:
         if type_id not in GGML_TYPES:
             raise CheckpointError(f"{name}: tensor {tname!r} has ggml type {type_id}, which mobilize cannot read")
@@ -165,6 +200,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
                 f"{name}: tensor {tname!r} at offset {offset} ({nbytes} bytes) runs past the data section "
                 f"({data_size} bytes) or is unaligned; the file is truncated or its table lies"
             )
+        spans.append((offset, offset + nbytes, tname))
         shape = tuple(reversed(dims))  # ggml lists the fastest dimension first
         start = data_start + offset
         tensors[tname] = TensorRef(
@@ -175,7 +211,39 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
             _loader(mm, start, nbytes, type_id, shape),
             raw=_raw(mm, start, nbytes, shape),
         )
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise CheckpointError(f"{name}: GGUF tensors {a[:80]!r} and {b[:80]!r} share bytes (their data overlap)")
     return metadata, tensors
+
+
+def _is(x: Any, kind: type) -> bool:
+    if kind is int:
+        return type(x) is int
+    if kind is float:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, kind)
+
+
+def _check_types(meta: dict[str, Any], name: str) -> None:
+    for key, kind in _TYPED_KEYS.items():
+        if key not in meta:
+            continue
+        v = meta[key]
+        if isinstance(kind, tuple):
+            ok = isinstance(v, list) and all(_is(x, kind[1]) for x in v)
+        else:
+            ok = _is(v, kind)
+        if not ok:
+            what = f"an array of {kind[1].__name__}" if isinstance(kind, tuple) else f"a {kind.__name__}"
+            raise CheckpointError(f"{name}: GGUF key {key} is {repr(v)[:40]}, not {what}")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    longest = max(tokens, key=len, default="")
+    if len(longest.encode()) > _MAX_TOKEN_BYTES:
+        raise CheckpointError(
+            f"{name}: a vocabulary entry of {len(longest.encode()):,} bytes (more than {_MAX_TOKEN_BYTES}) is no token"
+        )
 
 
 def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...]):

@@ -6,8 +6,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from mobilize.errors import MobilizeError
 from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.tokenizer import check_special_ids
 
 
 def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
@@ -27,7 +27,7 @@ def genai_config(
     buffer of max_seq_len as past and present; otherwise the cache grows to the model's context.
 
     `arch` is the DecoderConfig as a dict; `tokens` has bos_token_id, eos_token_id and pad_token_id."""
-    _check_token_ids(tokens, arch["vocab_size"])
+    check_special_ids(tokens, arch["vocab_size"])
     max_length = kv_cache["max_seq_len"] if kv_cache else arch["max_position_embeddings"]
     input_names = {i["name"] for i in io["inputs"]}
     eos = tokens.get("eos_token_id")
@@ -95,19 +95,6 @@ def _sliding_window(kv_cache: dict | None) -> dict[str, Any]:
             "cache_slack": window["slack"],
         }
     }
-
-
-def _check_token_ids(tokens: dict, vocab_size: int) -> None:
-    """Special token ids are integers (not booleans, not strings) inside the vocabulary: GenAI would index
-    past the logits with any other."""
-    for key, value in tokens.items():
-        for v in value if isinstance(value, list) else [value]:
-            if v is None and not isinstance(value, list):
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
-                raise MobilizeError(
-                    f"the source's {key} is {str(value)[:60]}, not a token id of its {vocab_size}-token vocabulary"
-                )
 
 
 def expected_genai_config(manifest: dict, found: dict) -> dict[str, Any]:
