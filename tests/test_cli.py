@@ -214,8 +214,8 @@ def test_logits_of_the_last_position_by_default_of_all_on_request(tiny_hf, tmp_p
     ],
 )
 def test_usage_errors_are_one_line(args, expected):
-    """Whatever click typer brings (typer 0.29 bundles its own), a usage error is one line and exit 2."""
+    """Whatever click typer brings (typer 0.29 bundles its own), a usage error is one line and exit 1."""
     r = _cli(*args)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mobilize: error: ") and expected in lines[0], r.stderr

@@ -153,9 +153,16 @@ def run(
 
     if not prompt.strip():
         raise MobilizeError("--prompt is empty; give some text to continue")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise MobilizeError("--prompt is not valid UTF-8") from None
     pkg = Package.open(package, key=key)
-    sys.stdout.write(prompt)
-    for piece in stream_greedy(pkg, prompt, max_new_tokens, threads):
+    pieces = stream_greedy(pkg, prompt, max_new_tokens, threads)
+    first = next(pieces, "")  # (the package is loaded and the prompt checked before anything is printed)
+    sys.stdout.write(prompt + first)
+    sys.stdout.flush()
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -519,7 +526,7 @@ def main() -> None:
         hint = f" (see '{command} --help')" if command else ""
         message = " ".join(e.format_message().split())
         _say(f"mobilize: error: {message}{hint}")
-        sys.exit(e.exit_code)
+        sys.exit(1)
     except typer.Abort:
         _say("mobilize: terminated; nothing was left half-written" if _terminated else "mobilize: aborted")
         sys.exit(143 if _terminated else 130)

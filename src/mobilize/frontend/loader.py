@@ -88,7 +88,10 @@ def _open_hf_dir(path: Path, random_weights: bool, source: str | None = None) ->
     if os.path.lexists(index):
         weight_map = read_config_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no weight_map object")
+            raise CheckpointError(f"{quoted(index)}: no weight_map object")
+        odd = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+        if odd is not None:
+            raise CheckpointError(f"{quoted(index)}: shard name {repr(odd)[:60]} must be a plain file name")
         shard_names = sorted(set(weight_map.values()))
         for shard in shard_names:
             if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard.startswith("."):

@@ -67,6 +67,12 @@ def check_tokenizer(ckpt: Checkpoint, vocab_size: int, package: Path) -> None:
     """What the package's tokenizer hands a runtime fits the model: special ids and every token id inside the
     embedding, and a vocabulary not a fraction of it (a tokenizer of another model)."""
     check_special_ids(special_token_ids(ckpt), vocab_size)
+    if (package / "tokenizer_config.json").is_file():
+        config = read_json(package / "tokenizer_config.json")
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            v = config.get(key)
+            if not (v is None or isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str)):
+                raise CheckpointError(f"tokenizer_config.json: {key} is {repr(v)[:60]}, not a token's text")
     file = package / "tokenizer.json"
     if not file.is_file():
         return

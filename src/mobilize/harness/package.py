@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from mobilize.errors import MobilizeError
 from mobilize.package.verify import read_manifest, verify_package
+from mobilize.safe_io import read_json
 
 
 @dataclasses.dataclass
@@ -44,14 +44,14 @@ class Package:
         ids: set[int] = set()
         cfg_file = self.path / "tokenizer_config.json"
         if cfg_file.is_file():
-            token = json.loads(cfg_file.read_text()).get("eos_token")
+            token = read_json(cfg_file).get("eos_token")
             token = token.get("content") if isinstance(token, dict) else token
-            if token and tokenizer.token_to_id(token) is not None:
+            if isinstance(token, str) and token and tokenizer.token_to_id(token) is not None:
                 ids.add(tokenizer.token_to_id(token))
         gen = self.path / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            eos = read_json(gen).get("eos_token_id")
+            ids |= {i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int}
         return ids
 
     def runner(self, threads: int = 0):
@@ -69,8 +69,18 @@ def stream_greedy(package: Package, prompt: str, max_new_tokens: int, threads: i
     """Yield the text of each new token as greedy decoding produces it."""
     tok = package.tokenizer()
     eos = package.eos_ids(tok)
+    try:
+        ids = tok.encode(prompt).ids
+    except Exception as e:  # the Rust tokenizer on text it cannot take (unpaired surrogates from a non-UTF-8 argv)
+        raise MobilizeError(f"the prompt cannot be tokenized ({type(e).__name__}); is it valid UTF-8?") from None
+    if not ids:
+        raise MobilizeError("the prompt gives no tokens")
+    room = package.manifest["target"].get("max_seq_len")
+    if isinstance(room, int) and len(ids) >= room:
+        raise MobilizeError(f"the prompt has {len(ids)} tokens; this package's KV cache holds {room} positions")
+    if isinstance(room, int):
+        max_new_tokens = min(max_new_tokens, room - len(ids))  # generation stops where the cache ends
     runner = package.runner(threads)
-    ids = tok.encode(prompt).ids
     generated: list[int] = []
     # Decode the prompt and continuation together, so spacing between them comes from the tokenizer.
     shown = tok.decode(ids)

@@ -36,7 +36,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n > len(self.data) - self.pos:
-            raise MobilizeError(f"{self.what} is truncated or malformed")
+            raise MobilizeError(f"{self.what} is not an SSH signature (truncated or malformed)")
         out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out

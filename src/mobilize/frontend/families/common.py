@@ -76,6 +76,8 @@ def hf_rope(d: dict[str, Any]) -> tuple[float, tuple | None]:
         scaling = d.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
         raise ConfigError(f"{where}: rope_scaling={repr(scaling)[:60]} must be an object")
+    if scaling and "rope_type" not in scaling and "type" not in scaling:
+        raise ConfigError(f"{where}: rope_scaling={repr(scaling)[:60]} has no rope_type")
     if scaling.get("rope_type", scaling.get("type", "default")) == "default":
         return number(theta, "rope_theta", where), None
     return number(theta, "rope_theta", where), tuple(sorted(scaling.items()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from mobilize.errors import MobilizeError
 from mobilize.targets.onnx.passes.graph import WRITE_LAST
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
@@ -21,7 +22,15 @@ def save_onnx(model: ir.Model, directory: str | Path) -> Path:
         if value.meta.get(WRITE_LAST):  # after every other weight: the writer waits on nothing else first
             del graph.initializers[name]
             graph.register_initializer(value)
-    ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    try:
+        ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    except Exception as e:  # a lazy weight's own error (a NaN refused, a full disk) arrives wrapped in a SerdeError
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, (MobilizeError, OSError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause is e:
+            raise
+        raise cause from None
     return path
 
 
