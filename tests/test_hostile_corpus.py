@@ -1023,6 +1023,64 @@ def _(w, b):
     return ["run", str(w / "p"), "-p", "hi"]
 
 
+# -- what the target runtime needs, checked at export: a package that exports also runs
+def _tiny(w: Path, **shape) -> Path:
+    """A tiny llama of another shape, with a word-level tokenizer of its vocabulary and no special ids."""
+    from helpers import write_tiny_hf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mobilize.frontend.families.common import tiny_config
+
+    cfg = tiny_config("llama", **shape)
+    m = write_tiny_hf(cfg, w / "m")
+    words = {f"w{i}": i for i in range(min(cfg.vocab_size, 100))}
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(m / "tokenizer.json"))
+    for name in ("config.json", "generation_config.json"):
+        d = json.loads((m / name).read_text())
+        (m / name).write_text(json.dumps({k: v for k, v in d.items() if not k.endswith("token_id")}))
+    return m
+
+
+@case("runtime: head size 6 for ONNX Runtime's GroupQueryAttention", "multiple of 8")
+def _(w, b):
+    return _export(_tiny(w, head_dim=6), w)
+
+
+def _export_then_run(w: Path, m: Path, *extra: str) -> list[str]:
+    subprocess.run([*MOBILIZE, *_export(m, w, *extra)], check=True, capture_output=True)
+    return ["run", str(w / "out"), "-p", "w1 w2", "-n", "3"]
+
+
+@case("runtime: head size 6 with --opset std exports and runs", "w1 w2", ok=True)
+def _(w, b):
+    return _export_then_run(w, _tiny(w, head_dim=6), "--opset", "std")
+
+
+@case("runtime: head size 6 as TFLite exports and runs", "w1 w2", ok=True)
+def _(w, b):
+    return _export_then_run(w, _tiny(w, head_dim=6), "--format", "tflite")
+
+
+@case("runtime: a vocabulary of 4 tokens exports and runs", "w1 w2", ok=True)
+def _(w, b):
+    return _export_then_run(w, _tiny(w, vocab_size=4))
+
+
+@case("runtime: one attention head of 64 exports and runs", "w1 w2", ok=True)
+def _(w, b):
+    return _export_then_run(w, _tiny(w, num_heads=1, num_kv_heads=1, head_dim=64), "--format", "tflite")
+
+
+@case("runtime: a context of 8 positions exports and runs", "w1 w2", ok=True)
+def _(w, b):
+    m = _tiny(w, max_position_embeddings=8)
+    subprocess.run([*MOBILIZE, "export", str(m), "-q", "int8", "--out", str(w / "out")], check=True,
+                   capture_output=True)  # fmt: skip
+    return ["run", str(w / "out"), "-p", "w1 w2", "-n", "3"]
+
+
 # -- optional parts that are missing: one line naming what to install
 def _without(module: str, w: Path) -> dict:
     shadow = w / "shadow"
@@ -1078,7 +1136,7 @@ def test_corpus_has_every_class():
     assert len({c.id for c in CASES}) == len(CASES)
     prefixes = {c.id.split(":")[0] for c in CASES}
     assert {"usage", "source", "leak", "config", "index", "tokenizer", "gguf", "install", "forgery", "signing",
-            "verify", "run", "optional"} <= prefixes  # fmt: skip
+            "verify", "run", "runtime", "optional"} <= prefixes  # fmt: skip
 
 
 @pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)

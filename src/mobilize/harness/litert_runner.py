@@ -16,6 +16,9 @@ engine does; the model's DYNAMIC_UPDATE_SLICE still copies the cache once per ca
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,11 @@ class _Signature:
         runner = interpreter.get_signature_runner(key)
         self.wrapper, self.index = interpreter._interpreter, runner._subgraph_index
         self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
-        self.wrapper.AllocateTensors(self.index)
+        try:
+            with _native_stderr_quiet():  # (XNNPACK says it was created, on stderr, at the first allocation)
+                self.wrapper.AllocateTensors(self.index)
+        except Exception as e:
+            raise MobilizeError(f"LiteRT cannot prepare the package's {key} signature: {runtime_reason(e)}") from None
 
     def view(self, tensor: int) -> np.ndarray:
         return self.wrapper.tensor(self.wrapper, tensor, self.index)
@@ -40,12 +47,27 @@ class _Signature:
         return self.view(self.outputs[name])
 
 
+@contextlib.contextmanager
+def _native_stderr_quiet():
+    """File descriptor 2 to /dev/null while LiteRT's C++ logs its INFO lines (Python's sys.stderr is untouched)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class LiteRtRunner:
     def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
+            with _native_stderr_quiet():  # its delegate's INFO line would be a second line beside an error
+                self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads or None)
         except Exception as e:
             raise MobilizeError(f"LiteRT cannot load {model_path}: {runtime_reason(e)}") from None
         keys = self.interpreter.get_signature_list()
@@ -79,7 +101,10 @@ class LiteRtRunner:
         n = len(tokens)
         sig.input("tokens")[...] = np.asarray([tokens], np.int32)
         sig.input("input_pos")[...] = np.arange(start, start + n, dtype=np.int32)
-        sig.wrapper.Invoke(sig.index)
+        try:
+            sig.wrapper.Invoke(sig.index)
+        except Exception as e:
+            raise MobilizeError(f"LiteRT failed running the package: {runtime_reason(e)}") from None
         written = slice(start, min(start + n, self.max_len))
         for name in self.kv_names:  # the slots this call wrote, back into the input cache
             sig.input(name)[:, :, written] = sig.output(name)[:, :, written]

@@ -113,7 +113,10 @@ class OrtRunner:
             logits = self._step_in_place(tokens)
         else:
             feeds = {**self._feeds(tokens), **self.cache}
-            outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+            try:
+                outputs = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+            except Exception as e:  # ORT's own types: a package it cannot run is one line
+                raise MobilizeError(f"ONNX Runtime failed running the package: {runtime_reason(e)}") from None
             for name in self.past_names:
                 self.cache[name] = outputs[name.replace("past_key_values.", "present.")]
             logits = outputs["logits"]
@@ -128,7 +131,10 @@ class OrtRunner:
         for name, buffer in self.buffers.items():
             binding.bind_ortvalue_input(name, buffer)
             binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buffer)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:
+            raise MobilizeError(f"ONNX Runtime failed running the package: {runtime_reason(e)}") from None
         return binding.get_outputs()[0].numpy()
 
     def prefill(self, tokens: list[int]) -> np.ndarray:

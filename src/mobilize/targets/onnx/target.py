@@ -33,6 +33,13 @@ class OnnxTarget:
             raise MobilizeError("--bundle litertlm packs a TFLite model: use it with --format tflite")
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
+        if how.opset == "ort" and model.config.head_dim % 8:  # checked here, so that what exports also runs
+            from mobilize.errors import MobilizeError
+
+            raise MobilizeError(
+                f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 8; this model's is "
+                f"{model.config.head_dim}: export with --opset std (standard attention ops)"
+            )
         passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics, how.kv_dtype)
         phase("building graph")
         graph = build_decoder(model, last_logits=how.logits == "last")
