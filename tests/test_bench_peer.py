@@ -19,6 +19,7 @@ from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.runner import greedy
 
 
+@pytest.mark.slow  # (over 5 s: out of the fast subset)
 def test_builder_package_and_ours_agree(tiny_hf, tmp_path):
     src = tiny_hf("gemma3")
     peer = tmp_path / "peer"

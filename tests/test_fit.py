@@ -6,11 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mobilize.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # (over 5 s: out of the fast subset)
 def test_fit_numbers(tiny_hf, tmp_path):
     out = tmp_path / "pkg"
     assert _cli("export", str(tiny_hf("llama")), "--out", str(out), "-q", "int8", "--max-seq-len", "64").returncode == 0

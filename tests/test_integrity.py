@@ -57,6 +57,7 @@ def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("mobilize: error: ") and needle in lines[0], r.stderr
 
 
+@pytest.mark.slow  # (over 5 s: out of the fast subset)
 def test_a_flipped_byte_in_any_file_is_refused(package, tmp_path):
     for file in sorted(p.name for p in package.iterdir()):
         bad = tmp_path / file
@@ -83,6 +84,7 @@ def test_missing_and_unlisted_files_are_refused(package, tmp_path):
     _one_line_error(_cli("verify", str(tmp_path / "nowhere")), "not a package directory")
 
 
+@pytest.mark.slow  # (over 5 s: out of the fast subset)
 def test_sigkill_during_export_leaves_the_old_package(package, tmp_path):
     """Kill an fp32 export of the real-shaped Gemma 3 270M while it writes; the good package already at
     the destination stays whole, nothing half-written takes its name, and the next export sweeps the
@@ -110,6 +112,7 @@ def test_sigkill_during_export_leaves_the_old_package(package, tmp_path):
     assert not partial[0].exists()
 
 
+@pytest.mark.slow  # (over 5 s: out of the fast subset)
 def test_a_failed_write_leaves_the_old_package(package, tmp_path):
     """The writer fails part way (a file-size limit: the kernel refuses the write, as with a full disk):
     one error line, the old package whole, no temporary directory left."""

@@ -92,7 +92,11 @@ def install(tmp: Path, out: Path, overwrite: bool, sources: list[str]) -> None:
     again there (nothing can swap it any more), and deleted only once the new one is in place: a kill at any
     moment leaves the old package or the new one at `out` (a later export restores an old one left aside)."""
     old = None
+    appeared = (f"{quoted(out)} appeared while this export ran (another export?); it was left as it is and this "
+                "package was not installed")  # fmt: skip
     if os.path.lexists(out):
+        if not overwrite:
+            raise MobilizeError(appeared)
         check_destination(out, overwrite, sources)
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         rename_noreplace(out, old)
@@ -104,10 +108,7 @@ def install(tmp: Path, out: Path, overwrite: bool, sources: list[str]) -> None:
         rename_noreplace(tmp, out)
     except FileExistsError:
         kept = f"; the previous package is at {quoted(old)}" if old is not None else ""
-        raise MobilizeError(
-            f"{quoted(out)} appeared while this export ran (another export?); it was left as it is and this "
-            f"package was not installed{kept}"
-        ) from None
+        raise MobilizeError(appeared + kept) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
