@@ -980,6 +980,110 @@ def _(w, b):
     return ["verify", str(w / "file")]
 
 
+for _field, (_fmt, _edit) in {
+    "cache length": ("tflite", lambda m: m["target"].__setitem__("max_seq_len", 4096)),
+    "cache length (ONNX)": ("onnx", lambda m: m["kv_cache"].__setitem__("max_seq_len", 32)),
+    "vocabulary size": ("onnx", lambda m: m["architecture"].__setitem__("vocab_size", 256000)),
+    "layer count": ("tflite", lambda m: m["architecture"].__setitem__("num_layers", 32)),
+    "KV head count": ("onnx", lambda m: m["architecture"].__setitem__("num_kv_heads", 8)),
+    "cache dtype": ("tflite", lambda m: m["kv_cache"].__setitem__("dtype", "float16")),
+}.items():
+
+    def _unsigned_edit(w, b, fmt=_fmt, edit=_edit):
+        p = _pkg(w, b, fmt)
+        (p / "manifest.json.sig").unlink()
+        m = json.loads((p / "manifest.json").read_text())
+        edit(m)
+        (p / "manifest.json").write_text(json.dumps(m))
+        return ["verify", str(p)]
+
+    refuse(f"verify: unsigned manifest's {_field} edited", _unsigned_edit, "disagree with the model's I/O")
+
+
+@case("verify: a manifest with a key given twice", "appears twice")
+def _(w, b):
+    p = _pkg(w, b)
+    text = (p / "manifest.json").read_text()
+    twice = text.replace('{\n  "architecture"', '{\n  "format": "tflite",\n  "architecture"', 1)
+    assert twice != text
+    (p / "manifest.json").write_text(twice)
+    return ["verify", str(p)]
+
+
+@case("config: a key given twice", "appears twice")
+def _(w, b):
+    m = _model(w, b)
+    text = (m / "config.json").read_text()
+    (m / "config.json").write_text(text.replace("{", '{"hidden_size": 32, ', 1))
+    return _export(m, w)
+
+
+@case("safetensors: a tensor named twice in the header", "appears twice")
+def _(w, b):
+    m = _model(w, b)
+    data = (m / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].decode()
+    first = header[1:].split("},", 1)[0] + "}"  # the first entry, "name":{...}
+    raw = ("{" + first + "," + header[1:]).encode()
+    raw += b" " * (-len(raw) % 8)
+    (m / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return _export(m, w)
+
+
+@case("gguf: a vocabulary too long to be a tokenizer's", "too long")
+def _(w, b):
+    tokens = ["x" * 1000 + str(i) for i in range(5000)]
+    (w / "bad.gguf").write_bytes(_gguf(_LLAMA_KVS + [("tokenizer.ggml.tokens", 9, (8, tokens))], [], b""))
+    return _export(w / "bad.gguf", w)
+
+
+@case("eval: --text a FIFO", "not a regular file")
+def _(w, b):
+    os.mkfifo(w / "text.txt")
+    return ["eval", str(b / "pkg-onnx"), "--text", str(w / "text.txt")]
+
+
+@case("eval: --text not UTF-8", "UTF-8")
+def _(w, b):
+    (w / "text.txt").write_bytes(b"caf\xe9 " * 100)
+    return ["eval", str(b / "pkg-onnx"), "--text", str(w / "text.txt")]
+
+
+@case("bench: a suite that is a FIFO", "not a regular file")
+def _(w, b):
+    os.mkfifo(w / "suite.toml")
+    return ["bench", "run", str(w / "suite.toml"), "--out", str(w / "out" / "r.json")]
+
+
+@case("bench: a suite that is not TOML", "not a valid suite")
+def _(w, b):
+    (w / "suite.toml").write_text("[[case]\nmodel = ")
+    return ["bench", "run", str(w / "suite.toml"), "--out", str(w / "out" / "r.json")]
+
+
+@case("bench: results that are a FIFO", "not a regular file")
+def _(w, b):
+    os.mkfifo(w / "a.json")
+    return ["bench", "compare", str(w / "a.json"), str(w / "a.json")]
+
+
+@case("bench: results nested 100000 deep", "JSON")
+def _(w, b):
+    (w / "a.json").write_text("[" * 100_000 + "]" * 100_000)
+    return ["bench", "compare", str(w / "a.json"), str(w / "a.json")]
+
+
+@case("device: an ssh host that is an option", "may not start with '-'")
+def _(w, b):
+    return ["bench", str(b / "pkg-onnx"), "--device", "ssh:-oProxyCommand=touch pwned"]
+
+
+@case("device: an adb serial that is an option", "may not start with '-'")
+def _(w, b):
+    return ["bench", str(b / "pkg-onnx"), "--device", "adb:-d"]
+
+
 # -- run: the prompt and the package
 @case("run: an empty prompt", "empty")
 def _(w, b):
@@ -1136,7 +1240,7 @@ def test_corpus_has_every_class():
     assert len({c.id for c in CASES}) == len(CASES)
     prefixes = {c.id.split(":")[0] for c in CASES}
     assert {"usage", "source", "leak", "config", "index", "tokenizer", "gguf", "install", "forgery", "signing",
-            "verify", "run", "runtime", "optional"} <= prefixes  # fmt: skip
+            "verify", "run", "runtime", "optional", "safetensors", "eval", "bench", "device"} <= prefixes  # fmt: skip
 
 
 @pytest.mark.parametrize("c", CASES, ids=lambda c: c.id)

@@ -216,10 +216,12 @@ def eval_(
             increase = result["perplexity_increase"]
             raise MobilizeError(f"perplexity {increase:+.2%} over the reference exceeds the budget of {budget:+.2%}")
         return
+    from mobilize.safe_io import read_bytes
+
     try:
-        body = (text or DEFAULT_TEXT).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise MobilizeError(f"cannot read the text {text}: {getattr(e, 'strerror', None) or e}") from None
+        body = read_bytes(text or DEFAULT_TEXT, 64 << 20, follow=True).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MobilizeError(f"the text {text} is not UTF-8") from None
     with console.status(f"evaluating {package.name} against the reference"):
         result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference)
     record(package, result)

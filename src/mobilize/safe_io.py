@@ -56,8 +56,8 @@ def regular_file(path: Path, root: Path | None = None, follow: bool = False) -> 
     return st
 
 
-def read_bytes(path: Path, limit: int, root: Path | None = None) -> bytes:
-    st = regular_file(path, root)
+def read_bytes(path: Path, limit: int, root: Path | None = None, follow: bool = False) -> bytes:
+    st = regular_file(path, root, follow)
     if st.st_size > limit:
         raise MobilizeError(f"{quoted(path)}: {st.st_size:,} bytes is more than the {limit:,} such a file may have")
     try:
@@ -76,16 +76,34 @@ def read_bytes(path: Path, limit: int, root: Path | None = None) -> bytes:
     return data
 
 
-def read_json(path: Path, limit: int = MAX_JSON_BYTES, root: Path | None = None, kind: type = dict) -> Any:
-    """A JSON document of bounded size and nesting, of the given top-level type."""
-    raw = read_bytes(path, limit, root)
+def read_json(
+    path: Path, limit: int = MAX_JSON_BYTES, root: Path | None = None, kind: type = dict, follow: bool = False
+) -> Any:
+    """A JSON document of bounded size and nesting, of the given top-level type; an object's key given twice
+    is refused (json would keep the last silently)."""
+    raw = read_bytes(path, limit, root, follow)
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise MobilizeError(f"{quoted(path)} is not valid JSON ({type(e).__name__})") from None
+    except DuplicateKey as e:
+        raise MobilizeError(f"{quoted(path)}: key {quoted(e.args[0], 80)} appears twice in one object") from None
     if not isinstance(value, kind):
         raise MobilizeError(f"{quoted(path)}: not a JSON {'object' if kind is dict else kind.__name__}")
     return value
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object whose key appears twice is an error, not its last value."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
 
 
 def fingerprint(files: list[str]) -> list[tuple]:

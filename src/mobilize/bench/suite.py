@@ -10,12 +10,13 @@ files and fails on any metric worse than its tolerance; `plot` draws them.
 from __future__ import annotations
 
 import itertools
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from mobilize.errors import MobilizeError
+from mobilize.safe_io import quoted, read_bytes, read_json
 
 try:
     import tomllib
@@ -38,15 +39,15 @@ METRICS = {
 def load_suite(spec: str | Path) -> dict[str, Any]:
     """A suite by name (bench/suites/<name>.toml) or path; its cases expanded."""
     path = Path(spec)
-    if not path.is_file():
+    if not os.path.lexists(path):
         path = SUITES / f"{spec}.toml"
-    if not path.is_file():
+    if not os.path.lexists(path):
         known = ", ".join(sorted(p.stem for p in SUITES.glob("*.toml")))
         raise MobilizeError(f"no suite {spec!r} (a .toml file, or one of: {known})")
     try:
-        suite = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MobilizeError(f"{path}: not a valid suite ({e})") from None
+        suite = tomllib.loads(read_bytes(path, 1 << 20, follow=True).decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise MobilizeError(f"{quoted(path)}: not a valid suite ({type(e).__name__})") from None
     cases = []
     for raw in suite.get("case", []):
         if "model" not in raw:
@@ -122,12 +123,9 @@ def run_suite(suite: dict[str, Any], work: Path, log=lambda msg: None) -> dict[s
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MobilizeError(f"no results file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise MobilizeError(f"{path} is not a results file ({type(e).__name__})") from None
+    if not os.path.lexists(path):
+        raise MobilizeError(f"no results file {quoted(path)}")
+    data = read_json(Path(path), 64 << 20, kind=object, follow=True)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise MobilizeError(f"{path} is not a results file of `mobilize bench run`")
     return data

@@ -112,6 +112,9 @@ def _last_line(text: str) -> str:
 
 def open_device(spec: str, workdir: str | None = None) -> Device:
     kind, _, target = spec.partition(":")
+    if target.startswith("-") or any(not c.isprintable() or c.isspace() for c in target):
+        # ssh and adb would take "-oProxyCommand=..." as an option: a command run on this machine
+        raise MobilizeError(f"--device {spec[:80]!r}: a host or serial may not start with '-' or hold spaces")
     if kind == "local" and not target:
         return LocalDevice()
     if kind == "ssh" and target:

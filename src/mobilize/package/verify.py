@@ -105,12 +105,40 @@ def verify_package(path: str | Path, check_io: bool = True, key: Path | None = N
         return manifest
     if manifest["format"] == "onnx":
         _check_io(path, manifest["io"], files)
-        _check_genai_config(path, manifest)
     elif manifest["format"] == "tflite":
         _check_tflite_io(path, manifest["io"])
     else:
         raise MobilizeError(f"{quoted(path)}: unknown package format {quoted(manifest['format'])} (onnx, tflite)")
+    try:
+        wrong = _check_describes_io(manifest)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration):
+        wrong = ["its structure"]
+    if wrong:
+        raise MobilizeError(f"{quoted(path)}: the manifest's {', '.join(wrong)} disagree with the model's I/O")
+    if manifest["format"] == "onnx":
+        _check_genai_config(path, manifest)
     return manifest
+
+
+def _check_describes_io(manifest: dict) -> list[str]:
+    """The manifest's architecture and cache say what the model's own inputs and outputs say (the I/O was
+    checked against the model file): an edited vocabulary size, head count or cache length is refused."""
+    arch, io, kv = manifest["architecture"], manifest["io"], manifest["kv_cache"]
+    logits = next(o for o in io["outputs"] if o["name"] == "logits")
+    caches = [i for i in io["inputs"] if i["name"].startswith(("past_key_values.", "kv_cache_"))]
+    facts = {
+        "vocab_size": logits["shape"][-1] == arch["vocab_size"],
+        "num_layers": len(caches) == 2 * arch["num_layers"],
+        "num_kv_heads": all(c["shape"][1] == arch["num_kv_heads"] for c in caches),
+        "head_dim": all(c["shape"][3] == arch["head_dim"] for c in caches),
+    }
+    lengths = [c["shape"][2] for c in caches if isinstance(c["shape"][2], int)]
+    if kv.get("layout") == "static":
+        longest = max(lengths, default=None)
+        facts["max_seq_len"] = longest == manifest["target"]["max_seq_len"] == kv["max_seq_len"]
+        dtype = {"float32": "FLOAT", "float16": "FLOAT16"}[kv.get("dtype", "float32")]
+        facts["kv_cache.dtype"] = all(c["dtype"] == dtype for c in caches)
+    return [k for k, ok in facts.items() if not ok]
 
 
 def check_signature(path: Path, key: Path) -> str:

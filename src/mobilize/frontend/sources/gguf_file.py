@@ -21,6 +21,7 @@ _MAX_DIMS = 4
 _MAX_STRING = 1 << 24  # 16 MiB: no key or chat template is longer
 _MAX_ITEMS = 1 << 22  # array items in all the metadata: a 262k vocabulary with merges has ~1M
 _MAX_TOKEN_BYTES = 1024  # one vocabulary entry (the longest in real vocabularies are ~100); converters are O(n^2)
+_MAX_VOCAB_WORK = 1 << 32  # the sum of squared entry lengths (Gemma 3's 262k entries: 3.6e7)
 # Keys whose type the readers rely on: (kind, what it must be)
 _TYPED_KEYS = {
     "general.architecture": str,
@@ -238,12 +239,13 @@ def _check_types(meta: dict[str, Any], name: str) -> None:
         if not ok:
             what = f"an array of {kind[1].__name__}" if isinstance(kind, tuple) else f"a {kind.__name__}"
             raise CheckpointError(f"{name}: GGUF key {key} is {repr(v)[:40]}, not {what}")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    longest = max(tokens, key=len, default="")
-    if len(longest.encode()) > _MAX_TOKEN_BYTES:
+    lengths = [len(t.encode()) for t in meta.get("tokenizer.ggml.tokens") or []]
+    if lengths and max(lengths) > _MAX_TOKEN_BYTES:
         raise CheckpointError(
-            f"{name}: a vocabulary entry of {len(longest.encode()):,} bytes (more than {_MAX_TOKEN_BYTES}) is no token"
+            f"{name}: a vocabulary entry of {max(lengths):,} bytes (more than {_MAX_TOKEN_BYTES}) is no token"
         )
+    if sum(n * n for n in lengths) > _MAX_VOCAB_WORK:  # what a conversion quadratic in token length would do
+        raise CheckpointError(f"{name}: the vocabulary's {len(lengths):,} entries are too long to be a tokenizer's")
 
 
 def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...]):

@@ -16,6 +16,7 @@ import numpy as np
 
 from mobilize.errors import CheckpointError
 from mobilize.frontend.sources.base import TensorRef
+from mobilize.safe_io import DuplicateKey, unique_keys
 
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
@@ -55,9 +56,11 @@ def read_safetensors(path: str) -> dict[str, TensorRef]:
     except OSError as e:
         raise CheckpointError(f"{name}: cannot read: {e.strerror}") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{name}: header is not valid JSON ({e})") from None
+    except DuplicateKey as e:
+        raise CheckpointError(f"{name}: tensor or field {str(e.args[0])[:80]!r} appears twice in the header") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: header is not a JSON object")
     header.pop("__metadata__", None)
