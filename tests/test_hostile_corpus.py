@@ -1185,6 +1185,36 @@ def _(w, b):
     return ["run", str(w / "out"), "-p", "w1 w2", "-n", "3"]
 
 
+@case("gguf: a Q8_0 block whose scale is NaN", "NaN")
+def _(w, b):
+    import gguf
+    from helpers import write_tiny_gguf
+
+    from mobilize.frontend.families.registry import FAMILIES
+
+    path = write_tiny_gguf(FAMILIES["llama"].tiny(), b / "llama", w / "q8.gguf", {"ffn_up.weight": "Q8_0"})
+    reader = gguf.GGUFReader(str(path))
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    start = int(t.data_offset) + 34 * 3  # the fourth block's float16 scale
+    del reader
+    data = bytearray(path.read_bytes())
+    data[start : start + 2] = np.array([np.nan], np.float16).tobytes()
+    path.write_bytes(bytes(data))
+    return _export(path, w)
+
+
+@case("export: random weights of a shape no machine holds", "GiB")
+def _(w, b):
+    m = _model(w, b, lambda c: c.update(hidden_size=1 << 17, vocab_size=1 << 23, head_dim=128))
+    return ["export", str(m), "--random-weights", "--target", "host", "--out", str(w / "out")]
+
+
+@case("export: --prefill-len given 17 times", "at most 16")
+def _(w, b):
+    return ["export", str(b / "llama"), "-f", "tflite", *[f"--prefill-len={n}" for n in range(1, 18)],
+            "--out", str(w / "out")]  # fmt: skip
+
+
 # -- optional parts that are missing: one line naming what to install
 def _without(module: str, w: Path) -> dict:
     shadow = w / "shadow"
@@ -1223,6 +1253,17 @@ _SHADOWED = {
 
 
 # ---- the runner -------------------------------------------------------------------------------------------------
+
+
+def test_run_into_a_closed_pipe_is_quiet(base):
+    """`mobilize run ... | head -c 1`: the reader leaves; no traceback, no error line."""
+    p = subprocess.Popen([*MOBILIZE, "run", str(base / "pkg-onnx"), "-p", "the capital is", "-n", "60"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    p.stdout.read(1)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    p.wait(timeout=TIMEOUT_S)
+    assert p.returncode in (0, 1, 141) and err == "", err  # (click exits 1 quietly on EPIPE)
 
 
 def _tree(root: Path) -> dict[str, tuple]:

@@ -508,6 +508,10 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)  # the terminal closed: the same clean exit
+    # Libraries' own chatter on stderr (transformers' tokenizer converter, TensorFlow Lite) would add lines
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from mobilize.partials import catch_bus_errors
 
     catch_bus_errors()
@@ -549,6 +553,9 @@ def main() -> None:
     except MemoryError:
         _say("mobilize: error: out of memory")
         sys.exit(1)
+    except BrokenPipeError:  # `mobilize run ... | head`: the reader left; nothing to say to anyone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except RecursionError:
         _say("mobilize: error: the input is nested too deeply to read")
         sys.exit(1)

@@ -80,7 +80,9 @@ class ExportOptions:
             raise MobilizeError(f"unknown --logits {self.logits!r} (known: {', '.join(LOGITS)})")
         TARGETS[fmt].check(Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle))
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
-            raise MobilizeError(f"--prefill-len {list(self.prefill_lens)}: each must be from 1 to {1 << 16}")
+            raise MobilizeError(f"--prefill-len {list(self.prefill_lens)[:8]}: each must be from 1 to {1 << 16}")
+        if len(self.prefill_lens) > 16:
+            raise MobilizeError(f"--prefill-len given {len(self.prefill_lens)} times; at most 16 prefills")
         if self.kv_dtype not in (None, *KV_DTYPES):
             raise MobilizeError(f"unknown --kv-dtype {self.kv_dtype!r} (known: {', '.join(KV_DTYPES)})")
         if self.max_seq_len is not None and not 1 <= self.max_seq_len <= 1 << 20:
@@ -116,6 +118,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     read_state = fingerprint(ckpt.files)
     tokenizer_ready = convert_in_background(ckpt)
     model = load_model(ckpt)
+    _check_memory(model)
     target = TARGETS[opts.format]
     wants_statistics = needs_statistics(recipe, target.caps)
     calibrating = wants_statistics and has_tokenizer_json(ckpt)
@@ -262,6 +265,21 @@ def _plan_record(preset, tried) -> dict:
         ],
         "budget_bytes": r["memory"]["budget_bytes"],
     }
+
+
+def _check_memory(model) -> None:
+    """Weights are read and written one tensor at a time; one that cannot fit this machine's memory in float32
+    would be killed by the kernel, with no message: refused before anything is read."""
+    largest = max((4 * int(np.prod(ref.shape, dtype=np.int64)) for ref in model.weights.values()), default=0)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if largest > physical // 2:
+        raise MobilizeError(
+            f"one tensor of this model needs {largest / 2**30:,.1f} GiB as float32; this machine has "
+            f"{physical / 2**30:,.1f} GiB of memory"
+        )
 
 
 def _write_error(e: OSError) -> str:

@@ -210,7 +210,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
             tname_type,
             nbytes,
             _loader(mm, start, nbytes, type_id, shape),
-            raw=_raw(mm, start, nbytes, shape),
+            raw=_raw(mm, start, nbytes, shape, tname_type, name, tname),
         )
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
@@ -248,9 +248,27 @@ def _check_types(meta: dict[str, Any], name: str) -> None:
         raise CheckpointError(f"{name}: the vocabulary's {len(lengths):,} entries are too long to be a tokenizer's")
 
 
-def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...]):
+# Where each block format keeps its float16 scales (byte offsets in a block): checked when blocks are carried over
+# as they are, since their values are then never decoded (a NaN scale would make its rows NaN on the device).
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                  "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
+
+
+def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...], kind: str, file: str, tensor: str):
     rows = int(np.prod(shape[:-1], dtype=np.int64))
-    return lambda: mm[offset : offset + nbytes].reshape(rows, nbytes // rows)
+
+    def raw() -> np.ndarray:
+        blocks = mm[offset : offset + nbytes].reshape(rows, nbytes // rows)
+        if kind in _SCALE_OFFSETS:
+            block_bytes = GGML_TYPES[next(i for i, t in GGML_TYPES.items() if t[0] == kind)][2]
+            per_block = blocks.reshape(-1, block_bytes)
+            for at in _SCALE_OFFSETS[kind]:
+                scales = per_block[:, at : at + 2].copy().view(np.float16)
+                if not np.isfinite(scales).all():
+                    raise CheckpointError(f"{file}: tensor {tensor[:80]!r} has NaN or infinite block scales")
+        return blocks
+
+    return raw
 
 
 def _loader(mm, offset: int, nbytes: int, type_id: int, shape: tuple[int, ...]):
