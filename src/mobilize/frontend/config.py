@@ -12,7 +12,7 @@ from mobilize.errors import ConfigError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 MAX_DIMENSION = 1 << 24
-ROPE_TYPES = ("linear", "llama3")  # besides the default
+ROPE_TYPES = ("linear", "llama3", "factors")  # besides the default; factors: llama.cpp's rope_freqs divisors
 
 
 def is_positive_number(v: Any) -> bool:
@@ -35,6 +35,11 @@ def rope_scaling_problems(items: Any) -> list[str]:
     kind = s.get("rope_type", s.get("type"))
     if kind not in ROPE_TYPES:
         return [f"rope_scaling type {_short(kind)} is not supported (default, {', '.join(ROPE_TYPES)})"]
+    if kind == "factors":
+        factors = s.get("factors")
+        if not isinstance(factors, tuple) or not factors or not all(is_positive_number(f) for f in factors):
+            return ["rope_freqs must hold finite positive divisors"]
+        return []
     need = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
                          if kind == "llama3" else [])  # fmt: skip
     bad = [f"{k}={_short(s.get(k))}" for k in need if not is_positive_number(s.get(k))]
@@ -109,6 +114,9 @@ class DecoderConfig:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        factors = dict(self.rope_scaling or ()).get("factors")
+        if factors is not None and len(factors) != self.head_dim // 2:
+            problems.append(f"rope_freqs has {len(factors)} divisors for {self.head_dim // 2} rotary pairs")
         if len(self.layer_types) != self.num_layers:
             problems.append(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
@@ -148,6 +156,8 @@ class DecoderConfig:
             return (inv / np.float32(scaling["factor"])).astype(np.float32)
         if kind == "llama3":
             return _llama3_inv_freq(inv, scaling)
+        if kind == "factors":
+            return (inv / np.asarray(scaling["factors"], np.float32)).astype(np.float32)
         raise ConfigError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 

@@ -64,11 +64,27 @@ def _open_file(path: Path, random_weights: bool, source: str | None = None) -> C
             raise CheckpointError(f"{path.name}: a bare .safetensors file has no config; pass its directory")
         raise CheckpointError(f"{path.name}: not a GGUF file (the first bytes are not 'GGUF') nor a model directory")
     meta, tensors = read_gguf(str(path))
+    meta = meta | _tensor_facts(tensors, path.name)
     family = family_for_gguf(meta.get("general.architecture"))
     ckpt = Checkpoint(source or str(path), "gguf", family, tensors, gguf_metadata=meta, files=[str(path)])
     if random_weights:
         ckpt.tensors, ckpt.format = random_tensors(config_of(ckpt)), "random"
     return ckpt
+
+
+# What llama.cpp's converter says with tensors rather than keys, as metadata keys of ours (never in a file):
+TIED_HEAD = "mobilize.tied_head"  # no output.weight: llama.cpp ties the head to the embedding
+ROPE_FACTORS = "mobilize.rope_factors"  # rope_freqs.weight: one divisor per rotary pair (Llama 3.1+ scaling)
+
+
+def _tensor_facts(tensors: dict[str, TensorRef], name: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {TIED_HEAD: "output.weight" not in tensors}
+    if "rope_freqs.weight" in tensors:
+        ref = tensors["rope_freqs.weight"]
+        if len(ref.shape) != 1 or ref.dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{name}: rope_freqs.weight of shape {list(ref.shape)} ({ref.dtype}) is not a vector")
+        facts[ROPE_FACTORS] = tuple(float(x) for x in ref.load())
+    return facts
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -146,7 +162,7 @@ _GGUF_GLOBAL = {
 }
 _GGUF_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Buffers some exporters save that carry nothing the config does not already say.
-_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$")
+_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|rope_freqs\.weight$")  # (the latter read into the config)
 
 
 def canonical_name(ckpt: Checkpoint, name: str) -> str | None:

@@ -153,8 +153,12 @@ def gguf_base(meta: dict[str, Any], family: str, **quirks: Any) -> DecoderConfig
         max_position_embeddings=key("context_length", 4096),
         layer_types=(FULL,) * layers,
     )
+    if meta.get("mobilize.tied_head"):
+        fields["tie_word_embeddings"] = True
     scaling_type = meta.get(f"{arch}.rope.scaling.type")
-    if scaling_type == "linear":
+    if meta.get("mobilize.rope_factors") is not None:  # llama.cpp's rope_freqs tensor: per-pair divisors
+        fields["rope_scaling"] = (("factors", meta["mobilize.rope_factors"]), ("rope_type", "factors"))
+    elif scaling_type == "linear":
         fields["rope_scaling"] = (("factor", key("rope.scaling.factor")), ("rope_type", "linear"))
     elif scaling_type not in (None, "none"):
         raise ConfigError(f"{where}: rope scaling {repr(scaling_type)[:40]} is not supported (linear)")

