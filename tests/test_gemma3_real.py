@@ -75,7 +75,7 @@ def test_gemma_tokenizer_builder_gives_transformers_file(tmp_path, monkeypatch):
     (tmp_path / "ours").mkdir()
     (tmp_path / "theirs").mkdir()
     tok_module._from_gguf("gemma3.gguf", meta, tmp_path / "ours")
-    monkeypatch.setattr(tok_module, "_is_gemma_sentencepiece", lambda meta: False)
+    monkeypatch.setattr(tok_module, "_is_sentencepiece", lambda meta: False)
     tok_module._from_gguf("gemma3.gguf", meta, tmp_path / "theirs")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "theirs" / name).read_bytes(), name

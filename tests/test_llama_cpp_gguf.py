@@ -96,3 +96,58 @@ def test_plain_rope_would_be_wrong(sentencepiece_model, tmp_path):
     long = PROMPT * 6  # past the 64-position original context the scaling is for... and well inside it too
     a, b = NumpyRunner(model).prefill(long), NumpyRunner(plain).prefill(long)
     assert np.abs(a - b).max() > 0.05 * np.abs(a).max()
+
+
+BODIES = [
+    "Hello world", "the river's bank.", "12345", "1 + 2 = 3", "a  b", "trailing ", "émoji 🙂 ok", "日本語のテキスト",
+    "Привет, мир", "def f(x):\n    return x * 2\n", "x", "", "\n", "mixed\tTABS\tand  spaces", "ÀÉÎÕÜ àéîõü",
+    "https://example.org/a?b=c", "line one\nline two\n\nline four", "   ", "0.25% of 1,000", "«quotes» and “more”",
+]  # fmt: skip
+STRINGS = [p + b for p in ("", " ", "  ", "\t", "\n", "   ", " \n ") for b in BODIES] + [b + " " for b in BODIES]
+
+
+@pytest.fixture(scope="module")
+def llama2_sentencepiece(tmp_path_factory) -> Path:
+    """A SentencePiece BPE model made as Llama 2's was: a dummy prefix, whitespace kept as it is, digits split,
+    byte fallback."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm-llama2")
+    text = Path(__file__).parents[1] / "src" / "mobilize" / "quant" / "data" / "calibration.txt"
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(d / "sp"), vocab_size=400, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
+        byte_fallback=True, add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2,
+    )  # fmt: skip
+    return d / "sp.model"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_sentencepiece_vocabulary_encodes_as_sentencepiece(family, llama2_sentencepiece, tmp_path):
+    """Llama 2 and Mistral GGUFs: the package's tokenizer.json encodes every string as SentencePiece itself does
+    (with the BOS llama.cpp adds), leading whitespace included (the dummy prefix is a space before the text,
+    also when the text starts with one), and decodes back to SentencePiece's text; and as llama.cpp's own
+    tokenizer does, where llama-cpp-python is installed."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    cfg = dataclasses.replace(FAMILIES[family].tiny(), vocab_size=400)
+    hf = write_tiny_hf(cfg, tmp_path / "hf")
+    shutil.copyfile(llama2_sentencepiece, hf / "tokenizer.model")
+    gguf = _convert(hf, tmp_path / "m.gguf")
+    pkg = export(ExportOptions(str(gguf), tmp_path / "pkg", target="host", quant="fp32", max_seq_len=64))
+    ours = Tokenizer.from_file(str(pkg / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_sentencepiece))
+    assert len(STRINGS) >= 150
+    wrong = [s for s in STRINGS if ours.encode(s).ids != [1, *sp.encode(s)]]
+    assert not wrong, [(s, ours.encode(s).ids, [1, *sp.encode(s)]) for s in wrong[:5]]
+    decoded = {s: ours.decode(ours.encode(s).ids, skip_special_tokens=True) for s in STRINGS}
+    undecoded = [s for s in STRINGS if decoded[s] != sp.decode(sp.encode(s))]
+    assert not undecoded, undecoded[:5]
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return  # (llama-cpp-python compiles for ~12 minutes: not part of the test install; SentencePiece is the oracle)
+    ll = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    for s in STRINGS + ["<s> special", "x</s>y"]:
+        assert ours.encode(s).ids == ll.tokenize(s.encode(), add_bos=True, special=True), s

@@ -40,7 +40,7 @@ def _both(meta: dict, tmp_path, monkeypatch) -> tuple[bytes, bytes]:
     theirs.mkdir(exist_ok=True)
     tok_module._from_gguf("tiny.gguf", meta, ours)
     with monkeypatch.context() as m:
-        m.setattr(tok_module, "_is_gemma_sentencepiece", lambda meta: False)  # transformers' builder
+        m.setattr(tok_module, "_is_sentencepiece", lambda meta: False)  # transformers' builder
         tok_module._from_gguf("tiny.gguf", meta, theirs)
     return (ours / "tokenizer.json").read_bytes(), (theirs / "tokenizer.json").read_bytes()
 

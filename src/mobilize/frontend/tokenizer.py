@@ -1,5 +1,5 @@
 """Tokenizer files for the package: copied from a Hugging Face directory, or built from a GGUF's
-embedded vocabulary into `tokenizer.json` (Gemma's SentencePiece vocabularies by `_gemma_backend`, the others
+embedded vocabulary into `tokenizer.json` (SentencePiece vocabularies by `_sentencepiece_backend`, the others
 with transformers' GGUF tokenizer builders; no torch needed)."""
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _check_json(path: Path) -> bytes:
     return text
 
 
-_CONVERTER = "mobilize tokenizer converter 3"  # in the cache key: a conversion that changes is not reused
+_CONVERTER = "mobilize tokenizer converter 4"  # in the cache key: a conversion that changes is not reused
 
 
 def _cached_dir(meta: dict) -> Path:
@@ -269,8 +269,8 @@ def _transformers_gguf_builders():
 
 def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
     """Build tokenizer.json from llama.cpp's tokenizer keys, then add the BOS/EOS template the file's flags
-    ask for. Gemma's SentencePiece vocabularies are built here (`_gemma_backend`), the others with
-    transformers' GGUF tokenizer builders (which need no torch)."""
+    ask for. SentencePiece vocabularies (Gemma, Llama 2, Mistral) are built here (`_sentencepiece_backend`), the
+    others with transformers' GGUF tokenizer builders (which need no torch)."""
     from tokenizers import processors
 
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -283,9 +283,13 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         if isinstance(token_id, int) and 0 <= token_id < len(tokens):
             specials[name] = (tokens[token_id], token_id)
     try:
-        if _is_gemma_sentencepiece(meta):
+        if _is_sentencepiece(meta):
             named = [specials[k][1] for k in ("unk_token", "bos_token", "eos_token", "pad_token") if k in specials]
-            backend = _gemma_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named)
+            # llama.cpp prefixes a space (SentencePiece's add_dummy_prefix) unless the file says not to; Gemma's
+            # vocabularies never do
+            gemma = meta["general.architecture"] in _GEMMA_ARCHITECTURES
+            prefix = meta.get("tokenizer.ggml.add_space_prefix", not gemma)
+            backend = _sentencepiece_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named, prefix)
         else:
             gguf_tok = _transformers_gguf_builders()
             tok_dict = {
@@ -325,23 +329,24 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
 _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-def _is_gemma_sentencepiece(meta: dict) -> bool:
-    return (
-        meta.get("general.architecture") in _GEMMA_ARCHITECTURES
-        and meta.get("tokenizer.ggml.model") == "llama"
-        and "tokenizer.ggml.merges" not in meta
-    )
+def _is_sentencepiece(meta: dict) -> bool:
+    """A SentencePiece BPE vocabulary (llama.cpp's "llama" model, no merges listed): Llama 1/2, Mistral, Gemma."""
+    return meta.get("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in meta
 
 
-def _gemma_backend(file_tokens: list[str], token_types, special_ids: list[int]):
-    """A Gemma GGUF's SentencePiece vocabulary as a `tokenizers` BPE, the same tokenizer.json transformers'
+def _sentencepiece_backend(file_tokens: list[str], token_types, special_ids: list[int], prefix: bool = False):
+    """A GGUF's SentencePiece vocabulary as a `tokenizers` BPE: for Gemma the same tokenizer.json transformers'
     GGUF builder gives (tested byte for byte on gemma3-270m), in ~2 s instead of ~5 s (its import, and its
     merge search, which sorts every candidate pair). The file lists no merges: every split of a token into
     two tokens is one, ranked by the merged token's position in the file, longer left parts first (Gemma's
     scores do not follow its merge order). Tokens of two or more spaces are stored as spaces but looked up
     as U+2581 runs. Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain
     added tokens, kept whole in the text as llama.cpp does; so do the tokens the file names as unknown, BOS,
-    EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them)."""
+    EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them).
+
+    `prefix` is SentencePiece's dummy prefix (Llama 2, Mistral): one U+2581 before the text, always, also when
+    the text starts with a space (" Hi" is "▁▁Hi", as SentencePiece and llama.cpp encode it; transformers' GGUF
+    builder's Metaspace gives "▁Hi"), and one space fewer when decoding."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in file_tokens]
@@ -354,12 +359,15 @@ def _gemma_backend(file_tokens: list[str], token_types, special_ids: list[int]):
             left = t[:cut]
             if left in vocab and (right := t[cut:]) in vocab:
                 merges.append((left, right))
+    unknown = next((t for t, kind in zip(file_tokens, token_types, strict=False) if kind == 2), "<unk>")  # type 2
     tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True, dropout=None)
+        models.BPE(vocab=vocab, merges=merges, unk_token=unknown, fuse_unk=True, byte_fallback=True, dropout=None)
     )
-    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    replace = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
     tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     kinds = list(zip(file_tokens, token_types, strict=False))  # a file may list no types
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds if kind == 3])
     named = [file_tokens[i] for i in special_ids] + (["<mask>"] if "<mask>" in vocab else [])
