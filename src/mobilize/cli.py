@@ -26,7 +26,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 MAX_THREADS = 256
-THREADS_HELP = "Intra-op threads (0: runtime default)."
+THREADS_HELP = "Intra-op threads (0: the package's own: its device's big cores)."
 SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
 
 

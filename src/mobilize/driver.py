@@ -176,7 +176,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
             "build_report": {"calibration": calibration, "passes": written.reports},
-            "target": {"name": opts.target, "max_seq_len": max_seq_len, **written.target, **plan},
+            "target": {"name": opts.target, "max_seq_len": max_seq_len, "threads": _threads(opts.target),
+                       **written.target, **plan},  # fmt: skip
             "kv_cache": written.kv_cache or {"layout": "dynamic"},
             "io": written.io,
             "tokenizer": tokenizer_files or None,
@@ -265,6 +266,19 @@ def _plan_record(preset, tried) -> dict:
         ],
         "budget_bytes": r["memory"]["budget_bytes"],
     }
+
+
+def _threads(target: str) -> int:
+    """The intra-op threads a package asks its runtime for: its preset's device's big cores, or for a host
+    package the cores this process may use (ONNX Runtime's own default counts physical cores, and leaves one of
+    two single-thread cores idle)."""
+    threads = PRESETS[target].threads
+    if threads is not None:
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _check_memory(model) -> None:

@@ -55,7 +55,9 @@ class Package:
         return ids
 
     def runner(self, threads: int = 0):
-        """The package's runner (imported here: a device has only its format's runtime)."""
+        """The package's runner (imported here: a device has only its format's runtime); `threads` 0: the
+        package's own (its preset's device's big cores, as its genai_config.json asks)."""
+        threads = threads or self.manifest["target"].get("threads") or 0
         if self.manifest["format"] == "tflite":
             from mobilize.harness.litert_runner import LiteRtRunner
 

@@ -21,7 +21,8 @@ def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
 
 
 def genai_config(
-    arch: dict[str, Any], tokens: dict[str, int | list[int] | None], io: dict, kv_cache: dict | None
+    arch: dict[str, Any], tokens: dict[str, int | list[int] | None], io: dict, kv_cache: dict | None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """The config for a decoder with our I/O names. With a static cache (`kv_cache`), GenAI binds one
     buffer of max_seq_len as past and present; otherwise the cache grows to the model's context.
@@ -45,7 +46,10 @@ def genai_config(
             **model,
             "decoder": {
                 "filename": "model.onnx",
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai", "provider_options": [],
+                    **({"intra_op_num_threads": threads} if threads else {}),  # the device's big cores
+                },  # fmt: skip
                 "head_size": arch["head_dim"],
                 "hidden_size": arch["hidden_size"],
                 "num_attention_heads": arch["num_heads"],
@@ -107,4 +111,5 @@ def expected_genai_config(manifest: dict, found: dict) -> dict[str, Any]:
         "pad_token_id": model["pad_token_id"],
     }
     kv = manifest["kv_cache"]
-    return genai_config(manifest["architecture"], tokens, manifest["io"], None if kv.get("layout") == "dynamic" else kv)
+    static = None if kv.get("layout") == "dynamic" else kv
+    return genai_config(manifest["architecture"], tokens, manifest["io"], static, manifest["target"].get("threads"))

@@ -9,6 +9,7 @@ def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
     """`manifest` without its file list (the README is one of the files it hashes)."""
     arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
     kv = manifest["kv_cache"]
+    threads = target.get("threads") or "the runtime's default"
     files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
     io_rows = "\n".join(
         f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
@@ -50,7 +51,8 @@ the pass report (fusions, per-tensor quantization error) and the model's inputs 
 
 ## Load it
 
-ONNX Runtime GenAI reads this directory as it is (`genai_config.json`):
+ONNX Runtime GenAI reads this directory as it is (`genai_config.json`; it asks for {threads} intra-op
+threads, the target device's big cores: no overlay is needed):
 
 ```python
 import json

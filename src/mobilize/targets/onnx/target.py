@@ -78,5 +78,6 @@ class OnnxTarget:
         return onnx_readme(manifest, file_names)
 
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
-        genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache)
+        genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache,
+                             manifest["target"].get("threads"))  # fmt: skip
         (out / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")

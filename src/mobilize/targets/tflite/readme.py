@@ -50,7 +50,7 @@ every slot past each token's position, so a prompt may be padded at its end. `lo
 ```python
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
-it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads=4)
+it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads={target.get("threads") or 2})  # big cores
 prefill, decode = it.get_signature_runner("prefill_{longest}"), it.get_signature_runner("decode")
 cache = {{n: np.zeros(d["shape"], np.float32)
          for n, d in decode.get_input_details().items() if n.startswith("kv_cache_")}}
