@@ -95,7 +95,8 @@ def test_sigterm_leaves_nothing_behind(tmp_path):
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 143 and err.strip().splitlines() == ["mobilize: terminated; nothing was left half-written"]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("mobilize:  ")]  # (progress, if slow)
+    assert p.returncode == 143 and lines == ["mobilize: terminated; nothing was left half-written"], err
     assert list(tmp_path.iterdir()) == []
 
 

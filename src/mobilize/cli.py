@@ -113,11 +113,12 @@ def export(
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
     start = time.perf_counter()
-    with console.status("exporting") as status:
+    with console.status("exporting") as status, _Progress(start) as progress:
 
-        def phase(p: str) -> None:  # one line per phase, with the time it started (a terminal only: a
-            if console.is_terminal:  # failing run in a pipe or a log says one line, its error)
+        def phase(p: str) -> None:  # one line per phase, with the time it started
+            if console.is_terminal:
                 console.print(f"[dim]{time.perf_counter() - start:6.1f} s[/] {p}", highlight=False)
+            progress.phase(p)
             status.update(f"exporting: {p}")
 
         path = run_export(opts, phase=phase)
@@ -138,6 +139,49 @@ def export(
         (print if fits else lambda t: console.print(f"[bold yellow]warning:[/] {t}"))(describe(manifest["fit"]))
     took = time.perf_counter() - start
     print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}, KV {kv_dtype}) in {took:.1f} s")
+
+
+class _Progress:
+    """Progress for a log (stderr not a terminal): quiet for the first PROGRESS_AFTER_S seconds (a refusal, which
+    comes early, stays one line), then each phase as it starts and, every PROGRESS_EVERY_S, the one still
+    running, so an eight-minute 7B export shows it is alive."""
+
+    def __init__(self, start: float) -> None:
+        import threading
+
+        self.start, self.current, self.shown = start, None, None
+        self.on = not console.is_terminal
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True) if self.on else None
+
+    def __enter__(self) -> _Progress:
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _say(self, text: str) -> None:
+        import time
+
+        elapsed = time.perf_counter() - self.start
+        if elapsed >= PROGRESS_AFTER_S:
+            print(f"mobilize: {elapsed:7.1f} s {text}", file=sys.stderr, flush=True)
+            self.shown = self.current
+
+    def phase(self, name: str) -> None:
+        self.current = name
+        if self.on:
+            self._say(name)
+
+    def _beat(self) -> None:
+        while not self.done.wait(PROGRESS_EVERY_S):
+            if self.current is not None:
+                self._say(self.current if self.shown != self.current else f"{self.current} (still)")
+
+
+PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 30.0
 
 
 @app.command()
