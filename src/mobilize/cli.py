@@ -141,6 +141,38 @@ def export(
     print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}, KV {kv_dtype}) in {took:.1f} s")
 
 
+def _chat(package: Path, first: str | None, max_new_tokens: int, threads: int, key: Path | None) -> None:
+    """Turns from stdin (one line each; `first` is the first), replies streamed; the whole conversation is
+    rendered with the template for each turn, and a reply ends at EOS or the template's end-of-turn token."""
+    from mobilize.harness.chat import chat_ids, end_of_turn_ids
+    from mobilize.harness.package import Package, stream_greedy
+
+    pkg = Package.open(package, key=key)
+    stop, runner, history = end_of_turn_ids(pkg), pkg.runner(threads), []
+    while True:
+        if first is not None:
+            user, first = first, None
+        else:
+            if sys.stdin.isatty():
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                return
+            user = line.rstrip("\n")
+        if not user.strip():
+            continue
+        history.append({"role": "user", "content": user})
+        reply = []
+        for piece in stream_greedy(pkg, "", max_new_tokens, threads, ids=chat_ids(pkg, history), runner=runner,
+                                   stop=stop):  # fmt: skip
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            reply.append(piece)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
 class _Progress:
     """Progress for a log (stderr not a terminal): quiet for the first PROGRESS_AFTER_S seconds (a refusal, which
     comes early, stays one line), then each phase as it starts and, every PROGRESS_EVERY_S, the one still
@@ -187,14 +219,21 @@ PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 30.0
 @app.command()
 def run(
     package: Path = typer.Argument(..., help="A package directory written by `mobilize export`."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first turn)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, max=1 << 20),
     threads: int = typer.Option(0, "--threads", min=0, max=MAX_THREADS, help=THREADS_HELP),
     key: Path = typer.Option(None, "--key", help="Run it only if its manifest is signed by this public key."),
+    chat: bool = typer.Option(
+        False, "--chat", help="A conversation: turns read from stdin, rendered with the package's chat template."
+    ),
 ) -> None:
     """Greedy generation from a package, streamed to stdout."""
     from mobilize.harness.package import Package, stream_greedy
 
+    if chat:
+        return _chat(package, prompt, max_new_tokens, threads, key)
+    if prompt is None:
+        raise MobilizeError("Missing option '--prompt' / '-p' (or pass --chat)")
     if not prompt.strip():
         raise MobilizeError("--prompt is empty; give some text to continue")
     try:

@@ -29,6 +29,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",
+    "chat_template.jinja",
 )
 
 
@@ -97,10 +98,27 @@ def write_tokenizer(ckpt: Checkpoint, out: Path) -> list[str]:
                 data = _check_json(src / name) if json_file else read_bytes(src / name, MAX_JSON_BYTES, src)
                 (out / name).write_bytes(data)
                 written.append(name)
+        _template_into_config(out)
         return written
     if ckpt.format == "gguf" and ckpt.gguf_metadata and "tokenizer.ggml.tokens" in ckpt.gguf_metadata:
         return _cached_from_gguf(Path(ckpt.files[0]).name, ckpt.gguf_metadata, out)
     return []
+
+
+def _template_into_config(out: Path) -> None:
+    """transformers saves a chat template as chat_template.jinja; ONNX Runtime GenAI and our runner read
+    tokenizer_config.json's chat_template: put it there too (the .jinja file stays, as the source had it)."""
+    jinja, config_file = out / "chat_template.jinja", out / "tokenizer_config.json"
+    if not jinja.is_file():
+        return
+    try:
+        template = jinja.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError("chat_template.jinja is not UTF-8") from None
+    config = read_json(config_file) if config_file.is_file() else {}
+    if not config.get("chat_template"):
+        config["chat_template"] = template
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def has_tokenizer_json(ckpt: Checkpoint) -> bool:
@@ -148,7 +166,7 @@ def _check_json(path: Path) -> bytes:
     return text
 
 
-_CONVERTER = "mobilize tokenizer converter 4"  # in the cache key: a conversion that changes is not reused
+_CONVERTER = "mobilize tokenizer converter 5"  # in the cache key: a conversion that changes is not reused
 
 
 def _cached_dir(meta: dict) -> Path:
@@ -319,6 +337,8 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
         "add_eos_token": bool(add_eos),
         "source": f"converted from the GGUF metadata of {file_name}",
     }
+    if isinstance(meta.get("tokenizer.chat_template"), str):  # where GenAI and `mobilize run --chat` look for it
+        config["chat_template"] = meta["tokenizer.chat_template"]
     family = next((f for f in FAMILIES.values() if f.gguf_arch == meta["general.architecture"]), None)
     if family is not None:  # ONNX Runtime GenAI picks its tokenizer by this
         config["tokenizer_class"] = family.tokenizer_class

@@ -67,12 +67,16 @@ class Package:
         return OrtRunner(self.path / "model.onnx", threads=threads)
 
 
-def stream_greedy(package: Package, prompt: str, max_new_tokens: int, threads: int = 0) -> Iterator[str]:
-    """Yield the text of each new token as greedy decoding produces it."""
+def stream_greedy(
+    package: Package, prompt: str, max_new_tokens: int, threads: int = 0, ids: list[int] | None = None,
+    runner=None, stop: set[int] | None = None,
+) -> Iterator[str]:
+    """Yield the text of each new token as greedy decoding produces it (`ids`: the prompt already tokenized;
+    `stop`: more token ids that end the reply, a chat template's end of turn)."""
     tok = package.tokenizer()
-    eos = package.eos_ids(tok)
+    eos = package.eos_ids(tok) | (stop or set())
     try:
-        ids = tok.encode(prompt).ids
+        ids = tok.encode(prompt).ids if ids is None else ids
     except Exception as e:  # the Rust tokenizer on text it cannot take (unpaired surrogates from a non-UTF-8 argv)
         raise MobilizeError(f"the prompt cannot be tokenized ({type(e).__name__}); is it valid UTF-8?") from None
     if not ids:
@@ -82,7 +86,7 @@ def stream_greedy(package: Package, prompt: str, max_new_tokens: int, threads: i
         raise MobilizeError(f"the prompt has {len(ids)} tokens; this package's KV cache holds {room} positions")
     if isinstance(room, int):
         max_new_tokens = min(max_new_tokens, room - len(ids))  # generation stops where the cache ends
-    runner = package.runner(threads)
+    runner = runner or package.runner(threads)
     generated: list[int] = []
     # Decode the prompt and continuation together, so spacing between them comes from the tokenizer.
     shown = tok.decode(ids)

@@ -17,6 +17,7 @@ MAX_MANIFEST_BYTES = 16 << 20
 PACKAGE_FILES = frozenset({
     "model.onnx", "model.onnx.data", "genai_config.json", "model.tflite", "model.litertlm", "README.md",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "generation_config.json",
+    "chat_template.jinja",
 })  # fmt: skip
 SCHEMA_VERSION = 1
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
