@@ -95,7 +95,7 @@ def test_tokenizer_converted_in_a_child_process_while_the_export_runs(tmp_path, 
     wait = convert_in_background(ckpt)
     assert not (cached / "tokenizer.json").exists()  # not converted here: the child is at it
     wait()
-    assert sorted(p.name for p in cached.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in cached.iterdir()) == ["sha256.json", "tokenizer.json", "tokenizer_config.json"]
     assert not stale.exists()
     child_made = (cached / "tokenizer.json").read_bytes()
     assert convert_in_background(ckpt)() is None  # cached now: nothing to start
@@ -210,3 +210,19 @@ def test_real_calibration_segmentation_is_the_tokenizers(hf_tokenizer):
     real = hf_tokenizer(text, add_special_tokens=False).input_ids
     assert len(fast) == len(real) == 1324  # measured: 99.8% of the tokens the same
     assert difflib.SequenceMatcher(a=fast, b=real, autojunk=False).ratio() >= 0.99
+
+
+def test_a_corrupted_tokenizer_cache_entry_is_converted_again(tmp_path, monkeypatch):
+    """A cache entry whose files no longer match the digests written with it is not shipped: converted again."""
+    from mobilize.frontend.tokenizer import _cached_dir
+
+    ckpt = open_checkpoint("gemma3-270m")
+    monkeypatch.setenv("MOBILIZE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "a").mkdir()
+    write_tokenizer(ckpt, tmp_path / "a")
+    good = (tmp_path / "a" / "tokenizer.json").read_bytes()
+    cached = _cached_dir(ckpt.gguf_metadata) / "tokenizer.json"
+    cached.write_bytes(cached.read_bytes()[: len(good) // 2])  # cut short, as a full disk or a kill would
+    (tmp_path / "b").mkdir()
+    write_tokenizer(ckpt, tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer.json").read_bytes() == good
