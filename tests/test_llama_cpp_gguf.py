@@ -46,11 +46,11 @@ def sentencepiece_model(tmp_path_factory) -> Path:
     return d / "sp.model"
 
 
-def _convert(hf_dir: Path, out: Path) -> Path:
+def _convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
     assert (CONVERTER / "convert_hf_to_gguf.py").is_file(), f"llama.cpp's converter is not installed at {CONVERTER}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(CONVERTER)}
     r = subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", str(hf_dir), "--outfile", str(out), "--outtype",
-                        "f32"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                        outtype], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -80,6 +80,31 @@ def test_llama_cpp_gguf_matches_transformers(name, sentencepiece_model, tmp_path
                         ("tflite", lambda p: LiteRtRunner(p / "model.tflite"))):  # fmt: skip
         pkg = export(ExportOptions(str(gguf), tmp_path / fmt, target="host", format=fmt, quant="fp32", max_seq_len=64))
         assert_tracks_reference(ref, runner(pkg), PROMPT)
+
+
+@pytest.mark.parametrize("name", ["llama3.2-scaled-tied", "qwen2-biases-tied"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_llama_cpp_q8_0_gguf_top1(name, quant, sentencepiece_model, tmp_path):
+    """A Q8_0 GGUF from llama.cpp's converter (its blocks carried as they are where the recipe allows): the
+    package's greedy choices agree with transformers on the float weights at >= 90% of 48 positions."""
+    import numpy as np
+
+    from mobilize.harness.ort_runner import OrtRunner
+    from mobilize.harness.reference import ReferenceRunner
+
+    family, changes = CASES[name]
+    cfg = dataclasses.replace(FAMILIES[family].tiny(), **changes)
+    hf = write_tiny_hf(cfg, tmp_path / "hf")
+    shutil.copyfile(sentencepiece_model, hf / "tokenizer.model")
+    gguf = _convert(hf, tmp_path / "m.gguf", "q8_0")
+    pkg = export(ExportOptions(str(gguf), tmp_path / "pkg", target="host", quant=quant, max_seq_len=64,
+                               logits="all"))  # fmt: skip
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 48)]
+    want = ReferenceRunner(hf).prefill(tokens).argmax(-1)
+    got = OrtRunner(pkg / "model.onnx").prefill(tokens).argmax(-1)
+    agreement = float((want == got).mean())
+    print(f"{name} Q8_0 -> {quant}: top-1 agreement {agreement:.1%}")
+    assert agreement >= 0.9
 
 
 def test_plain_rope_would_be_wrong(sentencepiece_model, tmp_path):
