@@ -10,6 +10,7 @@ def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
     arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
     kv = manifest["kv_cache"]
     threads = target.get("threads") or "the runtime's default"
+    length = kv.get("max_seq_len", arch["max_position_embeddings"])
     files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
     io_rows = "\n".join(
         f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
@@ -68,6 +69,11 @@ generator.append_tokens(([bos] if bos is not None else []) + list(tokenizer.enco
 while not generator.is_done():
     generator.generate_next_token()
 ```
+
+`max_length` must be the cache's length, {length}: GenAI binds one buffer of that many positions as both
+past and present (`past_present_share_buffer`), and any other value fails with
+"Got invalid dimensions for input: past_key_values.0.key". To generate fewer tokens, stop the loop early (count
+the tokens) rather than lowering `max_length`.
 
 On Android, the `onnxruntime-genai` AAR exposes the same `Model`, `Tokenizer`, `Generator` classes
 (Java/Kotlin); copy the package directory to app storage and pass its path. The graph needs ONNX
