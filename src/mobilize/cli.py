@@ -213,7 +213,7 @@ class _Progress:
                 self._say(self.current if self.shown != self.current else f"{self.current} (still)")
 
 
-PROGRESS_AFTER_S, PROGRESS_EVERY_S = 10.0, 30.0
+PROGRESS_AFTER_S, PROGRESS_EVERY_S = 30.0, 60.0
 
 
 @app.command()
