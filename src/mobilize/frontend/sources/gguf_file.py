@@ -210,7 +210,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, TensorRef]]:
             tname_type,
             nbytes,
             _loader(mm, start, nbytes, type_id, shape),
-            raw=_raw(mm, start, nbytes, shape, tname_type, name, tname),
+            raw=_raw(mm, start, nbytes, shape, tname_type, block_bytes, f"{name}: tensor {tname[:80]!r}"),
         )
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
@@ -254,18 +254,19 @@ _SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q
                   "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # fmt: skip
 
 
-def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...], kind: str, file: str, tensor: str):
+def _raw(mm, offset: int, nbytes: int, shape: tuple[int, ...], kind: str, block_bytes: int, what: str):
     rows = int(np.prod(shape[:-1], dtype=np.int64))
+    checked = kind not in _SCALE_OFFSETS
 
     def raw() -> np.ndarray:
+        nonlocal checked
         blocks = mm[offset : offset + nbytes].reshape(rows, nbytes // rows)
-        if kind in _SCALE_OFFSETS:
-            block_bytes = GGML_TYPES[next(i for i, t in GGML_TYPES.items() if t[0] == kind)][2]
+        if not checked:  # once per tensor: a tied head reads its blocks again a chunk at a time
             per_block = blocks.reshape(-1, block_bytes)
             for at in _SCALE_OFFSETS[kind]:
-                scales = per_block[:, at : at + 2].copy().view(np.float16)
-                if not np.isfinite(scales).all():
-                    raise CheckpointError(f"{file}: tensor {tensor[:80]!r} has NaN or infinite block scales")
+                if not np.isfinite(per_block[:, at : at + 2].copy().view(np.float16)).all():
+                    raise CheckpointError(f"{what} has NaN or infinite block scales")
+            checked = True
         return blocks
 
     return raw
