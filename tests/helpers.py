@@ -135,3 +135,36 @@ def assert_tracks_reference(ref, ours, prompt: list[int], steps: int = 8, atol: 
         expected, got = ref.decode(token), ours.decode(token)
         np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
         token = int(expected.argmax())
+
+
+def write_peft_adapter(hf_dir: Path, out: Path, targets, r: int = 4, alpha: float = 8, seed: int = 1, **config) -> Path:
+    """A LoRA adapter written by peft itself on the checkpoint in `hf_dir`, both halves random (peft starts B at
+    zero, which would make any mistake invisible)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def with_word_tokenizer(hf_dir: Path, out: Path, text: Path, n_words: int, seed: int = 0) -> Path:
+    """A copy of a tiny checkpoint with a word-level tokenizer (w0..w127 are ids 0..127), and a text of `n_words`
+    random such words written to `text`: what `mobilize eval` needs of a tiny model."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    shutil.copytree(hf_dir, out)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out / "tokenizer.json"))
+    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(seed).integers(0, 128, n_words)))
+    return out

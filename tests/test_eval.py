@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import with_word_tokenizer
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -77,15 +78,8 @@ def test_eval_refuses_random_weights(tmp_path):
 
 def test_eval_needs_no_torch(tiny_hf, tmp_path):
     """From the quick-start install (no torch): the numpy reference; asking for transformers says what to install."""
-    src = tmp_path / "src"
-    shutil.copytree(tiny_hf("llama"), src)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(src / "tokenizer.json"))
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(1).integers(0, 128, 100)))
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", text, 100, seed=1)
     out = tmp_path / "pkg"
     assert _cli("export", str(src), "--out", str(out), "-q", "int8").returncode == 0
     no_torch = "import sys; sys.modules['torch'] = None; from mobilize.cli import main; main()"  # import torch fails

@@ -98,6 +98,9 @@ def export(
     sign: Path = typer.Option(
         None, "--sign", help="Sign the manifest with this Ed25519 private key (OpenSSH format: ssh-keygen -t ed25519)."
     ),
+    lora: list[str] = typer.Option(
+        [], "--lora", help="A PEFT LoRA adapter directory, merged into the weights before quantization (repeatable)."
+    ),
 ) -> None:
     """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
     import time
@@ -108,7 +111,7 @@ def export(
     opts = ExportOptions(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
-        logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit, sign=sign,
+        logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit, sign=sign, lora=tuple(lora),
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")

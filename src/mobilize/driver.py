@@ -17,6 +17,9 @@ import numpy as np
 from mobilize import __version__
 from mobilize.errors import MobilizeError
 from mobilize.frontend.loader import load_model, open_checkpoint
+from mobilize.frontend.lora import CONFIG as LORA_CONFIG
+from mobilize.frontend.lora import WEIGHTS as LORA_WEIGHTS
+from mobilize.frontend.lora import apply_adapters
 from mobilize.frontend.tokenizer import (
     check_tokenizer,
     convert_in_background,
@@ -63,6 +66,7 @@ class ExportOptions:
     kv_dtype: str | None = None  # None: the preset's plan
     ignore_fit: bool = False  # write a package that does not fit the preset's device
     sign: Path | None = None  # an OpenSSH private key: the manifest signed (manifest.json.sig)
+    lora: tuple[str, ...] = ()  # PEFT adapter directories, merged into the weights before quantization
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -113,11 +117,13 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         )
     phase("reading checkpoint")
     ckpt = open_checkpoint(opts.source, opts.random_weights)
-    sources = ckpt.files + ([opts.source] if os.path.lexists(opts.source) else [])
+    sources = ckpt.files + ([opts.source] if os.path.lexists(opts.source) else []) + list(opts.lora)
     check_destination(out, opts.overwrite, sources)  # (an alias's files are known only now)
-    read_state = fingerprint(ckpt.files)
-    tokenizer_ready = convert_in_background(ckpt)
     model = load_model(ckpt)
+    model, adapters = apply_adapters(model, list(opts.lora)) if opts.lora else (model, [])
+    read = ckpt.files + [str(Path(a.path) / name) for a in adapters for name in (LORA_CONFIG, LORA_WEIGHTS)]
+    read_state = fingerprint(read)
+    tokenizer_ready = convert_in_background(ckpt)
     _check_memory(model)
     target = TARGETS[opts.format]
     wants_statistics = needs_statistics(recipe, target.caps)
@@ -145,7 +151,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if opts.format in recipe.calibrate else RANKING_TOKENS
-            meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens)
+            meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens, opts.lora)
 
             @functools.cache
             def calibrated() -> tuple[dict[str, np.ndarray], dict]:
@@ -171,7 +177,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         manifest = {
             "schema_version": MANIFEST_SCHEMA,
             "mobilize_version": __version__,
-            "source": {"id": model.ckpt.source, "format": model.ckpt.format},
+            "source": {"id": model.ckpt.source, "format": model.ckpt.format,
+                       **({"adapters": [a.record() for a in adapters]} if adapters else {})},  # fmt: skip
             "architecture": config,
             "format": opts.format,
             "recipe": {"name": recipe.name, "description": recipe.description},
@@ -198,7 +205,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         if signer is not None:
             (tmp / SIGNATURE).write_bytes(sign_manifest(signer, (tmp / MANIFEST).read_bytes()))
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
-        if fingerprint(ckpt.files) != read_state:
+        if fingerprint(read) != read_state:
             raise MobilizeError(f"{quoted(opts.source)} changed while it was read; nothing was written")
         install(tmp, out, opts.overwrite, sources)
     except OSError as e:

@@ -39,19 +39,30 @@ def reference_runner(manifest: dict, reference: str):
     if reference not in REFERENCES:
         raise MobilizeError(f"unknown --reference {reference!r} (known: {', '.join(REFERENCES)})")
     source = reference_source(manifest)
+    adapters = manifest["source"].get("adapters") or []  # merged into the package: the reference applies them too
     if reference == "numpy":
         from mobilize.harness.numpy_runner import NumpyRunner
 
-        return NumpyRunner.for_source(str(source))
+        return NumpyRunner.for_source(str(source), adapters)
     try:
         from mobilize.harness.reference import ReferenceRunner
 
-        return ReferenceRunner.for_path(source)
+        if adapters:
+            _check_adapters(manifest, adapters)
+        return ReferenceRunner.for_path(source, [a["path"] for a in adapters])
     except ModuleNotFoundError as e:
         raise MobilizeError(
             f"--reference transformers needs {e.name} (pip install 'mobilize[reference]'); "
             "the default numpy reference needs nothing more"
         ) from None
+
+
+def _check_adapters(manifest: dict, adapters: list[dict]) -> None:
+    """The adapter files are the ones merged at export (read and checked by mobilize's loader first)."""
+    from mobilize.frontend.loader import load_model, open_checkpoint
+    from mobilize.frontend.lora import apply_adapters
+
+    apply_adapters(load_model(open_checkpoint(manifest["source"]["id"])), [a["path"] for a in adapters], adapters)
 
 
 def evaluate(

@@ -20,10 +20,16 @@ class NumpyRunner:
         self.reset()
 
     @classmethod
-    def for_source(cls, source: str) -> NumpyRunner:
+    def for_source(cls, source: str, adapters: list[dict] | None = None) -> NumpyRunner:
+        """The source's model, with LoRA adapters merged (manifest records: each file checked by its digest)."""
         from mobilize.frontend.loader import load_model, open_checkpoint
 
-        return cls(load_model(open_checkpoint(source)))
+        model = load_model(open_checkpoint(source))
+        if adapters:
+            from mobilize.frontend.lora import apply_adapters
+
+            model = apply_adapters(model, [a["path"] for a in adapters], adapters)[0]
+        return cls(model)
 
     def reset(self) -> None:
         self.cache: list[tuple[np.ndarray, np.ndarray]] = []

@@ -120,11 +120,11 @@ class CalibrationInBackground:
     at all). The child opens the source itself; a GGUF's text is split by `fewest_pieces_tokenizer`, or, for
     other vocabularies, by the tokenizer converted into the cache (converted there if need be)."""
 
-    def __init__(self, spec: str, random_weights: bool, max_tokens: int | None) -> None:
+    def __init__(self, spec: str, random_weights: bool, max_tokens: int | None, lora: tuple[str, ...] = ()) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: none of the parent's threads, locks
         self._receive, send = context.Pipe(duplex=False)
         self._child = context.Process(
-            target=_calibrate_quietly, args=(spec, random_weights, max_tokens, send), daemon=True
+            target=_calibrate_quietly, args=(spec, random_weights, max_tokens, lora, send), daemon=True
         )
         with _single_threaded_blas():
             self._child.start()
@@ -167,7 +167,7 @@ def _single_threaded_blas():
                 os.environ[name] = value
 
 
-def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, send) -> None:
+def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, lora: tuple[str, ...], send) -> None:
     from mobilize.frontend.tokenizer import as_export_child, ensure_tokenizer_json
 
     as_export_child()
@@ -176,6 +176,10 @@ def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, 
 
         ckpt = open_checkpoint(spec, random_weights)
         model = load_model(ckpt)
+        if lora:  # the statistics of the model that is exported: the adapters merged
+            from mobilize.frontend.lora import apply_adapters
+
+            model = apply_adapters(model, list(lora))[0]
         send.send(calibrate(model, fewest_pieces_tokenizer(ckpt) or ensure_tokenizer_json(ckpt), max_tokens))
     except BaseException:
         os._exit(1)  # the parent calibrates again and reports the error itself

@@ -72,3 +72,14 @@ class Target(Protocol):
 
     def readme(self, manifest: dict, file_names: list[str]) -> str:
         """The package's README.md for the app developer."""
+
+
+def exported_from(manifest: dict) -> str:
+    """The README's provenance line: the source, and any LoRA adapters merged into it."""
+    source = manifest["source"]
+    line = f"Exported by mobilize {manifest['mobilize_version']} from `{source['id']}` ({source['format']})"
+    adapters = source.get("adapters") or []
+    if adapters:
+        merged = ", ".join(f"`{a['path']}` (rank {a['rank']}, {', '.join(a['targets'])})" for a in adapters)
+        line += f", with the LoRA adapter{'s' if len(adapters) > 1 else ''} {merged} merged into its weights"
+    return line + "."

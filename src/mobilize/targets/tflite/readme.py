@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mobilize.targets.base import exported_from
+
 
 def tflite_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
     """`manifest` without its file list (the README is one of the files it hashes)."""
@@ -20,7 +22,7 @@ def tflite_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
     longest = max(target["prefill_lens"])
     return f"""# {arch["family"]} for {target["name"]}: LiteRT (TFLite) package
 
-Exported by mobilize {manifest["mobilize_version"]} from `{manifest["source"]["id"]}` ({manifest["source"]["format"]}).
+{exported_from(manifest)}
 Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
 
 ## Inside

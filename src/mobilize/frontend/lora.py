@@ -1,0 +1,301 @@
+"""LoRA adapters as the `peft` library writes them (`adapter_config.json` + `adapter_model.safetensors`), read
+against a loaded model and checked tensor by tensor, then merged into its weights before any quantization.
+
+Every low-rank pair must land on a weight of this model with the rank its config gives, every module the
+config's `target_modules` names must have its pair, and nothing may be left over: an adapter that "loads but has
+no effect" is the failure this module exists to prevent, so any mismatch is one error line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobilize.errors import CheckpointError
+from mobilize.frontend.sources.base import TensorRef
+from mobilize.frontend.sources.safetensors_file import read_safetensors
+from mobilize.safe_io import quoted, read_json, regular_file
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EMBEDDING = "model.embed_tokens"
+# How a PEFT file names a module: the base model's path, under peft's wrapper (and, for Gemma 3's
+# multimodal class, under its language model); the vision tower's modules are not in a text package.
+_WRAPPER = "base_model.model."
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
+_NOT_TEXT = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.", "multi_modal_projector.")
+_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[\w-]+)?\.weight$|"
+                  r"(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)(?:\.[\w-]+)?$")  # fmt: skip
+_UNSUPPORTED = {  # config field -> (value that is fine, why not otherwise)
+    "use_dora": (False, "DoRA's magnitude vectors are not supported; merge it with peft's merge_and_unload first"),
+    "fan_in_fan_out": (False, "fan_in_fan_out (Conv1D layers) is not used by any family mobilize builds"),
+    "bias": ("none", "adapters that train biases are not supported (bias must be 'none')"),
+    "lora_bias": (False, "lora_bias (a bias on lora_B) is not supported"),
+    # peft's LoRA variants, each a different forward: refused when set, never merged as if plain
+    **{
+        key: (None, f"{key} (a LoRA variant) is not supported")
+        for key in (
+            "layer_replication",
+            "alora_invocation_tokens",
+            "trainable_token_indices",
+            "use_qalora",
+            "use_bdlora",
+            "arrow_config",
+            "kasa_config",
+            "velora_config",
+            "monteclora_config",
+        )
+    },
+}
+_MAX_RANK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPair:
+    """One module's low-rank update: weight += scale * B @ A (an embedding's: += scale * (B @ A).T)."""
+
+    module: str  # the canonical module name, e.g. "model.layers.0.self_attn.q_proj"
+    a: TensorRef  # [rank, in] (an embedding's: [rank, vocab])
+    b: TensorRef  # [out, rank] (an embedding's: [hidden, rank])
+    scale: float
+
+    @property
+    def weight(self) -> str:
+        return self.module + ".weight"
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def delta(self) -> np.ndarray:
+        d = self.b.load().astype(np.float32) @ self.a.load().astype(np.float32)
+        d *= np.float32(self.scale)
+        return np.ascontiguousarray(d.T) if self.module == EMBEDDING else d
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    path: Path
+    sha256: str  # of adapter_model.safetensors: the manifest records it, eval checks it again
+    rank: int
+    alpha: float
+    rslora: bool
+    pairs: tuple[LoraPair, ...]
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest says about an adapter merged into the package."""
+        return {
+            "path": str(self.path), "sha256": self.sha256, "rank": self.rank, "alpha": self.alpha,
+            "rslora": self.rslora, "modules": len(self.pairs),
+            "targets": sorted({p.module.rsplit(".", 1)[-1] for p in self.pairs}),
+        }  # fmt: skip
+
+
+def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> Adapter:
+    """A PEFT LoRA directory, checked against a model's config and weight shapes (canonical names)."""
+    root = Path(path)
+    if not root.is_dir():
+        hint = f" (pass its directory, {quoted(root.parent)})" if root.name in (CONFIG, WEIGHTS) else ""
+        raise CheckpointError(f"--lora {quoted(root)}: not a PEFT adapter directory{hint}")
+    where = f"adapter {quoted(root)}"
+    conf = read_json(root / CONFIG, root=root) if (root / CONFIG).exists() else None
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{where}: no {CONFIG} object (peft's save_pretrained writes one)")
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{where}: peft_type {quoted(conf.get('peft_type'))} is not LORA")
+    for key, (fine, why) in _UNSUPPORTED.items():
+        if conf.get(key, fine) not in (fine, None, False, {}, []):
+            raise CheckpointError(f"{where}: {why}")
+    if conf.get("modules_to_save"):
+        raise CheckpointError(f"{where}: modules_to_save {conf['modules_to_save']!r} (whole trained copies of "
+                              "modules) is not supported; only low-rank pairs are merged")  # fmt: skip
+    if conf.get("target_parameters"):
+        raise CheckpointError(f"{where}: target_parameters (LoRA on raw parameters) is not supported")
+    rank, alpha = _number(conf, "r", where, integer=True), _number(conf, "lora_alpha", where)
+    rslora = conf.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise CheckpointError(f"{where}: use_rslora must be true or false, not {rslora!r}")
+    rank_pattern, alpha_pattern = _patterns(conf, "rank_pattern", where), _patterns(conf, "alpha_pattern", where)
+
+    weights = root / WEIGHTS
+    if not weights.exists():
+        other = sorted(p.name for p in root.glob("adapter_model.*"))
+        hint = f" (found {', '.join(other)}: pickle files are never loaded)" if other else ""
+        raise CheckpointError(f"{where}: no {WEIGHTS}{hint}")
+    regular_file(weights, root=root)
+    halves: dict[str, dict[str, TensorRef]] = {}
+    for key, ref in read_safetensors(str(weights)).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise CheckpointError(f"{where}: tensor {quoted(key)} is not a LoRA A or B matrix")
+        module = _canonical(m.group("module") or m.group("emodule"))
+        if module is None:
+            continue  # the vision tower's: not part of a text package
+        part = (m.group("part") or m.group("epart"))[-1]
+        if (module == EMBEDDING) != bool(m.group("epart")):
+            raise CheckpointError(f"{where}: tensor {quoted(key)}: embeddings use lora_embedding_A/B, linears lora_A/B")
+        if part in halves.setdefault(module, {}):
+            raise CheckpointError(f"{where}: module {quoted(module)} has two lora_{part} tensors")
+        if len(ref.shape) != 2 or ref.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise CheckpointError(f"{where}: tensor {quoted(key)} is {ref.dtype} {list(ref.shape)}, not a float matrix")
+        halves[module][part] = ref
+
+    targets = [m for m in _modules(cfg) if _targeted(conf, m)]
+    missing = [m for m in targets if m not in halves]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} module(s) its target_modules name have no LoRA weights, e.g. "
+                              f"{quoted(missing[0])}; the file does not match its config")  # fmt: skip
+    pairs = []
+    for module, ab in sorted(halves.items(), key=lambda kv: _order(kv[0])):
+        name = module + ".weight"
+        if name not in shapes:
+            raise CheckpointError(f"{where}: module {quoted(module)} is not a weight of this {cfg.family} model; "
+                                  "is the adapter for another architecture?")  # fmt: skip
+        if module not in targets:
+            raise CheckpointError(f"{where}: module {quoted(module)} has LoRA weights but its target_modules do not "
+                                  "name it; the file does not match its config")  # fmt: skip
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{where}: module {quoted(module)} has lora_{''.join(ab)} but not its other half")
+        if module == "lm_head" and cfg.tie_word_embeddings or module == EMBEDDING and cfg.tie_word_embeddings:
+            raise CheckpointError(f"{where}: LoRA on {module} of a model whose head is tied to its embedding is not "
+                                  "supported (PEFT changes one of the two; merging would change both)")  # fmt: skip
+        r = _pattern_value(rank_pattern, module, rank)
+        a, b = ab["A"], ab["B"]
+        out, inp = shapes[name]
+        if module == EMBEDDING:
+            out, inp = inp, out  # lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]
+        if a.shape != (r, inp) or b.shape != (out, r):
+            raise CheckpointError(
+                f"{where}: module {quoted(module)}: A {list(a.shape)} and B {list(b.shape)} do not fit rank {r} on a "
+                f"weight of {list(shapes[name])} (expected A {[r, inp]}, B {[out, r]}); is it for another base model?"
+            )
+        scale = _pattern_value(alpha_pattern, module, alpha) / (math.sqrt(r) if rslora else r)
+        pairs.append(LoraPair(module, a, b, scale))
+    if not pairs:
+        raise CheckpointError(f"{where}: no LoRA weights for this model")
+    return Adapter(root.resolve(), _sha256(weights), rank, alpha, rslora, tuple(pairs))
+
+
+def merge(model, adapters: list[Adapter]):
+    """The model with every adapter's update added to its weights (lazily, in float32; one tensor at a time).
+    A merged weight is no longer on its source's quantization grid: its blocks are re-rounded, not carried."""
+    weights = dict(model.weights)
+    for adapter in adapters:
+        for pair in adapter.pairs:
+            weights[pair.weight] = _merged(weights[pair.weight], pair)
+    return dataclasses.replace(model, weights=weights)
+
+
+def apply_adapters(model, paths: list[str | Path], expected: list[dict] | None = None):
+    """Read and merge adapters named by path; with `expected` (a manifest's records), each file must be the one
+    that was merged then."""
+    from mobilize.frontend.config import expected_shapes
+
+    shapes = expected_shapes(model.config)
+    adapters = [read_adapter(p, model.config, shapes) for p in paths]
+    for adapter, record in zip(adapters, expected or [], strict=False):
+        if adapter.sha256 != record["sha256"]:
+            raise CheckpointError(
+                f"adapter {quoted(adapter.path)} changed since the package was exported "
+                f"(sha256 {adapter.sha256[:12]}, the manifest has {record['sha256'][:12]})"
+            )
+    return merge(model, adapters), adapters
+
+
+def _merged(ref: TensorRef, pair: LoraPair) -> TensorRef:
+    def load() -> np.ndarray:
+        w = ref.load().astype(np.float32, copy=True)
+        w += pair.delta()
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"LoRA on {quoted(pair.module)} gives NaN or infinite weights")
+        return w
+
+    return dataclasses.replace(ref, dtype="F32", nbytes=4 * math.prod(ref.shape), load=load, raw=None)
+
+
+def _canonical(module: str) -> str | None:
+    if module.startswith(_WRAPPER):
+        module = module[len(_WRAPPER) :]
+    for old, new in _PREFIXES:
+        if module.startswith(old):
+            module = new + module[len(old) :]
+    return None if module.startswith(_NOT_TEXT) else module
+
+
+def _modules(cfg) -> list[str]:
+    """Every module of the model a LoRA may target, in peft's naming."""
+    names = [EMBEDDING]
+    for i in range(cfg.num_layers):
+        names += [f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in LINEAR]
+    return names + ["lm_head"]
+
+
+def _targeted(conf: dict, module: str) -> bool:
+    """peft's rule: target_modules a regular expression matched in full, or names matched as a suffix; then
+    layers_to_transform and exclude_modules."""
+    targets = conf.get("target_modules")
+    if targets == "all-linear":
+        hit = module not in (EMBEDDING, "lm_head")
+    elif isinstance(targets, str):
+        hit = re.fullmatch(targets, module) is not None
+    elif isinstance(targets, list):
+        hit = any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
+    else:
+        return False
+    layers = conf.get("layers_to_transform")
+    if hit and layers is not None:
+        m = re.search(r"\.layers\.(\d+)\.", module)
+        wanted = [layers] if isinstance(layers, int) else layers
+        hit = m is not None and int(m.group(1)) in wanted
+    exclude = conf.get("exclude_modules")
+    if hit and exclude:
+        if isinstance(exclude, str):
+            hit = re.fullmatch(exclude, module) is None
+        else:
+            hit = not any(module == t or module.endswith("." + t) for t in exclude)
+    return hit
+
+
+def _patterns(conf: dict, key: str, where: str) -> dict[str, float]:
+    value = conf.get(key) or {}
+    if not isinstance(value, dict) or any(
+        isinstance(v, bool) or not isinstance(v, int | float) for v in value.values()
+    ):
+        raise CheckpointError(f"{where}: {key} must map module patterns to numbers")
+    return value
+
+
+def _pattern_value(patterns: dict[str, float], module: str, default: float):
+    for pattern, value in patterns.items():  # peft: the first key that matches the module's name as a suffix
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _number(conf: dict, key: str, where: str, integer: bool = False):
+    value = conf.get(key)
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or not 0 < value <= (_MAX_RANK if integer else 1e6) or value != value:
+        raise CheckpointError(
+            f"{where}: {key} = {value!r} in {CONFIG} is not a positive {'integer' if integer else 'number'}"
+        )
+    return value
+
+
+def _order(module: str) -> tuple:
+    m = re.search(r"\.layers\.(\d+)\.", module)
+    return (int(m.group(1)) if m else -1, module)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

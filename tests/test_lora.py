@@ -1,0 +1,178 @@
+"""LoRA adapters written by peft, merged at export (`--lora`): every family's tiny checkpoint, in both formats,
+gives the logits of transformers running the base with peft's adapter (1e-4, fp32); a GGUF base takes an adapter
+trained on its Hugging Face original; eval's reference applies the adapter; every mismatch is one error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_tracks_reference, with_word_tokenizer, write_peft_adapter
+
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.harness.package import Package
+from mobilize.harness.reference import ReferenceRunner
+
+PROMPT = [3, 17, 99, 5, 64, 1, 42]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mobilize.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def _export(src, out, *adapters, fmt="onnx", quant="fp32", extra=()) -> Path:
+    lora = [a for adapter in adapters for a in ("--lora", adapter)]
+    r = _cli("export", src, "-o", out, "-t", "host", "-f", fmt, "-q", quant, "--max-seq-len", "64", *lora, *extra)
+    assert r.returncode == 0, r.stderr
+    return Path(out)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 1, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mobilize: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_hf, tmp_path_factory):
+    made: dict[tuple, Path] = {}
+
+    def get(family: str, targets=tuple(ALL), seed: int = 1, **config) -> Path:
+        key = (family, tuple(targets), seed, json.dumps(config, sort_keys=True))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{family}_lora")
+            made[key] = write_peft_adapter(tiny_hf(family), out, list(targets), seed=seed, **config)
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("tflite", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_merged_matches_peft(family, fmt, tiny_hf, adapters, tmp_path):
+    adapter = adapters(family)
+    pkg = _export(tiny_hf(family), tmp_path / "pkg", adapter, fmt=fmt)
+    ref = ReferenceRunner(tiny_hf(family), adapters=[adapter])
+    base = ReferenceRunner(tiny_hf(family)).prefill(PROMPT)
+    assert np.abs(ref.prefill(PROMPT) - base).max() > 0.1  # the adapter changes the model visibly
+    assert_tracks_reference(ref, Package.open(pkg).runner(), PROMPT)
+    record = json.loads((pkg / "manifest.json").read_text())["source"]["adapters"]
+    assert [(a["rank"], a["modules"], a["targets"]) for a in record] == [
+        (4, 7 * FAMILIES[family].tiny().num_layers, sorted(ALL))
+    ]
+
+
+def test_rslora_rank_pattern_and_two_adapters(tiny_hf, adapters, tmp_path):
+    """rsLoRA's alpha/sqrt(r), a per-module rank and alpha, some layers only; two adapters merged in turn."""
+    src = tiny_hf("qwen3")
+    first = adapters("qwen3", ("q_proj", "v_proj", "up_proj"), seed=2, use_rslora=True,
+                     rank_pattern={"v_proj": 2}, alpha_pattern={"up_proj": 3.0}, layers_to_transform=[1])  # fmt: skip
+    second = adapters("qwen3", ("o_proj", "down_proj"), seed=3)
+    pkg = _export(src, tmp_path / "pkg", first, second)
+    assert_tracks_reference(ReferenceRunner(src, adapters=[first, second]), Package.open(pkg).runner(), PROMPT)
+
+
+def test_gguf_base(tiny_hf, tiny_gguf, adapters, tmp_path):
+    """An adapter trained on the Hugging Face checkpoint, merged into its GGUF (llama.cpp's q/k row order)."""
+    adapter = adapters("llama")
+    pkg = _export(tiny_gguf("llama"), tmp_path / "pkg", adapter)
+    assert_tracks_reference(ReferenceRunner(tiny_hf("llama"), adapters=[adapter]), Package.open(pkg).runner(), PROMPT)
+
+
+def test_int8_merges_before_quantizing(tiny_hf, adapters, tmp_path):
+    """Quantized, the merged package tracks the adapted model, not the base."""
+    src, adapter = tiny_hf("gemma3"), adapters("gemma3")
+    ours = Package.open(_export(src, tmp_path / "pkg", adapter, quant="int8")).runner().prefill(PROMPT)[-1]
+    adapted = ReferenceRunner(src, adapters=[adapter]).prefill(PROMPT)[-1]
+    base = ReferenceRunner(src).prefill(PROMPT)[-1]
+    assert np.abs(ours - adapted).max() < 0.25 * np.abs(ours - base).max()
+
+
+@pytest.mark.slow
+def test_eval_reference_applies_the_adapter(tiny_hf, adapters, tmp_path):
+    """`mobilize eval` compares a merged package with the base plus the adapter (both references), and refuses an
+    adapter file that changed since the export."""
+    import shutil
+
+    adapter, text = tmp_path / "adapter", tmp_path / "text.txt"
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", text, 80)
+    shutil.copytree(adapters("llama"), adapter)
+    pkg = _export(src, tmp_path / "pkg", adapter)
+    for reference in ("numpy", "transformers"):
+        r = _cli("eval", pkg, "--text", text, "--chunk", "32", "--json", "--reference", reference)
+        assert r.returncode == 0, r.stderr
+        figures = json.loads(r.stdout)
+        assert figures["mean_kl"] < 1e-6 and figures["top1_agreement"] == 1.0, figures
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the last value changed
+    _one_line_error(_cli("eval", pkg, "--text", text), "changed since the package was exported")
+
+
+def _edit_config(adapter: Path, tmp: Path, **changes) -> Path:
+    import shutil
+
+    out = tmp / "edited"
+    shutil.copytree(adapter, out)
+    conf = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps(conf | changes))
+    return out
+
+
+def _rename_tensor(adapter: Path, tmp: Path, old: str, new: str) -> Path:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp / "renamed"
+    shutil.copytree(adapter, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = next(k for k in tensors if old in k)
+    tensors[key.replace(old, new)] = tensors.pop(key)
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("wrong base", ("do not fit rank 4", "another base model")),
+        ("rank", ("do not fit rank 8",)),
+        ("misnamed tensor", ("'model.layers.0.self_attn.q_prj'", "not a weight of this llama model")),
+        ("missing module", ("have no LoRA weights", "'model.layers.0.self_attn.k_proj'")),
+        ("unused tensor", ("'model.layers.0.mlp.down_proj'", "target_modules do not name it")),
+        ("dora", ("DoRA",)),
+        ("not lora", ("peft_type 'IA3' is not LORA",)),
+        ("file not directory", ("not a PEFT adapter directory", "pass its directory")),
+        ("no directory", ("not a PEFT adapter directory",)),
+    ],
+)
+def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
+    good = adapters("llama", ("q_proj", "v_proj", "down_proj"))
+    adapter = {
+        "wrong base": lambda: adapters("gemma3", ("q_proj", "v_proj", "down_proj")),
+        "rank": lambda: _edit_config(good, tmp_path, r=8),
+        "misnamed tensor": lambda: _rename_tensor(
+            good, tmp_path, "layers.0.self_attn.q_proj", "layers.0.self_attn.q_prj"
+        ),
+        "missing module": lambda: _edit_config(
+            good, tmp_path, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]
+        ),
+        "unused tensor": lambda: _edit_config(good, tmp_path, target_modules=["q_proj", "v_proj"]),
+        "dora": lambda: _edit_config(good, tmp_path, use_dora=True),
+        "not lora": lambda: _edit_config(good, tmp_path, peft_type="IA3"),
+        "file not directory": lambda: good / "adapter_model.safetensors",
+        "no directory": lambda: tmp_path / "nothing",
+    }[case]()
+    out = tmp_path / "pkg"
+    r = _cli("export", tiny_hf("llama"), "-o", out, "-t", "host", "-q", "fp32", "--lora", adapter)
+    _one_line_error(r, *needles)
+    assert not out.exists()
