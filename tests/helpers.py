@@ -168,3 +168,22 @@ def with_word_tokenizer(hf_dir: Path, out: Path, text: Path, n_words: int, seed:
     tok.save(str(out / "tokenizer.json"))
     text.write_text(" ".join(f"w{i}" for i in np.random.default_rng(seed).integers(0, 128, n_words)))
     return out
+
+
+def cli(*args, timeout: int = 300):
+    """`mobilize ARGS...` in a child process (every argument as a string)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mobilize.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """Exit 1 and one line on stderr, `mobilize: error: ...`, holding every needle."""
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mobilize: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -5,13 +5,11 @@ trained on its Hugging Face original; eval's reference applies the adapter; ever
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_tracks_reference, with_word_tokenizer, write_peft_adapter
+from helpers import assert_one_line_error, assert_tracks_reference, cli, with_word_tokenizer, write_peft_adapter
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
@@ -21,25 +19,11 @@ PROMPT = [3, 17, 99, 5, 64, 1, 42]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilize.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-
-
 def _export(src, out, *adapters, fmt="onnx", quant="fp32", extra=()) -> Path:
     lora = [a for adapter in adapters for a in ("--lora", adapter)]
-    r = _cli("export", src, "-o", out, "-t", "host", "-f", fmt, "-q", quant, "--max-seq-len", "64", *lora, *extra)
+    r = cli("export", src, "-o", out, "-t", "host", "-f", fmt, "-q", quant, "--max-seq-len", "64", *lora, *extra)
     assert r.returncode == 0, r.stderr
     return Path(out)
-
-
-def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    assert r.returncode == 1, r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mobilize: error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +92,13 @@ def test_eval_reference_applies_the_adapter(tiny_hf, adapters, tmp_path):
     shutil.copytree(adapters("llama"), adapter)
     pkg = _export(src, tmp_path / "pkg", adapter)
     for reference in ("numpy", "transformers"):
-        r = _cli("eval", pkg, "--text", text, "--chunk", "32", "--json", "--reference", reference)
+        r = cli("eval", pkg, "--text", text, "--chunk", "32", "--json", "--reference", reference)
         assert r.returncode == 0, r.stderr
         figures = json.loads(r.stdout)
         assert figures["mean_kl"] < 1e-6 and figures["top1_agreement"] == 1.0, figures
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the last value changed
-    _one_line_error(_cli("eval", pkg, "--text", text), "changed since the package was exported")
+    assert_one_line_error(cli("eval", pkg, "--text", text), "changed since the package was exported")
 
 
 def _edit_config(adapter: Path, tmp: Path, **changes) -> Path:
@@ -173,6 +157,6 @@ def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
         "no directory": lambda: tmp_path / "nothing",
     }[case]()
     out = tmp_path / "pkg"
-    r = _cli("export", tiny_hf("llama"), "-o", out, "-t", "host", "-q", "fp32", "--lora", adapter)
-    _one_line_error(r, *needles)
+    r = cli("export", tiny_hf("llama"), "-o", out, "-t", "host", "-q", "fp32", "--lora", adapter)
+    assert_one_line_error(r, *needles)
     assert not out.exists()

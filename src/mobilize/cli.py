@@ -101,6 +101,12 @@ def export(
     lora: list[str] = typer.Option(
         [], "--lora", help="A PEFT LoRA adapter directory, merged into the weights before quantization (repeatable)."
     ),
+    lora_slots: int = typer.Option(
+        None, "--lora-slots", help="onnx: LoRA slots of this rank, their weights given at run time (mobilize adapter)."
+    ),
+    lora_targets: str = typer.Option(
+        "q,v", "--lora-targets", help="The projections that get LoRA slots: q,k,v,o,gate,up,down."
+    ),
 ) -> None:
     """Export SOURCE as a package for a target: model files, tokenizer, genai_config.json, manifest."""
     import time
@@ -112,6 +118,7 @@ def export(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
         logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit, sign=sign, lora=tuple(lora),
+        lora_slots=lora_slots, lora_targets=lora_targets,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")
@@ -229,6 +236,9 @@ def run(
     chat: bool = typer.Option(
         False, "--chat", help="A conversation: turns read from stdin, rendered with the package's chat template."
     ),
+    adapter: list[Path] = typer.Option(
+        [], "--adapter", help="A LoRA adapter file (mobilize adapter); repeat to run each in turn on one loaded base."
+    ),
 ) -> None:
     """Greedy generation from a package, streamed to stdout."""
     from mobilize.harness.package import Package, stream_greedy
@@ -244,14 +254,40 @@ def run(
     except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
         raise MobilizeError("--prompt is not valid UTF-8") from None
     pkg = Package.open(package, key=key)
-    pieces = stream_greedy(pkg, prompt, max_new_tokens, threads)
-    first = next(pieces, "")  # (the package is loaded and the prompt checked before anything is printed)
-    sys.stdout.write(prompt + first)
-    sys.stdout.flush()
-    for piece in pieces:
-        sys.stdout.write(piece)
+    runner = pkg.runner(threads, adapter) if adapter else None
+    for name in runner.adapters if adapter else [None]:
+        if name is not None:
+            runner.activate(name)  # the next adapter on the same loaded base
+            if len(adapter) > 1:
+                sys.stdout.write(f"[{name}] ")
+        pieces = stream_greedy(pkg, prompt, max_new_tokens, threads, runner=runner)
+        first = next(pieces, "")  # (the package is loaded and the prompt checked before anything is printed)
+        sys.stdout.write(prompt + first)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command(name="adapter")
+def adapter_(
+    adapter: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (adapter_config.json + safetensors)."),
+    package: Path = typer.Option(..., "--package", help="An ONNX package exported with --lora-slots."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="The adapter file (default: <adapter name>.onnx_adapter beside the package)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing adapter file."),
+) -> None:
+    """Convert a PEFT adapter for one package's LoRA slots: every tensor checked against them first."""
+    from mobilize.package.adapter import convert
+    from mobilize.package.verify import verify_package
+
+    verify_package(package)
+    path, peft, slots = convert(adapter, package, out, overwrite)
+    ranks = sorted({p.rank for p in peft.pairs})
+    print(f"wrote {path}: {len(peft.pairs)} of the package's {slots} slots, rank {'/'.join(map(str, ranks))}, for "
+          f"{package}")  # fmt: skip
 
 
 @app.command(name="eval")

@@ -18,8 +18,8 @@ from mobilize import __version__
 from mobilize.errors import MobilizeError
 from mobilize.frontend.loader import load_model, open_checkpoint
 from mobilize.frontend.lora import CONFIG as LORA_CONFIG
+from mobilize.frontend.lora import MAX_SLOT_RANK, Slots, apply_adapters, parse_targets
 from mobilize.frontend.lora import WEIGHTS as LORA_WEIGHTS
-from mobilize.frontend.lora import apply_adapters
 from mobilize.frontend.tokenizer import (
     check_tokenizer,
     convert_in_background,
@@ -67,6 +67,15 @@ class ExportOptions:
     ignore_fit: bool = False  # write a package that does not fit the preset's device
     sign: Path | None = None  # an OpenSSH private key: the manifest signed (manifest.json.sig)
     lora: tuple[str, ...] = ()  # PEFT adapter directories, merged into the weights before quantization
+    lora_slots: int | None = None  # the rank of LoRA slots whose weights are given at run time
+    lora_targets: str = "q,v"  # the projections that get slots
+
+    def slots(self) -> Slots | None:
+        if self.lora_slots is None:
+            return None
+        if not 1 <= self.lora_slots <= MAX_SLOT_RANK:
+            raise MobilizeError(f"--lora-slots {self.lora_slots}: a rank from 1 to {MAX_SLOT_RANK}")
+        return Slots(self.lora_slots, parse_targets(self.lora_targets))
 
     def resolved(self) -> ExportOptions:
         """Every choice the target leaves to its preset filled in; errors for unknown names."""
@@ -82,7 +91,8 @@ class ExportOptions:
             raise MobilizeError(f"unknown --bundle {self.bundle!r} (known: litertlm)")
         if self.logits not in LOGITS:
             raise MobilizeError(f"unknown --logits {self.logits!r} (known: {', '.join(LOGITS)})")
-        TARGETS[fmt].check(Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle))
+        how = Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle, lora_slots=self.slots())
+        TARGETS[fmt].check(how)
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
             raise MobilizeError(f"--prefill-len {list(self.prefill_lens)[:8]}: each must be from 1 to {1 << 16}")
         if len(self.prefill_lens) > 16:
@@ -140,7 +150,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         check_tokenizer(model.ckpt, model.config.vocab_size, tmp)
         return written
 
-    how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle, kv_dtype)
+    slots = opts.slots()
+    how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle, kv_dtype, slots)
     meanwhile = None
     try:
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
@@ -189,6 +200,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             "io": written.io,
             "tokenizer": tokenizer_files or None,
         }
+        if slots is not None:
+            manifest["lora_slots"] = slots.record(model.config)
         target.finish(model, written, manifest, how, tmp, phase)
         phase("writing manifest")
         device = PRESETS[opts.target].device

@@ -218,3 +218,15 @@ def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
 
 def is_norm(name: str) -> bool:
     return name.endswith("norm.weight")
+
+
+def config_from_record(arch: dict[str, Any]) -> DecoderConfig:
+    """A config back from its manifest record (dataclasses.asdict, JSON lists for tuples), checked again."""
+
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    try:
+        return DecoderConfig(**{k: tuples(v) for k, v in arch.items()})
+    except TypeError as e:
+        raise ConfigError(f"the manifest's architecture cannot be read: {e}") from None

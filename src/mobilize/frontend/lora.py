@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mobilize.errors import CheckpointError
+from mobilize.frontend.config import expected_shapes, layer_weight_names
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.safetensors_file import read_safetensors
 from mobilize.safe_io import quoted, read_json, regular_file
@@ -54,6 +55,7 @@ _UNSUPPORTED = {  # config field -> (value that is fine, why not otherwise)
     },
 }
 _MAX_RANK = 4096
+MAX_SLOT_RANK = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +197,6 @@ def merge(model, adapters: list[Adapter]):
 def apply_adapters(model, paths: list[str | Path], expected: list[dict] | None = None):
     """Read and merge adapters named by path; with `expected` (a manifest's records), each file must be the one
     that was merged then."""
-    from mobilize.frontend.config import expected_shapes
-
     shapes = expected_shapes(model.config)
     adapters = [read_adapter(p, model.config, shapes) for p in paths]
     for adapter, record in zip(adapters, expected or [], strict=False):
@@ -299,3 +299,46 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+    """A package's LoRA slots: each targeted projection takes `x @ A @ B` added to its output, with A [in, r] and
+    B [r, out] given at run time (an adapter's scale folded into B; a smaller rank padded with zeros to `rank`)."""
+
+    rank: int
+    targets: tuple[str, ...]  # short module names: q_proj, v_proj, ...
+
+    def modules(self, cfg) -> dict[str, tuple[int, int]]:
+        """module -> (in, out) of every slot."""
+        found = {}
+        for i in range(cfg.num_layers):
+            for name, shape in layer_weight_names(cfg, i).items():
+                module = name.removesuffix(".weight")
+                if name.endswith(".weight") and module.rsplit(".", 1)[-1] in self.targets:
+                    found[module] = (shape[1], shape[0])
+        return found
+
+    def record(self, cfg) -> dict[str, Any]:
+        return {"rank": self.rank, "targets": list(self.targets), "modules": len(self.modules(cfg))}
+
+
+def slot_inputs(module: str) -> tuple[str, str]:
+    """The graph input (ONNX) or signature input (TFLite) names of a slot's A and B."""
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """--lora-targets "q,v" or "q_proj,v_proj" -> ("q_proj", "v_proj"), checked."""
+    short = {m.split("_")[0]: m for m in LINEAR}
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    out = []
+    for t in names:
+        module = short.get(t, t)
+        if module not in LINEAR:
+            raise CheckpointError(f"--lora-targets: {quoted(t)} is not a projection (known: {', '.join(LINEAR)})")
+        if module not in out:
+            out.append(module)
+    if not out:
+        raise CheckpointError("--lora-targets names no projection")
+    return tuple(sorted(out, key=LINEAR.index))

@@ -54,17 +54,39 @@ class Package:
             ids |= {i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int}
         return ids
 
-    def runner(self, threads: int = 0):
+    def runner(self, threads: int = 0, adapters: list[Path] = ()):
         """The package's runner (imported here: a device has only its format's runtime); `threads` 0: the
-        package's own (its preset's device's big cores, as its genai_config.json asks)."""
+        package's own (its preset's device's big cores, as its genai_config.json asks). `adapters`: LoRA adapter
+        files, each checked against the package's slots and loaded (named by file stem), the first one active."""
         threads = threads or self.manifest["target"].get("threads") or 0
         if self.manifest["format"] == "tflite":
+            if adapters:
+                raise MobilizeError("--adapter: TFLite packages have no LoRA slots yet (merge with export --lora)")
             from mobilize.harness.litert_runner import LiteRtRunner
 
             return LiteRtRunner(self.path / "model.tflite", threads=threads)
         from mobilize.harness.ort_runner import OrtRunner
 
-        return OrtRunner(self.path / "model.onnx", threads=threads)
+        checked = self.adapter_files(adapters)
+        runner = OrtRunner(self.path / "model.onnx", threads=threads)
+        for name, path in checked.items():
+            runner.load_adapter(name, path)
+        if checked:
+            runner.activate(next(iter(checked)))
+        return runner
+
+    def adapter_files(self, adapters: list[Path]) -> dict[str, Path]:
+        """name -> file of each adapter, checked against this package (made for it, its slots' names and shapes)."""
+        from mobilize.package.adapter import check_adapter
+
+        named: dict[str, Path] = {}
+        for path in adapters:
+            check_adapter(path, self.path, self.manifest)
+            name = Path(path).name.removesuffix(".onnx_adapter")
+            if name in named:
+                raise MobilizeError(f"--adapter {path}: two adapters named {name!r}")
+            named[name] = Path(path)
+        return named
 
 
 def stream_greedy(

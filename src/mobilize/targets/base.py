@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.lora import Slots
 from mobilize.quant.plan import TargetCaps
 from mobilize.quant.recipes import Recipe
 
@@ -26,6 +27,7 @@ class Lowering:
     prefill_lens: tuple[int, ...] = (32, 128)
     bundle: str | None = None  # tflite: "litertlm" also writes model.litertlm
     kv_dtype: str = "float32"  # of the KV cache: "float32" or "float16"
+    lora_slots: Slots | None = None  # LoRA slots whose weights are given at run time
 
 
 @dataclasses.dataclass

@@ -16,6 +16,7 @@ from onnx_ir.tape import Tape
 
 from mobilize.frontend.config import SLIDING, is_norm
 from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.lora import Slots, slot_inputs
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.gguf_grid import GRID_FORMS, GRID_KINDS, block_codes, block_grid
 from mobilize.model.decoder import decode
@@ -32,8 +33,10 @@ class OnnxEmitter:
 
     wants_logits = True
 
-    def __init__(self, model: LoadedModel, last_logits: bool = False) -> None:
+    def __init__(self, model: LoadedModel, last_logits: bool = False, slots: Slots | None = None) -> None:
         self.cfg = model.config
+        self.slots = slots.modules(model.config) if slots else {}
+        self.lora_inputs: list[ir.Value] = []
         self.last_logits = last_logits
         self.weights = model.weights
         self.t = Tape()
@@ -133,7 +136,15 @@ class OnnxEmitter:
 
     def linear(self, x: ir.Value, name: str, bias: bool = False) -> ir.Value:
         y = self.op("MatMul", x, self.weight(name + ".weight", transpose=True))
-        return self.op("Add", y, self.weight(name + ".bias")) if bias else y
+        if bias:
+            y = self.op("Add", y, self.weight(name + ".bias"))
+        if name in self.slots:  # a LoRA slot: + (x @ A) @ B, A and B graph inputs (empty by default: the base)
+            (k, n), (a_name, b_name) = self.slots[name], slot_inputs(name)
+            a = ir.Value(name=a_name, type=ir.TensorType(FLOAT), shape=ir.Shape([k, "lora_rank"]))
+            b = ir.Value(name=b_name, type=ir.TensorType(FLOAT), shape=ir.Shape(["lora_rank", n]))
+            self.lora_inputs += [a, b]
+            y = self.op("Add", y, self.op("MatMul", self.op("MatMul", x, a), b))
+        return y
 
     def heads(self, x: ir.Value, n: int) -> ir.Value:
         return self.op("Reshape", x, self.const([0, 0, n, self.cfg.head_dim]))  # [batch, seq, heads, head_dim]
@@ -205,6 +216,7 @@ class OnnxEmitter:
         positions = 1 if self.last_logits else "seq"
         logits.type, logits.shape = ir.TensorType(FLOAT), ir.Shape(["batch", positions, cfg.vocab_size])
         inputs = [self.input_ids, self.attention_mask, self.position_ids] + [v for pair in self.pasts for v in pair]
+        inputs += self.lora_inputs
         graph = ir.Graph(
             inputs,
             [logits, *self.presents],
@@ -230,7 +242,20 @@ def _grid(ref: TensorRef):
     return lambda: block_grid(ref.dtype, ref.raw())
 
 
-def build_decoder(model: LoadedModel, last_logits: bool = False) -> ir.Model:
+def build_decoder(model: LoadedModel, last_logits: bool = False, slots: Slots | None = None) -> ir.Model:
     """The plain fp32 ONNX decoder of a loaded checkpoint (weights still lazy). `last_logits`: the logits
-    output is the last position's only ([batch, 1, vocab]), what generation reads; else every position's."""
-    return OnnxEmitter(model, last_logits).build()
+    output is the last position's only ([batch, 1, vocab]), what generation reads; else every position's.
+    `slots`: LoRA slots on the projections they name (their A and B are graph inputs)."""
+    return OnnxEmitter(model, last_logits, slots).build()
+
+
+def empty_lora_defaults(model: ir.Model) -> None:
+    """Give every LoRA slot input an empty default ([in, 0] and [0, out]), so that a run without an adapter is
+    the base model. Done after the passes: a default makes an input look constant, and no pass may fold, pack,
+    quantize or deduplicate these."""
+    for value in model.graph.inputs:
+        if value.name.endswith((".lora_A", ".lora_B")):
+            k, n = value.shape
+            shape = (k, 0) if value.name.endswith(".lora_A") else (0, n)
+            value.const_value = ir.tensor(np.zeros(shape, np.float32), name=value.name)
+            model.graph.register_initializer(value)

@@ -12,7 +12,7 @@ from mobilize.frontend.tokenizer import special_token_ids
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.onnx.caps import ONNX_CAPS
-from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.emitter import build_decoder, empty_lora_defaults
 from mobilize.targets.onnx.genai_config import genai_config, graph_io
 from mobilize.targets.onnx.passes.kv_cache import WINDOW_SLACK, static_kv
 from mobilize.targets.onnx.pipeline import onnx_passes, run_passes, summarize
@@ -42,9 +42,11 @@ class OnnxTarget:
             )
         passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics, how.kv_dtype)
         phase("building graph")
-        graph = build_decoder(model, last_logits=how.logits == "last")
+        graph = build_decoder(model, last_logits=how.logits == "last", slots=how.lora_slots)
         phase(f"passes ({recipe.name})")
-        return graph, run_passes(graph, passes)
+        reports = run_passes(graph, passes)
+        empty_lora_defaults(graph)
+        return graph, reports
 
     def write(self, lowered, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
         graph, reports = lowered

@@ -26,6 +26,9 @@ class TfliteTarget:
 
         if how.logits != "last":
             raise MobilizeError("--logits all is for ONNX packages (TFLite's signatures give the last position's)")
+        if how.lora_slots is not None:
+            raise MobilizeError("--lora-slots: TFLite packages have no LoRA slots yet; use --format onnx, or merge the "
+                                "adapter with --lora")  # fmt: skip
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
         phase("lowering to TFLite")

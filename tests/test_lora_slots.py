@@ -1,0 +1,139 @@
+"""LoRA slots (`export --lora-slots`): a base package whose projections take an adapter's A and B at run time, and
+`mobilize adapter` converting a PEFT adapter for it. With the adapter the package gives transformers + peft's
+logits (1e-4, fp32), without it the base's; ONNX Runtime GenAI's `Adapters` switches two adapters on one loaded
+model; the quantized base is the same with slots as without; every mismatch is one error line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, assert_tracks_reference, cli, write_peft_adapter
+
+from mobilize.frontend.families.registry import FAMILIES
+from mobilize.harness.package import Package
+from mobilize.harness.reference import ReferenceRunner
+
+PROMPT = [3, 17, 99, 5, 64, 1, 42]
+ALL = "q,k,v,o,gate,up,down"
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _export(src, out, rank=4, targets=ALL, quant="fp32") -> Path:
+    _ok(cli("export", src, "-o", out, "-t", "host", "-q", quant, "--max-seq-len", "64", "--lora-slots", rank,
+             "--lora-targets", targets))  # fmt: skip
+    return Path(out)
+
+
+def _convert(adapter, pkg, out) -> Path:
+    _ok(cli("adapter", adapter, "--package", pkg, "-o", out))
+    return Path(out)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_slots_match_peft(family, tiny_hf, tmp_path):
+    src = tiny_hf(family)
+    pkg = _export(src, tmp_path / "pkg")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["lora_slots"] == {"rank": 4, "targets": [f"{t}_proj" for t in ALL.split(",")],
+                                      "modules": 7 * FAMILIES[family].tiny().num_layers}  # fmt: skip
+    targets = [f"{t}_proj" for t in ALL.split(",")]
+    peft = write_peft_adapter(src, tmp_path / "peft", targets, r=4, rank_pattern={"o_proj": 2})  # padded to 4
+    runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])
+    assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
+    runner.activate(None)  # the base, on the same loaded session
+    assert_tracks_reference(ReferenceRunner(src), runner, PROMPT)
+
+
+def test_genai_switches_adapters(tiny_hf, tmp_path):
+    """Two adapters loaded by onnxruntime_genai.Adapters on one model, switched between generations: each gives
+    the tokens mobilize's runner gives with it, the base its own, and the two differ."""
+    import onnxruntime_genai as og
+
+    src = tiny_hf("gemma3")
+    pkg = _export(src, tmp_path / "pkg", targets="q,v,down")
+    files = {}
+    for seed in (1, 2):
+        peft = write_peft_adapter(src, tmp_path / f"peft{seed}", ["q_proj", "v_proj", "down_proj"], seed=seed)
+        files[f"a{seed}"] = _convert(peft, pkg, tmp_path / f"a{seed}.onnx_adapter")
+    model = og.Model(str(pkg))
+    adapters = og.Adapters(model)
+    for name, path in files.items():
+        adapters.load(str(path), name)
+    max_length = json.loads((pkg / "genai_config.json").read_text())["search"]["max_length"]
+    prompt = list(range(1, 20))
+
+    def genai(name):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        gen = og.Generator(model, params)
+        if name:
+            gen.set_active_adapter(adapters, name)
+        gen.append_tokens(prompt)
+        out = []
+        while not gen.is_done() and len(out) < 16:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return out
+
+    runner = Package.open(pkg).runner(adapters=list(files.values()))
+
+    def ours(name):
+        runner.activate(name)
+        out = [int(runner.prefill(prompt)[-1].argmax())]
+        while len(out) < 16:
+            out.append(int(runner.decode(out[-1]).argmax()))
+        return out
+
+    got = {name: genai(name) for name in ("a1", None, "a2", "a1")}
+    assert got == {name: ours(name) for name in ("a1", None, "a2")}
+    assert len({tuple(v) for v in got.values()}) == 3
+
+
+def test_slots_leave_the_quantized_base_alone(tiny_hf, tmp_path):
+    """int4 with slots, run without an adapter, is the int4 package without slots: the passes fused and quantized
+    the same, and no pass touched a slot."""
+    src = tiny_hf("qwen3")
+    with_slots = _export(src, tmp_path / "slots", quant="int4")
+    _ok(cli("export", src, "-o", tmp_path / "plain", "-t", "host", "-q", "int4", "--max-seq-len", "64"))
+    reports = [json.loads((p / "manifest.json").read_text())["build_report"]["passes"]
+               for p in (with_slots, tmp_path / "plain")]  # fmt: skip
+    assert [(r["pass"], r["matched"]) for r in reports[0]] == [(r["pass"], r["matched"]) for r in reports[1]]
+    a = Package.open(with_slots).runner().prefill(PROMPT)
+    b = Package.open(tmp_path / "plain").runner().prefill(PROMPT)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_refused_in_one_line(tiny_hf, tmp_path):
+    src = tiny_hf("llama")
+    pkg = _export(src, tmp_path / "pkg", rank=4, targets="q,v")
+    other = _export(src, tmp_path / "other", rank=4, targets="q,v,o")
+    good = write_peft_adapter(src, tmp_path / "good", ["q_proj", "v_proj"])
+    wrong_base = _convert(good, other, tmp_path / "other.onnx_adapter")
+    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", wrong_base), "made for another package")
+    big = write_peft_adapter(src, tmp_path / "big", ["q_proj", "v_proj"], r=8)
+    assert_one_line_error(cli("adapter", big, "--package", pkg), "rank 8", "slot rank 4", "--lora-slots 8")
+    no_slot = write_peft_adapter(src, tmp_path / "noslot", ["q_proj", "o_proj"])
+    assert_one_line_error(cli("adapter", no_slot, "--package", pkg), "'model.layers.0.self_attn.o_proj' has no slot")
+    assert_one_line_error(cli("adapter", good, "--package", tmp_path / "nothing"))
+    junk = tmp_path / "junk.onnx_adapter"
+    junk.write_bytes(b"not an adapter at all")
+    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", junk), "not an ONNX Runtime adapter file")
+    plain = tmp_path / "plain"
+    _ok(cli("export", src, "-o", plain, "-t", "host", "-q", "fp32", "--max-seq-len", "64"))
+    assert_one_line_error(cli("adapter", good, "--package", plain), "has no LoRA slots", "--lora-slots")
+    out = tmp_path / "tfl"
+    r = cli("export", src, "-o", out, "-t", "host", "-f", "tflite", "--lora-slots", "4")
+    assert_one_line_error(r, "TFLite packages have no LoRA slots yet")
+    assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "4", "--lora-targets", "q,x"), "'x' is not")
+    assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "0"), "a rank from 1")
+    existing = tmp_path / "a.onnx_adapter"
+    existing.write_bytes(b"keep me")
+    assert_one_line_error(cli("adapter", good, "--package", pkg, "-o", existing), "exists")
+    assert existing.read_bytes() == b"keep me" and not out.exists()
