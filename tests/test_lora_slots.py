@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, assert_tracks_reference, cli, write_peft_adapter
+from helpers import assert_one_line_error, assert_tracks_reference, cli, with_word_tokenizer, write_peft_adapter
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
@@ -137,3 +137,27 @@ def test_refused_in_one_line(tiny_hf, tmp_path):
     existing.write_bytes(b"keep me")
     assert_one_line_error(cli("adapter", good, "--package", pkg, "-o", existing), "exists")
     assert existing.read_bytes() == b"keep me" and not out.exists()
+
+
+def test_eval_and_bench_with_an_adapter(tiny_hf, tmp_path):
+    """eval --adapter: the package with the adapter against the reference with it merged (agrees: KL ~0), and
+    recording the base's own eval in its manifest keeps the adapter loadable; bench --adapter: base and adapter
+    interleaved on one session."""
+    text = tmp_path / "text.txt"
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", text, 80)
+    pkg = _export(src, tmp_path / "pkg", targets="q,v")
+    adapter = _convert(
+        write_peft_adapter(src, tmp_path / "peft", ["q_proj", "v_proj"]), pkg, tmp_path / "a.onnx_adapter"
+    )
+    _ok(cli("eval", pkg, "--text", text, "--chunk", "32", "--json"))  # rewrites the manifest (its evaluation)
+    with_adapter = json.loads(
+        _ok(cli("eval", pkg, "--text", text, "--chunk", "32", "--json", "--adapter", adapter)).stdout
+    )
+    assert with_adapter["mean_kl"] < 1e-6 and with_adapter["top1_agreement"] == 1.0
+    base = json.loads((pkg / "manifest.json").read_text())["evaluation"]
+    assert abs(base["reference_perplexity"] - with_adapter["reference_perplexity"]) > 1e-3  # another model
+    r = _ok(cli("bench", pkg, "--adapter", adapter, "--json", "--repeats", "2", "--prompt-len", "8", "--gen-len", "8"))
+    result = json.loads(r.stdout)
+    assert result["rank"] == 4 and len(result["base"]["samples"]["tg"]) == 2 and result["decode_ratio"] > 0
+    assert_one_line_error(cli("eval", pkg, "--text", text, "--adapter", adapter, "--reference", "transformers"),
+                          "--reference numpy")  # fmt: skip

@@ -305,6 +305,9 @@ def eval_(
         "numpy", "--reference", help="numpy: mobilize's decoder in fp32 (no torch); transformers: PyTorch's."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="A LoRA adapter file: active in the package, merged into the reference (not recorded)."
+    ),
 ) -> None:
     """Perplexity, top-1 agreement and KL against the reference model; written into the manifest and README."""
     from mobilize.harness.evaluate import DEFAULT_TEXT, evaluate, record
@@ -320,9 +323,10 @@ def eval_(
 
         chosen = text_set(texts)
         with console.status(f"evaluating {package.name} on the {texts} texts against the reference"):
-            result = evaluate_set(pkg, chosen, max_tokens, chunk=chunk, threads=threads, reference=reference)
+            result = evaluate_set(pkg, chosen, max_tokens, chunk, threads, reference, adapter)
         result["text_set"] = texts
-        record(package, result)
+        if adapter is None:  # (an adapter's figures are not the package's)
+            record(package, result)
         if as_json:
             print(json.dumps(result, indent=2))
         else:
@@ -345,8 +349,9 @@ def eval_(
     except UnicodeDecodeError:
         raise MobilizeError(f"the text {text} is not UTF-8") from None
     with console.status(f"evaluating {package.name} against the reference"):
-        result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference)
-    record(package, result)
+        result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference, adapter=adapter)
+    if adapter is None:
+        record(package, result)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
@@ -475,10 +480,18 @@ def bench(
     ),
     remote_python: str = typer.Option("python3", "--remote-python", help="--device: the Python to run there."),
     remote_dir: str = typer.Option(None, "--remote-dir", help="--device: working directory there."),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="A LoRA adapter file: its decode cost against the base, interleaved on one session."
+    ),
 ) -> None:
     """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
     from mobilize.harness.package import Package
     from mobilize.harness.perf import measure
+
+    if adapter is not None:
+        if runtime != "default" or device is not None:
+            raise MobilizeError("--adapter measures on this machine with the package's own runtime")
+        return _bench_adapter(package, adapter, threads, prompt_len, gen_len, repeats, as_json)
 
     runtimes = {"default": None, "ort": "onnx", "litert": "tflite", "genai": "onnx", "litert-lm": "tflite"}
     if runtime not in runtimes:
@@ -519,6 +532,40 @@ def bench(
     for r in result["records"]:
         print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
     print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+def _bench_adapter(package: Path, adapter: Path, threads, prompt_len, gen_len, repeats, as_json) -> None:
+    """The base and the base with an adapter on one loaded session, rounds interleaved (A B, B A, ...)."""
+    from mobilize.harness.package import Package
+    from mobilize.harness.perf import interleaved, measure, paired_ratio
+
+    pkg = Package.open(package)
+    runner = pkg.runner(threads, [adapter])
+    name = next(iter(runner.adapters))
+    vocab = pkg.manifest["architecture"]["vocab_size"]
+
+    def with_(active):
+        def run():
+            runner.activate(active)
+            return measure(runner, vocab, prompt_len, gen_len, 1)
+
+        return run
+
+    with console.status(f"benchmarking {package.name}: base and {name}, interleaved"):
+        res = interleaved({"base": with_(None), "adapter": with_(name)}, repeats)
+    tg = paired_ratio(res["adapter"]["samples"]["tg"], res["base"]["samples"]["tg"])
+    pp = paired_ratio(res["adapter"]["samples"]["pp"], res["base"]["samples"]["pp"])
+    result = {"package": str(package), "adapter": str(adapter), "rank": pkg.manifest["lora_slots"]["rank"],
+              "threads": threads, "prompt_len": prompt_len, "gen_len": gen_len, "rounds": repeats,
+              "base": res["base"], "with_adapter": res["adapter"], "decode_ratio": tg, "prefill_ratio": pp,
+              "decode_cost": 1 - tg}  # fmt: skip
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for label, r in (("base", res["base"]), (f"with {name}", res["adapter"])):
+        pp_s, tg_s = r["prefill_tok_s"], r["decode_tok_s"]
+        print(f"{label:<22} pp{prompt_len} {pp_s:8.1f} tok/s   tg{gen_len} {tg_s:7.1f} tok/s")
+    print(f"{'adapter cost':<22} decode {1 - tg:+.1%}, prefill {1 - pp:+.1%} (medians of {repeats} paired rounds)")
 
 
 @bench_app.command(name="run")

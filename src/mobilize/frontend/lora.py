@@ -187,10 +187,14 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
 def merge(model, adapters: list[Adapter]):
     """The model with every adapter's update added to its weights (lazily, in float32; one tensor at a time).
     A merged weight is no longer on its source's quantization grid: its blocks are re-rounded, not carried."""
+    return merge_deltas(model, [(p.weight, p.delta) for a in adapters for p in a.pairs])
+
+
+def merge_deltas(model, deltas: list[tuple[str, Any]]):
+    """The model with each (weight name, () -> [out, in] update) added, in turn, lazily."""
     weights = dict(model.weights)
-    for adapter in adapters:
-        for pair in adapter.pairs:
-            weights[pair.weight] = _merged(weights[pair.weight], pair)
+    for name, delta in deltas:
+        weights[name] = _merged(weights[name], name, delta)
     return dataclasses.replace(model, weights=weights)
 
 
@@ -208,12 +212,12 @@ def apply_adapters(model, paths: list[str | Path], expected: list[dict] | None =
     return merge(model, adapters), adapters
 
 
-def _merged(ref: TensorRef, pair: LoraPair) -> TensorRef:
+def _merged(ref: TensorRef, name: str, delta) -> TensorRef:
     def load() -> np.ndarray:
         w = ref.load().astype(np.float32, copy=True)
-        w += pair.delta()
+        w += delta()
         if not np.isfinite(w).all():
-            raise CheckpointError(f"LoRA on {quoted(pair.module)} gives NaN or infinite weights")
+            raise CheckpointError(f"LoRA on {quoted(name)} gives NaN or infinite weights")
         return w
 
     return dataclasses.replace(ref, dtype="F32", nbytes=4 * math.prod(ref.shape), load=load, raw=None)

@@ -34,11 +34,26 @@ def reference_source(manifest: dict) -> Path:
 REFERENCES = ("numpy", "transformers")
 
 
-def reference_runner(manifest: dict, reference: str):
-    """The reference runner for a package's source: numpy (mobilize's decoder, torch-free) or transformers."""
+def reference_runner(manifest: dict, reference: str, adapter: dict | None = None):
+    """The reference runner for a package's source: numpy (mobilize's decoder, torch-free) or transformers.
+    `adapter`: an adapter file's parameters (package/adapter.py), merged into the numpy reference's weights."""
     if reference not in REFERENCES:
         raise MobilizeError(f"unknown --reference {reference!r} (known: {', '.join(REFERENCES)})")
     source = reference_source(manifest)
+    if adapter is not None:
+        if reference != "numpy":
+            raise MobilizeError(
+                "--adapter: the reference is mobilize's decoder with the adapter merged (--reference numpy); for "
+                "transformers + peft, export with --lora and evaluate that package"
+            )
+        from mobilize.frontend.loader import load_model, open_checkpoint
+        from mobilize.frontend.lora import merge_deltas
+        from mobilize.harness.numpy_runner import NumpyRunner
+        from mobilize.package.adapter import merged_reference_deltas
+
+        model = load_model(open_checkpoint(str(source)))
+        deltas = merged_reference_deltas(adapter)
+        return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in deltas.items()]))
     adapters = manifest["source"].get("adapters") or []  # merged into the package: the reference applies them too
     if reference == "numpy":
         from mobilize.harness.numpy_runner import NumpyRunner
@@ -65,15 +80,27 @@ def _check_adapters(manifest: dict, adapters: list[dict]) -> None:
     apply_adapters(load_model(open_checkpoint(manifest["source"]["id"])), [a["path"] for a in adapters], adapters)
 
 
+def runners(package, reference: str, threads: int, adapter: Path | None = None):
+    """(the reference, the package's runner); `adapter`: a LoRA adapter file for the package's slots, active in
+    the package and merged into the reference."""
+    params = None
+    if adapter is not None:
+        from mobilize.package.adapter import check_adapter
+
+        params = check_adapter(adapter, package.path, package.manifest)
+    ref = reference_runner(package.manifest, reference, params)  # first: a package without a source says so
+    return ref, package.runner(threads, [adapter] if adapter is not None else [])
+
+
 def evaluate(
-    package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0, reference: str = "numpy"
+    package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0, reference: str = "numpy",
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
-    ref = reference_runner(package.manifest, reference)  # first: a package without a source says so
     tok = package.tokenizer()
     ids = tok.encode(text).ids
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
-    ours = package.runner(threads)
+    ref, ours = runners(package, reference, threads, adapter)
     sums = _score_text(ours, ref, tok, ids, chunk)
     matches = []
     for prompt in PROMPTS:
@@ -89,14 +116,14 @@ def evaluate(
 
 
 def evaluate_set(
-    package, texts, max_tokens: int = 1024, chunk: int = 256, threads: int = 0, reference: str = "numpy"
+    package, texts, max_tokens: int = 1024, chunk: int = 256, threads: int = 0, reference: str = "numpy",
+    adapter: Path | None = None,
 ) -> dict[str, Any]:
     """The figures of each text (its first `max_tokens` tokens), of each split and of all of them."""
     from mobilize.harness.texts import sha256_text
 
-    ref = reference_runner(package.manifest, reference)
     tok = package.tokenizer()
-    ours = package.runner(threads)
+    ref, ours = runners(package, reference, threads, adapter)
     per_text, by_split = {}, {}
     for t in texts:
         body = t.read()

@@ -77,6 +77,7 @@ class OrtRunner:
         self.buffers: dict[str, ort.OrtValue] = {}
         self.adapters: dict[str, dict[str, ort.OrtValue]] = {}
         self.active: dict[str, ort.OrtValue] = {}  # the active adapter's tensors, bound as inputs
+        self._arrays: list[dict[str, np.ndarray]] = []
         if static:
             for name in self.past_names:
                 _, kv_heads, length, head_dim = self.past_shapes[name]
@@ -89,10 +90,13 @@ class OrtRunner:
         bound as the slots' inputs: ONNX Runtime's RunOptions.add_active_adapter is ignored by run_with_iobinding
         (measured: 1.32 gives the base model's logits), which the in-place cache needs."""
         try:
-            params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+            reader = ort.AdapterFormat.read_adapter(str(path))
+            # own copies: the reader's values are views of memory freed with it
+            params = {k: np.array(v.numpy(), copy=True) for k, v in reader.get_parameters().items()}
         except Exception as e:
             raise MobilizeError(f"ONNX Runtime cannot load the adapter {path}: {runtime_reason(e)}") from None
-        self.adapters[name] = dict(params)
+        self.adapters[name] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
+        self._arrays.append(params)  # (an OrtValue made from numpy borrows the array)
 
     def activate(self, name: str | None) -> None:
         """Run the next steps with this loaded adapter (None: the base model); the base stays loaded."""

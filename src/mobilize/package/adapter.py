@@ -4,12 +4,14 @@ read back before a run.
 The file is ONNX Runtime's adapter format (`.onnx_adapter`, written and read with `onnxruntime.AdapterFormat`),
 which `onnxruntime.LoraAdapter` and `onnxruntime_genai.Adapters` load. Each slot's A is stored as [in, rank] and
 its B as [rank, out] with the adapter's scale folded in, both padded with zeros to the package's slot rank (an
-exact no-op). The file's model version is the first 28 bits of the package's manifest sha256: an adapter made
-for one package is refused on any other before it is bound.
+exact no-op). The file's model version is the first 28 bits of a digest of the package's model files (their
+sha256 in the manifest; not the manifest's own, which `mobilize eval` rewrites): an adapter made for one package
+is refused on any other before it is bound.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 from mobilize.errors import MobilizeError
 from mobilize.frontend.config import config_from_record, expected_shapes
 from mobilize.frontend.lora import Slots, read_adapter, slot_inputs
-from mobilize.package.verify import manifest_digest, read_manifest
+from mobilize.package.verify import read_manifest
 from mobilize.safe_io import quoted
 
 SUFFIX = ".onnx_adapter"
@@ -33,9 +35,14 @@ def package_slots(package: Path, manifest: dict) -> tuple[Slots, dict[str, tuple
     return slots, slots.modules(config_from_record(manifest["architecture"]))
 
 
-def base_version(package: Path) -> int:
-    """The model version an adapter for this package carries: its manifest's digest, cut to fit an int32."""
-    return int(manifest_digest(package)[:7], 16)
+def base_version(manifest: dict) -> int:
+    """The model version an adapter for this package carries: a digest of its model files' sha256, cut to fit an
+    int32."""
+    files = manifest.get("files") or {}
+    models = sorted((name, entry["sha256"]) for name, entry in files.items() if name.startswith("model."))
+    if not models:
+        raise MobilizeError("the package's manifest lists no model files")
+    return int(hashlib.sha256(repr(models).encode()).hexdigest()[:7], 16)
 
 
 def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None = None, overwrite: bool = False):
@@ -75,7 +82,7 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
         raise MobilizeError(f"{quoted(out)} is a directory or a symlink: not replaced")
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(FORMAT_VERSION)
-    fmt.set_model_version(base_version(package))
+    fmt.set_model_version(base_version(manifest))
     fmt.set_parameters(parameters)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -100,16 +107,17 @@ def check_adapter(path: str | Path, package: Path, manifest: dict) -> dict[str, 
         fmt = ort.AdapterFormat.read_adapter(str(path))
     except Exception:  # ORT's own types: not the format, truncated
         raise MobilizeError(f"--adapter {quoted(path)} is not an ONNX Runtime adapter file ({SUFFIX})") from None
-    if fmt.get_model_version() != base_version(package):
+    if fmt.get_model_version() != base_version(manifest):
         raise MobilizeError(f"--adapter {quoted(path)} was made for another package than {quoted(package)} (its base "
-                            f"{fmt.get_model_version():07x}, this one's manifest {base_version(package):07x}); "
+                            f"{fmt.get_model_version():07x}, this one's {base_version(manifest):07x}); "
                             "convert the PEFT adapter again with mobilize adapter")  # fmt: skip
     slots = manifest["lora_slots"]["rank"]
     expected = {}
     for module, (k, n) in modules.items():
         a, b = slot_inputs(module)
         expected[a], expected[b] = (k, slots), (slots, n)
-    params = {name: value.numpy() for name, value in fmt.get_parameters().items()}
+    # copies: the arrays are views of memory the reader owns, freed with it
+    params = {name: np.array(value.numpy(), copy=True) for name, value in fmt.get_parameters().items()}
     for name, value in params.items():
         if name not in expected:
             raise MobilizeError(f"--adapter {quoted(path)}: tensor {quoted(name)} is no slot of this package")
