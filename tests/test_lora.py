@@ -125,6 +125,20 @@ def _rename_tensor(adapter: Path, tmp: Path, old: str, new: str) -> Path:
     return out
 
 
+def _poison(adapter: Path, tmp: Path) -> Path:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp / "poisoned"
+    shutil.copytree(adapter, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = np.nan
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
 @pytest.mark.parametrize(
     ("case", "needles"),
     [
@@ -137,6 +151,10 @@ def _rename_tensor(adapter: Path, tmp: Path, old: str, new: str) -> Path:
         ("not lora", ("peft_type 'IA3' is not LORA",)),
         ("file not directory", ("not a PEFT adapter directory", "pass its directory")),
         ("no directory", ("not a PEFT adapter directory",)),
+        ("bad pattern", ("not a regular expression",)),
+        ("rank as text", ("r = '4'", "not a positive integer")),
+        ("nan", ("NaN or infinite",)),
+        ("variant", ("trainable_token_indices", "not supported")),
     ],
 )
 def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
@@ -155,6 +173,10 @@ def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
         "not lora": lambda: _edit_config(good, tmp_path, peft_type="IA3"),
         "file not directory": lambda: good / "adapter_model.safetensors",
         "no directory": lambda: tmp_path / "nothing",
+        "bad pattern": lambda: _edit_config(good, tmp_path, rank_pattern={"q_proj(": 2}),
+        "rank as text": lambda: _edit_config(good, tmp_path, r="4"),
+        "nan": lambda: _poison(good, tmp_path),
+        "variant": lambda: _edit_config(good, tmp_path, trainable_token_indices=[1, 2]),
     }[case]()
     out = tmp_path / "pkg"
     r = cli("export", tiny_hf("llama"), "-o", out, "-t", "host", "-q", "fp32", "--lora", adapter)

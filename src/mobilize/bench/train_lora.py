@@ -69,6 +69,8 @@ def main() -> None:
         f"(`mobilize.bench.lora_domain`, seed {TRAIN_SEED}): {len(chunks)} chunks of {args.seq} tokens, "
         f"{args.steps} steps of AdamW at lr {args.lr}. Loss {log[0]:.2f} -> {log[-1]:.2f}.\n"
     )
+    for f in args.out.iterdir():
+        f.chmod(0o644)  # (safetensors writes its file private)
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; chunks {len(chunks)}, tokens {len(ids)}")
 
 

@@ -148,7 +148,12 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
             raise CheckpointError(f"{where}: tensor {quoted(key)} is {ref.dtype} {list(ref.shape)}, not a float matrix")
         halves[module][part] = ref
 
-    targets = [m for m in _modules(cfg) if _targeted(conf, m)]
+    try:
+        targets = [m for m in _modules(cfg) if _targeted(conf, m)]
+        ranks = {m: _pattern_value(rank_pattern, m, rank) for m in halves}
+        alphas = {m: _pattern_value(alpha_pattern, m, alpha) for m in halves}
+    except re.error as e:
+        raise CheckpointError(f"{where}: a module pattern in {CONFIG} is not a regular expression ({e})") from None
     missing = [m for m in targets if m not in halves]
     if missing:
         raise CheckpointError(f"{where}: {len(missing)} module(s) its target_modules name have no LoRA weights, e.g. "
@@ -167,7 +172,9 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
         if module == "lm_head" and cfg.tie_word_embeddings or module == EMBEDDING and cfg.tie_word_embeddings:
             raise CheckpointError(f"{where}: LoRA on {module} of a model whose head is tied to its embedding is not "
                                   "supported (PEFT changes one of the two; merging would change both)")  # fmt: skip
-        r = _pattern_value(rank_pattern, module, rank)
+        r = ranks[module]
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= _MAX_RANK:
+            raise CheckpointError(f"{where}: rank_pattern gives {quoted(module)} the rank {r!r}: not a positive int")
         a, b = ab["A"], ab["B"]
         out, inp = shapes[name]
         if module == EMBEDDING:
@@ -177,7 +184,7 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
                 f"{where}: module {quoted(module)}: A {list(a.shape)} and B {list(b.shape)} do not fit rank {r} on a "
                 f"weight of {list(shapes[name])} (expected A {[r, inp]}, B {[out, r]}); is it for another base model?"
             )
-        scale = _pattern_value(alpha_pattern, module, alpha) / (math.sqrt(r) if rslora else r)
+        scale = alphas[module] / (math.sqrt(r) if rslora else r)
         pairs.append(LoraPair(module, a, b, scale))
     if not pairs:
         raise CheckpointError(f"{where}: no LoRA weights for this model")

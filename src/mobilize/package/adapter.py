@@ -72,6 +72,8 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
         b = np.zeros((slots.rank, n), np.float32)
         a[:, : pair.rank] = pair.a.load().T
         b[: pair.rank] = pair.b.load().T * np.float32(pair.scale)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise MobilizeError(f"{where}: the LoRA weights of {quoted(pair.module)} hold NaN or infinite values")
         a_name, b_name = slot_inputs(pair.module)
         parameters[a_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
         parameters[b_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b))

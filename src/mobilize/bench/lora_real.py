@@ -1,0 +1,131 @@
+"""The real LoRA adapter (bench/adapters/gemma3-270m-skerrow, `train_lora`) through both ways to the phone, on the
+bundled Gemma 3 270M in `int4`, measured on Skerrow bulletins it was not trained on (seed 1):
+
+- merged: `export --lora` (one package for the fine-tune); its perplexity against PEFT's (transformers + peft on
+  the same GGUF) and against the base package's;
+- slots: `export --lora-slots 16` (rank 8 padded), the adapter converted by `mobilize adapter`: perplexity with it
+  and without it on one loaded session, greedy text against the merged package's, decode cost (interleaved);
+- ONNX Runtime GenAI's `Adapters` on the slots package: its greedy tokens against mobilize's runner.
+
+    python -m mobilize.bench.lora_real [--out bench/results/gemma3-270m-lora.json] [--workdir out/lora-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mobilize.bench.lora_domain import EVAL_SEED, bulletins
+from mobilize.bench.train_lora import DEFAULT_OUT as ADAPTER
+
+ROOT = Path(__file__).resolve().parents[3]
+PROMPT = "Bulletin 1207 of the Skerrow Isles Coastwatch, issued at 0600 on the"
+
+
+def _cli(*args) -> str:
+    r = subprocess.run([sys.executable, "-m", "mobilize.cli", *map(str, args)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"mobilize {' '.join(map(str, args))}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemma3-270m-lora.json")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "lora-bench")
+    ap.add_argument("--bulletins", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    text = work / "skerrow-eval.txt"
+    text.write_text(bulletins(EVAL_SEED, args.bulletins))
+    common = ["-t", "android", "-q", "int4", "--overwrite"]
+    t0 = time.perf_counter()
+    base, merged, slots = work / "base", work / "merged", work / "slots"
+    _cli("export", "gemma3-270m", "-o", base, *common)
+    _cli("export", "gemma3-270m", "-o", merged, "--lora", ADAPTER, *common)
+    _cli("export", "gemma3-270m", "-o", slots, "--lora-slots", 16, "--lora-targets", "q,v", *common)
+    adapter_file = work / "skerrow.onnx_adapter"
+    _cli("adapter", ADAPTER, "--package", slots, "-o", adapter_file, "--overwrite")
+    exported = time.perf_counter() - t0
+
+    def ev(pkg, *extra):
+        return json.loads(_cli("eval", pkg, "--text", text, "--json", "--chunk", 256, *extra))
+
+    figures = {
+        "base": ev(base),
+        "merged_vs_peft": ev(merged, "--reference", "transformers"),  # transformers + peft on the GGUF
+        "merged_vs_numpy": ev(merged),
+        "slots_without_adapter": ev(slots),
+        "slots_with_adapter": ev(slots, "--adapter", adapter_file),
+    }
+    keys = ("tokens", "perplexity", "reference_perplexity", "perplexity_increase", "top1_agreement", "mean_kl")
+    figures = {k: {f: v[f] for f in keys} for k, v in figures.items()}
+
+    from mobilize.harness.package import Package, stream_greedy
+
+    merged_text = "".join(stream_greedy(Package.open(merged), PROMPT, 32))
+    slot_pkg = Package.open(slots)
+    runner = slot_pkg.runner(0, [adapter_file])
+    slots_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
+    runner.activate(None)
+    base_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
+    genai_same = _genai_matches(slots, adapter_file, runner)
+    bench = json.loads(_cli("bench", slots, "--adapter", adapter_file, "--json", "--repeats", args.rounds,
+                            "--prompt-len", 128, "--gen-len", 64))  # fmt: skip
+    result = {
+        "command": "python -m mobilize.bench.lora_real",
+        "date": time.strftime("%Y-%m-%d"),
+        "adapter": str(ADAPTER.relative_to(ROOT)),
+        "eval_text": {"bulletins": args.bulletins, "seed": EVAL_SEED, "tokens": figures["base"]["tokens"]},
+        "export_s": round(exported, 1),
+        "perplexity": figures,
+        "greedy_32": {
+            "prompt": PROMPT,
+            "merged": merged_text,
+            "slots_with_adapter": slots_text,
+            "slots_without_adapter": base_text,
+            "merged_equals_slots": merged_text == slots_text,
+        },  # fmt: skip
+        "genai_adapters_match_runner": genai_same,
+        "decode": {k: bench[k] for k in ("rank", "threads", "rounds", "decode_ratio", "prefill_ratio", "decode_cost")}
+        | {"base_tok_s": bench["base"]["decode_tok_s"], "adapter_tok_s": bench["with_adapter"]["decode_tok_s"]},
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _genai_matches(package: Path, adapter_file: Path, runner) -> dict:
+    """ONNX Runtime GenAI with the adapter active (og.Adapters): 16 greedy tokens against mobilize's runner."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(package))
+    adapters = og.Adapters(model)
+    adapters.load(str(adapter_file), "skerrow")
+    from mobilize.harness.package import Package
+
+    prompt = Package.open(package).tokenizer().encode(PROMPT).ids
+    params = og.GeneratorParams(model)
+    max_length = json.loads((package / "genai_config.json").read_text())["search"]["max_length"]
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.set_active_adapter(adapters, "skerrow")
+    gen.append_tokens(prompt)
+    genai = []
+    while len(genai) < 16:
+        gen.generate_next_token()
+        genai.append(int(gen.get_next_tokens()[0]))
+    runner.activate("skerrow")
+    ours = [int(runner.prefill(prompt)[-1].argmax())]
+    while len(ours) < 16:
+        ours.append(int(runner.decode(ours[-1]).argmax()))
+    return {"tokens": 16, "equal": genai == ours}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The real adapter (bench/adapters/gemma3-270m-skerrow: peft, rank 8 on q/v of the bundled Gemma 3 270M, trained on
+Skerrow bulletins) in `int4`: on bulletins it never saw, the slots package with the adapter is far below the base
+(the same session without it) and agrees with the numpy reference with the adapter merged; the merged package's
+greedy text is the slots package's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import cli
+
+from mobilize.bench.lora_domain import EVAL_SEED, bulletins
+from mobilize.bench.train_lora import DEFAULT_OUT as ADAPTER
+from mobilize.harness.package import Package, stream_greedy
+
+pytestmark = pytest.mark.slow
+PROMPT = "Bulletin 1207 of the Skerrow Isles Coastwatch, issued at 0600 on the"
+
+
+def _export(out: Path, *extra) -> Path:
+    r = cli("export", "gemma3-270m", "-o", out, "-t", "host", "-q", "int4", "--max-seq-len", "512", *extra, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_real_adapter(tmp_path):
+    assert (ADAPTER / "adapter_model.safetensors").is_file()
+    slots = _export(tmp_path / "slots", "--lora-slots", "8", "--lora-targets", "q,v")
+    adapter = tmp_path / "skerrow.onnx_adapter"
+    assert cli("adapter", ADAPTER, "--package", slots, "-o", adapter).returncode == 0
+    text = tmp_path / "eval.txt"
+    text.write_text(bulletins(EVAL_SEED, 6))  # ~700 tokens
+
+    def ev(*extra):
+        r = cli("eval", slots, "--text", text, "--json", *extra, timeout=900)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    tuned, base = ev("--adapter", adapter), ev()
+    assert tuned["perplexity"] < 0.6 * base["perplexity"], (tuned, base)
+    assert abs(tuned["perplexity_increase"]) < 0.03 and tuned["top1_agreement"] > 0.9
+
+    merged = _export(tmp_path / "merged", "--lora", ADAPTER)
+    pkg = Package.open(slots)
+    runner = pkg.runner(0, [adapter])
+    with_slots = "".join(stream_greedy(pkg, PROMPT, 32, runner=runner))
+    assert with_slots == "".join(stream_greedy(Package.open(merged), PROMPT, 32))
+    runner.activate(None)
+    assert "".join(stream_greedy(pkg, PROMPT, 32, runner=runner)) != with_slots  # the base writes something else
