@@ -137,9 +137,11 @@ def assert_tracks_reference(ref, ours, prompt: list[int], steps: int = 8, atol: 
         token = int(expected.argmax())
 
 
-def write_peft_adapter(hf_dir: Path, out: Path, targets, r: int = 4, alpha: float = 8, seed: int = 1, **config) -> Path:
+def write_peft_adapter(
+    hf_dir: Path, out: Path, targets, r: int = 4, alpha: float = 8, seed: int = 1, randomize: bool = True, **config
+) -> Path:
     """A LoRA adapter written by peft itself on the checkpoint in `hf_dir`, both halves random (peft starts B at
-    zero, which would make any mistake invisible)."""
+    zero, which would make any mistake invisible; `randomize=False` keeps peft's own start)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -149,7 +151,7 @@ def write_peft_adapter(hf_dir: Path, out: Path, targets, r: int = 4, alpha: floa
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name and randomize:
                 p.copy_(torch.randn_like(p) * 0.1)
     peft_model.save_pretrained(str(out))
     return out

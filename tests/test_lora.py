@@ -5,6 +5,7 @@ trained on its Hugging Face original; eval's reference applies the adapter; ever
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,14 @@ def adapters(tiny_hf, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("fmt", ["onnx", pytest.param("tflite", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("family", list(FAMILIES))
+CASES = [(f, "onnx") for f in FAMILIES] + [(f, "tflite") for f in FAMILIES]
+FAST = {("llama", "onnx"), ("gemma3", "tflite")}  # the others in the full run
+
+
+@pytest.mark.parametrize(
+    ("family", "fmt"), [c if c in FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES],
+    ids=[f"{f}-{k}" for f, k in CASES],
+)  # fmt: skip
 def test_merged_matches_peft(family, fmt, tiny_hf, adapters, tmp_path):
     adapter = adapters(family)
     pkg = _export(tiny_hf(family), tmp_path / "pkg", adapter, fmt=fmt)
@@ -63,6 +70,33 @@ def test_rslora_rank_pattern_and_two_adapters(tiny_hf, adapters, tmp_path):
     second = adapters("qwen3", ("o_proj", "down_proj"), seed=3)
     pkg = _export(src, tmp_path / "pkg", first, second)
     assert_tracks_reference(ReferenceRunner(src, adapters=[first, second]), Package.open(pkg).runner(), PROMPT)
+
+
+def test_multimodal_names(tiny_hf, adapters, tmp_path):
+    """An adapter saved from Gemma 3's multimodal class (model.language_model.*, a vision tower's pairs beside) with a
+    regular expression for target_modules, as peft matched it there: the same merge as the text model's names."""
+    from safetensors.numpy import load_file, save_file
+
+    src, plain = tiny_hf("gemma3"), adapters("gemma3", ("q_proj", "v_proj"))
+    out = tmp_path / "mm"
+    out.mkdir()
+    tensors = load_file(plain / "adapter_model.safetensors")
+    renamed = {
+        k.replace("base_model.model.model.", "base_model.model.model.language_model."): v for k, v in tensors.items()
+    }
+    renamed["base_model.model.model.vision_tower.encoder.layers.0.q_proj.lora_A.weight"] = np.ones((4, 8), np.float32)
+    save_file(renamed, out / "adapter_model.safetensors")
+    conf = json.loads((plain / "adapter_config.json").read_text())
+    conf["target_modules"] = r".*language_model.*\.(q|v)_proj"
+    conf["alpha_pattern"] = {"model.language_model.layers.1.self_attn.q_proj": 2.0}  # a full name, as peft saw it
+    (out / "adapter_config.json").write_text(json.dumps(conf))
+    pkg = _export(src, tmp_path / "pkg", out)
+    reference = tmp_path / "ref"
+    shutil.copytree(plain, reference)
+    conf_ref = json.loads((plain / "adapter_config.json").read_text())
+    conf_ref["alpha_pattern"] = {"model.layers.1.self_attn.q_proj": 2.0}
+    (reference / "adapter_config.json").write_text(json.dumps(conf_ref))
+    assert_tracks_reference(ReferenceRunner(src, adapters=[reference]), Package.open(pkg).runner(), PROMPT)
 
 
 def test_gguf_base(tiny_hf, tiny_gguf, adapters, tmp_path):
@@ -155,6 +189,10 @@ def _poison(adapter: Path, tmp: Path) -> Path:
         ("rank as text", ("r = '4'", "not a positive integer")),
         ("nan", ("NaN or infinite",)),
         ("variant", ("trainable_token_indices", "not supported")),
+        ("pissa", ("init_lora_weights 'pissa'", "changes the base")),
+        ("untrained", ("every lora_B is zero",)),
+        ("layers as text", ("layers_to_transform must be",)),
+        ("targets as number", ("target_modules must be",)),
     ],
 )
 def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
@@ -177,8 +215,28 @@ def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
         "rank as text": lambda: _edit_config(good, tmp_path, r="4"),
         "nan": lambda: _poison(good, tmp_path),
         "variant": lambda: _edit_config(good, tmp_path, trainable_token_indices=[1, 2]),
+        "pissa": lambda: _edit_config(good, tmp_path, init_lora_weights="pissa"),
+        "untrained": lambda: write_peft_adapter(tiny_hf("llama"), tmp_path / "fresh", ["q_proj"], randomize=False),
+        "layers as text": lambda: _edit_config(good, tmp_path, layers_to_transform="0"),
+        "targets as number": lambda: _edit_config(good, tmp_path, target_modules=7),
     }[case]()
     out = tmp_path / "pkg"
     r = cli("export", tiny_hf("llama"), "-o", out, "-t", "host", "-q", "fp32", "--lora", adapter)
     assert_one_line_error(r, *needles)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+def test_merged_gguf_weights_keep_eight_bits(kind):
+    """A GGUF weight with a LoRA merged has its type but not its blocks (off the grid): the int4 recipe stores it at
+    8 bits in the source's blocks, never squeezed to 4 (the update's steps are smaller than a 4-bit step)."""
+    from mobilize.quant.plan import SourceGrid, plan_weight
+    from mobilize.quant.recipes import RECIPES
+    from mobilize.targets.onnx.caps import ONNX_CAPS
+
+    recipe = RECIPES["int4"]
+    merged = plan_weight((1024, 640), SourceGrid.of(kind, exact=False), recipe.matmul, True, ONNX_CAPS)
+    assert (merged.bits, merged.block_size, merged.source) == (8, SourceGrid.of(kind).block_size, "rounded")
+    assert "LoRA merged" in merged.note
+    carried = plan_weight((1024, 640), SourceGrid.of(kind), recipe.matmul, True, ONNX_CAPS)
+    assert "LoRA" not in carried.note  # (the base's own form is unchanged)

@@ -36,7 +36,10 @@ def _convert(adapter, pkg, out) -> Path:
     return Path(out)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+FAST = ("llama", "gemma3")  # the others in the full run
+
+
+@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_slots_match_peft(family, tiny_hf, tmp_path):
     src = tiny_hf(family)
     pkg = _export(src, tmp_path / "pkg")
@@ -110,6 +113,21 @@ def test_slots_leave_the_quantized_base_alone(tiny_hf, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def _half_adapter(like: Path, pkg: Path, out: Path) -> None:
+    """An adapter file for `pkg` with one slot's A and no B."""
+    import onnxruntime as ort
+
+    from mobilize.package.adapter import base_version
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(base_version(json.loads((pkg / "manifest.json").read_text())))
+    k = FAMILIES["llama"].tiny().hidden_size
+    a = np.zeros((k, 4), np.float32)
+    fmt.set_parameters({"model.layers.0.self_attn.q_proj.lora_A": ort.OrtValue.ortvalue_from_numpy(a)})
+    fmt.export_adapter(str(out))
+
+
 def test_refused_in_one_line(tiny_hf, tmp_path):
     src = tiny_hf("llama")
     pkg = _export(src, tmp_path / "pkg", rank=4, targets="q,v")
@@ -133,6 +151,10 @@ def test_refused_in_one_line(tiny_hf, tmp_path):
     assert_one_line_error(r, "TFLite packages have no LoRA slots yet")
     assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "4", "--lora-targets", "q,x"), "'x' is not")
     assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "0"), "a rank from 1")
+    assert_one_line_error(cli("export", src, "-o", out, "--lora-targets", "q,k"), "give that too")
+    half = tmp_path / "half.onnx_adapter"
+    _half_adapter(wrong_base, pkg, half)
+    assert_one_line_error(cli("eval", pkg, "--adapter", half), "comes without")
     existing = tmp_path / "a.onnx_adapter"
     existing.write_bytes(b"keep me")
     assert_one_line_error(cli("adapter", good, "--package", pkg, "-o", existing), "exists")

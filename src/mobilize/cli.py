@@ -151,14 +151,18 @@ def export(
     print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}, KV {kv_dtype}) in {took:.1f} s")
 
 
-def _chat(package: Path, first: str | None, max_new_tokens: int, threads: int, key: Path | None) -> None:
+def _chat(
+    package: Path, first: str | None, max_new_tokens: int, threads: int, key: Path | None, adapters: list[Path] = ()
+) -> None:
     """Turns from stdin (one line each; `first` is the first), replies streamed; the whole conversation is
     rendered with the template for each turn, and a reply ends at EOS or the template's end-of-turn token."""
     from mobilize.harness.chat import chat_ids, end_of_turn_ids
     from mobilize.harness.package import Package, stream_greedy
 
     pkg = Package.open(package, key=key)
-    stop, runner, history = end_of_turn_ids(pkg), pkg.runner(threads), []
+    if len(adapters) > 1:
+        raise MobilizeError("--chat takes one --adapter (a conversation has one voice)")
+    stop, runner, history = end_of_turn_ids(pkg), pkg.runner(threads, adapters), []
     while True:
         if first is not None:
             user, first = first, None
@@ -244,7 +248,7 @@ def run(
     from mobilize.harness.package import Package, stream_greedy
 
     if chat:
-        return _chat(package, prompt, max_new_tokens, threads, key)
+        return _chat(package, prompt, max_new_tokens, threads, key, adapter)
     if prompt is None:
         raise MobilizeError("Missing option '--prompt' / '-p' (or pass --chat)")
     if not prompt.strip():

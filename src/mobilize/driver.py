@@ -72,6 +72,8 @@ class ExportOptions:
 
     def slots(self) -> Slots | None:
         if self.lora_slots is None:
+            if self.lora_targets != "q,v":
+                raise MobilizeError("--lora-targets names the projections of --lora-slots RANK; give that too")
             return None
         if not 1 <= self.lora_slots <= MAX_SLOT_RANK:
             raise MobilizeError(f"--lora-slots {self.lora_slots}: a rank from 1 to {MAX_SLOT_RANK}")

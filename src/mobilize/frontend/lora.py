@@ -55,6 +55,8 @@ _UNSUPPORTED = {  # config field -> (value that is fine, why not otherwise)
     },
 }
 _MAX_RANK = 4096
+# initialisations after which the adapter only works on a base peft changed too (unless converted)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 MAX_SLOT_RANK = 256
 
 
@@ -119,6 +121,12 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
                               "modules) is not supported; only low-rank pairs are merged")  # fmt: skip
     if conf.get("target_parameters"):
         raise CheckpointError(f"{where}: target_parameters (LoRA on raw parameters) is not supported")
+    init = conf.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise CheckpointError(f"{where}: init_lora_weights {quoted(init)} changes the base model's weights too; "
+                              "convert it to a plain LoRA with peft first (its docs: path_initial_model_for_weight_"
+                              "conversion)")  # fmt: skip
+    _check_module_fields(conf, where)
     rank, alpha = _number(conf, "r", where, integer=True), _number(conf, "lora_alpha", where)
     rslora = conf.get("use_rslora", False)
     if not isinstance(rslora, bool):
@@ -132,11 +140,15 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
         raise CheckpointError(f"{where}: no {WEIGHTS}{hint}")
     regular_file(weights, root=root)
     halves: dict[str, dict[str, TensorRef]] = {}
+    prefix = "model."  # how the file names the text model's modules (Gemma 3's multimodal class differs)
     for key, ref in read_safetensors(str(weights)).items():
         m = _KEY.match(key)
         if m is None:
             raise CheckpointError(f"{where}: tensor {quoted(key)} is not a LoRA A or B matrix")
-        module = _canonical(m.group("module") or m.group("emodule"))
+        original = (m.group("module") or m.group("emodule")).removeprefix(_WRAPPER)
+        module = _canonical(original)
+        if module is not None and module.startswith("model.") and not original.startswith("model.layers."):
+            prefix = original[: len(original) - len(module) + len("model.")]
         if module is None:
             continue  # the vision tower's: not part of a text package
         part = (m.group("part") or m.group("epart"))[-1]
@@ -148,10 +160,13 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
             raise CheckpointError(f"{where}: tensor {quoted(key)} is {ref.dtype} {list(ref.shape)}, not a float matrix")
         halves[module][part] = ref
 
+    def peft_name(module: str) -> str:  # the name peft matched the config's patterns against
+        return prefix + module.removeprefix("model.") if module.startswith("model.") else module
+
     try:
-        targets = [m for m in _modules(cfg) if _targeted(conf, m)]
-        ranks = {m: _pattern_value(rank_pattern, m, rank) for m in halves}
-        alphas = {m: _pattern_value(alpha_pattern, m, alpha) for m in halves}
+        targets = [m for m in _modules(cfg) if _targeted(conf, peft_name(m))]
+        ranks = {m: _pattern_value(rank_pattern, peft_name(m), rank) for m in halves}
+        alphas = {m: _pattern_value(alpha_pattern, peft_name(m), alpha) for m in halves}
     except re.error as e:
         raise CheckpointError(f"{where}: a module pattern in {CONFIG} is not a regular expression ({e})") from None
     missing = [m for m in targets if m not in halves]
@@ -188,12 +203,16 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
         pairs.append(LoraPair(module, a, b, scale))
     if not pairs:
         raise CheckpointError(f"{where}: no LoRA weights for this model")
+    if all(not p.b.load().any() or p.scale == 0 for p in pairs):
+        raise CheckpointError(f"{where}: every lora_B is zero (or every scale): an untrained adapter, which would "
+                              "change nothing")  # fmt: skip
     return Adapter(root.resolve(), _sha256(weights), rank, alpha, rslora, tuple(pairs))
 
 
 def merge(model, adapters: list[Adapter]):
     """The model with every adapter's update added to its weights (lazily, in float32; one tensor at a time).
-    A merged weight is no longer on its source's quantization grid: its blocks are re-rounded, not carried."""
+    A merged weight is no longer on its source's quantization grid: its blocks are re-rounded, not carried, at
+    the precision the source's type allowed the base (a 6-bit GGUF tensor is not squeezed into 4 bits)."""
     return merge_deltas(model, [(p.weight, p.delta) for a in adapters for p in a.pairs])
 
 
@@ -227,7 +246,9 @@ def _merged(ref: TensorRef, name: str, delta) -> TensorRef:
             raise CheckpointError(f"LoRA on {quoted(name)} gives NaN or infinite weights")
         return w
 
-    return dataclasses.replace(ref, dtype="F32", nbytes=4 * math.prod(ref.shape), load=load, raw=None)
+    # The source's type stays (a GGUF's Q6_K says the planner may keep 8 bits, as it would for the base); its raw
+    # blocks go: the values are no longer on the source's grid.
+    return dataclasses.replace(ref, load=load, raw=None)
 
 
 def _canonical(module: str) -> str | None:
@@ -247,30 +268,48 @@ def _modules(cfg) -> list[str]:
     return names + ["lm_head"]
 
 
-def _targeted(conf: dict, module: str) -> bool:
-    """peft's rule: target_modules a regular expression matched in full, or names matched as a suffix; then
-    layers_to_transform and exclude_modules."""
+def _targeted(conf: dict, key: str) -> bool:
+    """peft's rule (tuners_utils.check_target_module_exists): exclude_modules first; then target_modules as a
+    regular expression matched in full, a name equal to the key, or a name the key ends with (only these last obey
+    layers_to_transform, an empty list meaning all layers)."""
+    exclude = conf.get("exclude_modules")
+    if isinstance(exclude, str):
+        if re.fullmatch(exclude, key):
+            return False
+    elif exclude and (key in exclude or any(key.endswith("." + t) for t in exclude)):
+        return False
     targets = conf.get("target_modules")
     if targets == "all-linear":
-        hit = module not in (EMBEDDING, "lm_head")
-    elif isinstance(targets, str):
-        hit = re.fullmatch(targets, module) is not None
-    elif isinstance(targets, list):
-        hit = any(module == t or module.endswith("." + t) for t in targets if isinstance(t, str))
-    else:
+        return key.rsplit(".", 1)[-1] in LINEAR
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if not targets:
+        return False
+    if key in targets:
+        return True
+    if not any(key.endswith("." + t) for t in targets):
         return False
     layers = conf.get("layers_to_transform")
-    if hit and layers is not None:
-        m = re.search(r"\.layers\.(\d+)\.", module)
-        wanted = [layers] if isinstance(layers, int) else layers
-        hit = m is not None and int(m.group(1)) in wanted
-    exclude = conf.get("exclude_modules")
-    if hit and exclude:
-        if isinstance(exclude, str):
-            hit = re.fullmatch(exclude, module) is None
-        else:
-            hit = not any(module == t or module.endswith("." + t) for t in exclude)
-    return hit
+    if layers is None or layers == []:
+        return True
+    m = re.search(r"\.layers\.(\d+)\.", key)
+    return m is not None and int(m.group(1)) in ([layers] if isinstance(layers, int) else layers)
+
+
+def _check_module_fields(conf: dict, where: str) -> None:
+    """target_modules, exclude_modules, layers_to_transform: of the types peft takes, else one line."""
+    for key in ("target_modules", "exclude_modules"):
+        value = conf.get(key)
+        if value is not None and not isinstance(value, str) and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            raise CheckpointError(f"{where}: {key} must be a name, a list of names or a regular expression, "
+                                  f"not {repr(value)[:60]}")  # fmt: skip
+    layers = conf.get("layers_to_transform")
+    ints = type(layers) is int or (isinstance(layers, list) and all(type(v) is int for v in layers))
+    if layers is not None and not ints:
+        raise CheckpointError(f"{where}: layers_to_transform must be a layer index or a list of them, "
+                              f"not {repr(layers)[:60]}")  # fmt: skip
 
 
 def _patterns(conf: dict, key: str, where: str) -> dict[str, float]:

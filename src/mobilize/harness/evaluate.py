@@ -52,6 +52,11 @@ def reference_runner(manifest: dict, reference: str, adapter: dict | None = None
         from mobilize.package.adapter import merged_reference_deltas
 
         model = load_model(open_checkpoint(str(source)))
+        merged = manifest["source"].get("adapters") or []  # merged at export: in the reference too
+        if merged:
+            from mobilize.frontend.lora import apply_adapters
+
+            model = apply_adapters(model, [a["path"] for a in merged], merged)[0]
         deltas = merged_reference_deltas(adapter)
         return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in deltas.items()]))
     adapters = manifest["source"].get("adapters") or []  # merged into the package: the reference applies them too
@@ -96,11 +101,11 @@ def evaluate(
     package, text: str, chunk: int = 256, new_tokens: int = 16, threads: int = 0, reference: str = "numpy",
     adapter: Path | None = None,
 ) -> dict[str, Any]:
+    ref, ours = runners(package, reference, threads, adapter)  # first: a package without a source says so
     tok = package.tokenizer()
     ids = tok.encode(text).ids
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
-    ref, ours = runners(package, reference, threads, adapter)
     sums = _score_text(ours, ref, tok, ids, chunk)
     matches = []
     for prompt in PROMPTS:
@@ -122,8 +127,8 @@ def evaluate_set(
     """The figures of each text (its first `max_tokens` tokens), of each split and of all of them."""
     from mobilize.harness.texts import sha256_text
 
-    tok = package.tokenizer()
     ref, ours = runners(package, reference, threads, adapter)
+    tok = package.tokenizer()
     per_text, by_split = {}, {}
     for t in texts:
         body = t.read()

@@ -128,7 +128,14 @@ def check_adapter(path: str | Path, package: Path, manifest: dict) -> dict[str, 
                                 f"{list(value.shape)}; the slot takes float32 {list(expected[name])}")  # fmt: skip
     if not params:
         raise MobilizeError(f"--adapter {quoted(path)} holds no tensors")
+    half = next((n for n in params if _other_half(n) not in params), None)
+    if half is not None:
+        raise MobilizeError(f"--adapter {quoted(path)}: {quoted(half)} comes without {quoted(_other_half(half))}")
     return params
+
+
+def _other_half(name: str) -> str:
+    return name[:-1] + ("B" if name.endswith("A") else "A")
 
 
 def merged_reference_deltas(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -78,11 +78,13 @@ class OnnxEmitter:
         plus_one = self.cfg.norm_plus_one and is_norm(name)
         tensor = ir.LazyTensor(_materialize(self.cfg, name, ref, transpose), FLOAT, ir.Shape(shape), name=name)
         value = self.t.initializer(tensor, name=name)
-        if ref.raw is not None and ref.dtype in GRID_KINDS and not plus_one:
-            # Quantize passes may carry these blocks over exactly instead of re-rounding the fp32 values.
-            value.meta["block_grid"] = _grid(ref)
+        if ref.dtype in GRID_KINDS and not plus_one:
+            # The source's block format; with its raw blocks, quantize passes may carry them over exactly instead of
+            # re-rounding (without: a merged LoRA's weight, re-rounded at the precision its source had)
             value.meta["block_form"] = GRID_FORMS[ref.dtype]
             value.meta["block_kinds"] = (ref.dtype,)
+        if ref.raw is not None and ref.dtype in GRID_KINDS and not plus_one:
+            value.meta["block_grid"] = _grid(ref)
             if ref.dtype == "Q8_0":  # codes readable without dequantizing: no fp32 copy at all
                 # computed once: a tied table's embedding and head read the same codes
                 value.meta["block_codes"] = functools.cache(lambda: block_codes(ref.dtype, ref.raw()))

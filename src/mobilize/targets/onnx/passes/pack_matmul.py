@@ -53,11 +53,14 @@ class PackMatMulPass(ReportingPass):
         )
         value = ir.Value(name=name, const_value=packed, shape=packed.shape, type=ir.TensorType(ir.DataType.FLOAT))
         graph.register_initializer(value)
+        kinds = tuple(sorted({k for w in weights for k in w.meta.get("block_kinds", ())}))
         if all(grids):
             value.meta["block_grid"] = lambda: _concat_grids([g() for g in grids])
             if len(forms) == 1:
-                value.meta["block_form"] = forms.pop()
-                value.meta["block_kinds"] = tuple(sorted({k for w in weights for k in w.meta.get("block_kinds", ())}))
+                value.meta["block_form"], value.meta["block_kinds"] = forms.pop(), kinds
+        elif not any(grids) and None not in forms:  # source types without their blocks (merged LoRA weights): the
+            # planner re-rounds them at the precision of the widest part
+            value.meta["block_form"], value.meta["block_kinds"] = max(forms, key=lambda f: f[0]), kinds
         matmul = ir.node("MatMul", [nodes[0].inputs[0], value], name=name + ".matmul")
         split = ir.node(
             "Split",
