@@ -67,7 +67,7 @@ class Package:
             return LiteRtRunner(self.path / "model.tflite", threads=threads)
         from mobilize.harness.ort_runner import OrtRunner
 
-        checked = self.adapter_files(adapters)
+        checked = self.adapter_files(adapters) if adapters else {}  # (a device's copy has no package/adapter.py)
         runner = OrtRunner(self.path / "model.onnx", threads=threads)
         for name, path in checked.items():
             runner.load_adapter(name, path)
