@@ -46,6 +46,7 @@ def test_slots_match_peft(family, tiny_hf, tmp_path):
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["lora_slots"] == {"rank": 4, "targets": [f"{t}_proj" for t in ALL.split(",")],
                                       "modules": 7 * FAMILIES[family].tiny().num_layers}  # fmt: skip
+    assert "LoRA slots of rank 4" in (pkg / "README.md").read_text()  # the app developer is told how to load one
     targets = [f"{t}_proj" for t in ALL.split(",")]
     peft = write_peft_adapter(src, tmp_path / "peft", targets, r=4, rank_pattern={"o_proj": 2})  # padded to 4
     runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])

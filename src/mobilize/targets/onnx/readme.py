@@ -41,7 +41,7 @@ def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
     return f"""# {arch["family"]} for {target["name"]}: ONNX package
 
 {exported_from(manifest)}
-Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
+Quantization recipe `{recipe["name"]}`: {recipe["description"]}.{_slots(manifest)}
 
 ## Inside
 
@@ -95,3 +95,17 @@ build for mobile. Plain onnxruntime works too: see the inputs below.
 `mobilize bench <package>` prints time to first token, prefill and decode tokens/s and peak RSS on the
 machine it runs on; `mobilize run <package> --prompt "..."` streams greedy text.
 """
+
+
+def _slots(manifest: dict[str, Any]) -> str:
+    slots = manifest.get("lora_slots")
+    if not slots:
+        return ""
+    where = f"{', '.join(slots['targets'])} ({slots['modules']} projections)"
+    return (
+        f"\n\nLoRA slots of rank {slots['rank']} on {where}: inputs `<module>.lora_A` [in, r] and `<module>.lora_B` "
+        "[r, out], empty by default (without an adapter this is the base model). `mobilize adapter PEFT_DIR "
+        "--package THIS_DIR` writes an `.onnx_adapter` for this package; load it with ONNX Runtime GenAI "
+        "(`og.Adapters(model).load(file, name)`, then `generator.set_active_adapter`), or feed its tensors as "
+        "inputs with onnxruntime."
+    )
