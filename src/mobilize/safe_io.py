@@ -3,6 +3,7 @@ sizes bounded before anything is parsed, names quoted and cut short in messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -116,3 +117,11 @@ def fingerprint(files: list[str]) -> list[tuple]:
         except OSError:
             out.append((f, None, None, None))
     return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -9,7 +9,6 @@ no effect" is the failure this module exists to prevent, so any mismatch is one 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import re
 from pathlib import Path
@@ -21,7 +20,7 @@ from mobilize.errors import CheckpointError
 from mobilize.frontend.config import expected_shapes, layer_weight_names
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.safetensors_file import read_safetensors
-from mobilize.safe_io import quoted, read_json, regular_file
+from mobilize.safe_io import quoted, read_json, regular_file, sha256_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -206,7 +205,7 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
     if all(not p.b.load().any() or p.scale == 0 for p in pairs):
         raise CheckpointError(f"{where}: every lora_B is zero (or every scale): an untrained adapter, which would "
                               "change nothing")  # fmt: skip
-    return Adapter(root.resolve(), _sha256(weights), rank, alpha, rslora, tuple(pairs))
+    return Adapter(root.resolve(), sha256_file(weights), rank, alpha, rslora, tuple(pairs))
 
 
 def merge(model, adapters: list[Adapter]):
@@ -341,14 +340,6 @@ def _number(conf: dict, key: str, where: str, integer: bool = False):
 def _order(module: str) -> tuple:
     m = re.search(r"\.layers\.(\d+)\.", module)
     return (int(m.group(1)) if m else -1, module)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

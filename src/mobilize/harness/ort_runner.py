@@ -85,16 +85,10 @@ class OrtRunner:
                 self.buffers[name] = ort.OrtValue.ortvalue_from_numpy(zeros)
         self.reset()
 
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load a LoRA adapter file (checked by the caller: harness/package.py) beside the others. Its tensors are
-        bound as the slots' inputs: ONNX Runtime's RunOptions.add_active_adapter is ignored by run_with_iobinding
-        (measured: 1.32 gives the base model's logits), which the in-place cache needs."""
-        try:
-            reader = ort.AdapterFormat.read_adapter(str(path))
-            # own copies: the reader's values are views of memory freed with it
-            params = {k: np.array(v.numpy(), copy=True) for k, v in reader.get_parameters().items()}
-        except Exception as e:
-            raise MobilizeError(f"ONNX Runtime cannot load the adapter {path}: {runtime_reason(e)}") from None
+    def load_adapter(self, name: str, params: dict[str, np.ndarray]) -> None:
+        """Keep a LoRA adapter's tensors (read and checked by the caller: harness/package.py) beside the others.
+        They are bound as the slots' inputs: ONNX Runtime's RunOptions.add_active_adapter is ignored by
+        run_with_iobinding (measured: 1.32 gives the base model's logits), which the in-place cache needs."""
         self.adapters[name] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()}
         self._arrays.append(params)  # (an OrtValue made from numpy borrows the array)
 

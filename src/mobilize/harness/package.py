@@ -69,23 +69,23 @@ class Package:
 
         checked = self.adapter_files(adapters) if adapters else {}  # (a device's copy has no package/adapter.py)
         runner = OrtRunner(self.path / "model.onnx", threads=threads)
-        for name, path in checked.items():
-            runner.load_adapter(name, path)
+        for name, params in checked.items():
+            runner.load_adapter(name, params)
         if checked:
             runner.activate(next(iter(checked)))
         return runner
 
-    def adapter_files(self, adapters: list[Path]) -> dict[str, Path]:
-        """name -> file of each adapter, checked against this package (made for it, its slots' names and shapes)."""
+    def adapter_files(self, adapters: list[Path]) -> dict[str, dict[str, np.ndarray]]:
+        """name -> tensors of each adapter file, read once and checked against this package (made for it, its
+        slots' names and shapes)."""
         from mobilize.package.adapter import check_adapter
 
-        named: dict[str, Path] = {}
+        named: dict[str, dict[str, np.ndarray]] = {}
         for path in adapters:
-            check_adapter(path, self.path, self.manifest)
             name = Path(path).name.removesuffix(".onnx_adapter")
             if name in named:
                 raise MobilizeError(f"--adapter {path}: two adapters named {name!r}")
-            named[name] = Path(path)
+            named[name] = check_adapter(path, self.path, self.manifest)
         return named
 
 

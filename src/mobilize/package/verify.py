@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 from mobilize.errors import MobilizeError
-from mobilize.safe_io import quoted, read_bytes, read_json
+from mobilize.safe_io import quoted, read_bytes, read_json, sha256_file
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.json.sig"  # the manifest signed (OpenSSH's signature format): package/signing.py
@@ -33,14 +32,6 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "io": dict,
     "files": dict,
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
