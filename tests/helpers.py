@@ -157,6 +157,13 @@ def write_peft_adapter(
     return out
 
 
+def peft_targets(family: str, targets) -> list[str]:
+    """The module names peft sees: a family's fused projection (phi3's qkv_proj) for the weights it holds."""
+    fused = FAMILIES[family].fused
+    out = [t for t in targets if not any(t in (p.rsplit(".", 1)[1] for p in ps) for ps in fused.values())]
+    return out + [f.rsplit(".", 1)[1] for f, ps in fused.items() if any(p.rsplit(".", 1)[1] in targets for p in ps)]
+
+
 def with_word_tokenizer(hf_dir: Path, out: Path, text: Path, n_words: int, seed: int = 0) -> Path:
     """A copy of a tiny checkpoint with a word-level tokenizer (w0..w127 are ids 0..127), and a text of `n_words`
     random such words written to `text`: what `mobilize eval` needs of a tiny model."""

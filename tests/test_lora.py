@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, assert_tracks_reference, cli, with_word_tokenizer, write_peft_adapter
+from helpers import (
+    assert_one_line_error,
+    assert_tracks_reference,
+    cli,
+    peft_targets,
+    with_word_tokenizer,
+    write_peft_adapter,
+)
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
@@ -35,7 +42,7 @@ def adapters(tiny_hf, tmp_path_factory):
         key = (family, tuple(targets), seed, json.dumps(config, sort_keys=True))
         if key not in made:
             out = tmp_path_factory.mktemp(f"{family}_lora")
-            made[key] = write_peft_adapter(tiny_hf(family), out, list(targets), seed=seed, **config)
+            made[key] = write_peft_adapter(tiny_hf(family), out, peft_targets(family, targets), seed=seed, **config)
         return made[key]
 
     return get

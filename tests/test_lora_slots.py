@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, assert_tracks_reference, cli, with_word_tokenizer, write_peft_adapter
+from helpers import (
+    assert_one_line_error,
+    assert_tracks_reference,
+    cli,
+    peft_targets,
+    with_word_tokenizer,
+    write_peft_adapter,
+)
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
@@ -47,7 +54,7 @@ def test_slots_match_peft(family, tiny_hf, tmp_path):
     assert manifest["lora_slots"] == {"rank": 4, "targets": [f"{t}_proj" for t in ALL.split(",")],
                                       "modules": 7 * FAMILIES[family].tiny().num_layers}  # fmt: skip
     assert "LoRA slots of rank 4" in (pkg / "README.md").read_text()  # the app developer is told how to load one
-    targets = [f"{t}_proj" for t in ALL.split(",")]
+    targets = peft_targets(family, [f"{t}_proj" for t in ALL.split(",")])
     peft = write_peft_adapter(src, tmp_path / "peft", targets, r=4, rank_pattern={"o_proj": 2})  # padded to 4
     runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])
     assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
@@ -57,14 +64,15 @@ def test_slots_match_peft(family, tiny_hf, tmp_path):
 
 def test_genai_switches_adapters(tiny_hf, tmp_path):
     """Two adapters loaded by onnxruntime_genai.Adapters on one model, switched between generations: each gives
-    the tokens mobilize's runner gives with it, the base its own, and the two differ."""
+    the tokens mobilize's runner gives with it, the base its own, and the two differ. The second covers one of the
+    three slots (the others get zeros of the slot rank: one `lora_rank` dimension is shared by all)."""
     import onnxruntime_genai as og
 
     src = tiny_hf("gemma3")
     pkg = _export(src, tmp_path / "pkg", targets="q,v,down")
     files = {}
-    for seed in (1, 2):
-        peft = write_peft_adapter(src, tmp_path / f"peft{seed}", ["q_proj", "v_proj", "down_proj"], seed=seed)
+    for seed, targets in ((1, ["q_proj", "v_proj", "down_proj"]), (2, ["q_proj"])):  # the second leaves slots empty
+        peft = write_peft_adapter(src, tmp_path / f"peft{seed}", targets, seed=seed)
         files[f"a{seed}"] = _convert(peft, pkg, tmp_path / f"a{seed}.onnx_adapter")
     model = og.Model(str(pkg))
     adapters = og.Adapters(model)
@@ -184,3 +192,14 @@ def test_eval_and_bench_with_an_adapter(tiny_hf, tmp_path):
     assert result["rank"] == 4 and len(result["base"]["samples"]["tg"]) == 2 and result["decode_ratio"] > 0
     assert_one_line_error(cli("eval", pkg, "--text", text, "--adapter", adapter, "--reference", "transformers"),
                           "--reference numpy")  # fmt: skip
+
+
+def test_an_adapter_on_some_slots(tiny_hf, tmp_path):
+    """An adapter on two of seven slot kinds: the slots it leaves alone get zeros of the slot rank (one `lora_rank`
+    dimension is shared by every slot input; an empty one beside a full one made ONNX Runtime's buffer reuse fail
+    with 'Shape mismatch attempting to re-use buffer'), and the package gives transformers + peft's logits."""
+    src = tiny_hf("llama")
+    pkg = _export(src, tmp_path / "pkg")
+    peft = write_peft_adapter(src, tmp_path / "peft", ["o_proj", "down_proj"], r=4)
+    runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])
+    assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)

@@ -16,6 +16,7 @@ import numpy as np
 
 from mobilize import __version__
 from mobilize.errors import MobilizeError
+from mobilize.frontend.config import DecoderConfig
 from mobilize.frontend.loader import load_model, open_checkpoint
 from mobilize.frontend.lora import CONFIG as LORA_CONFIG
 from mobilize.frontend.lora import MAX_SLOT_RANK, Slots, apply_adapters, parse_targets
@@ -105,12 +106,18 @@ class ExportOptions:
             raise MobilizeError(f"--max-seq-len {self.max_seq_len} is out of range (1..{1 << 20})")
         return dataclasses.replace(self, quant=self.quant or preset.quant, format=fmt)
 
-    def kv_length(self, context: int) -> int:
+    def kv_length(self, cfg: DecoderConfig) -> int:
         """--max-seq-len if given (it may not pass the model's context), else the preset's, capped by it."""
+        context, why = cfg.max_position_embeddings, ""
+        scaling = dict(cfg.rope_scaling or ())
+        if scaling.get("rope_type") == "longrope" and scaling["original_max_position_embeddings"] < context:
+            context = scaling["original_max_position_embeddings"]  # where the short factors hold
+            why = (" that a package can hold: LongRoPE switches to its long factors past the original "
+                   f"{context} positions, and a package's rotary tables are fixed")  # fmt: skip
         if self.max_seq_len is None:
             return min(PRESETS[self.target].max_seq_len, context)
         if self.max_seq_len > context:
-            raise MobilizeError(f"--max-seq-len {self.max_seq_len} is past the model's context of {context}")
+            raise MobilizeError(f"--max-seq-len {self.max_seq_len} is past the model's context of {context}{why}")
         return self.max_seq_len
 
 
@@ -245,7 +252,7 @@ def plan_cache(opts: ExportOptions, model, recipe, target, calibrating: bool = T
     unless --ignore-fit (then the preset's own choice)."""
     preset = PRESETS[opts.target]
     cfg = model.config
-    longest = opts.kv_length(cfg.max_position_embeddings)
+    longest = opts.kv_length(cfg)
     lengths = [longest]
     if opts.max_seq_len is None:
         while lengths[-1] // 2 >= MIN_PLANNED_CONTEXT:

@@ -12,7 +12,8 @@ from mobilize.errors import ConfigError
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 MAX_DIMENSION = 1 << 24
-ROPE_TYPES = ("linear", "llama3", "factors")  # besides the default; factors: llama.cpp's rope_freqs divisors
+# besides the default; factors: llama.cpp's rope_freqs divisors; longrope: Phi-3's per-pair divisors and a magnitude
+ROPE_TYPES = ("linear", "llama3", "factors", "longrope")
 
 
 def is_positive_number(v: Any) -> bool:
@@ -40,6 +41,11 @@ def rope_scaling_problems(items: Any) -> list[str]:
         if not isinstance(factors, tuple) or not factors or not all(is_positive_number(f) for f in factors):
             return ["rope_freqs must hold finite positive divisors"]
         return []
+    if kind == "longrope":
+        bad = [k for k in ("short_factor", "long_factor") if not isinstance(s.get(k), tuple) or not s[k]
+               or not all(is_positive_number(f) for f in s[k])]  # fmt: skip
+        bad += [k for k in ("attention_factor", "original_max_position_embeddings") if not is_positive_number(s.get(k))]
+        return [f"rope_scaling (longrope) needs finite positive {', '.join(bad)}"] if bad else []
     need = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
                          if kind == "llama3" else [])  # fmt: skip
     bad = [f"{k}={_short(s.get(k))}" for k in need if not is_positive_number(s.get(k))]
@@ -77,6 +83,7 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is its -0.5 power; else head_dim's
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    rotary_dim: int | None = None  # partial rotary (phi3's partial_rotary_factor): the first dims of a head; else all
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,8 +96,11 @@ class DecoderConfig:
             "num_kv_heads",
             "head_dim",
             "max_position_embeddings",
+            "rotary_dim",
         ):
             v = getattr(self, field)
+            if field == "rotary_dim" and v is None:
+                continue
             if type(v) is not int or not 0 < v <= MAX_DIMENSION:
                 problems.append(f"{field}={_short(v)} must be an integer from 1 to {MAX_DIMENSION}")
         for field, optional in (("rms_norm_eps", False), ("rope_theta", False), ("rope_local_theta", True),
@@ -112,11 +122,13 @@ class DecoderConfig:
             raise ConfigError(f"{self.family} config: " + "; ".join(problems))
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        factors = dict(self.rope_scaling or ()).get("factors")
-        if factors is not None and len(factors) != self.head_dim // 2:
-            problems.append(f"rope_freqs has {len(factors)} divisors for {self.head_dim // 2} rotary pairs")
+        if self.rotary_dims % 2 or self.rotary_dims > self.head_dim:
+            problems.append(f"rotary_dim={self.rotary_dims} must be even and at most head_dim={self.head_dim}")
+        scaling = dict(self.rope_scaling or ())
+        for key in ("factors", "short_factor", "long_factor"):
+            if key in scaling and len(scaling[key]) != self.rotary_dims // 2:
+                what = "rope_freqs" if key == "factors" else f"longrope's {key}"
+                problems.append(f"{what} has {len(scaling[key])} divisors for {self.rotary_dims // 2} rotary pairs")
         if len(self.layer_types) != self.num_layers:
             problems.append(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
@@ -136,6 +148,16 @@ class DecoderConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def rotary_dims(self) -> int:
+        """How many of a head's dims are rotated (the first ones, rotate-half within them)."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def rope_magnitude(self) -> float:
+        """What cos and sin are multiplied by: longrope's attention factor, else 1."""
+        return float(dict(self.rope_scaling or ()).get("attention_factor", 1.0))
+
+    @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
@@ -146,8 +168,8 @@ class DecoderConfig:
     def rope_inv_freq(self, layer_type: str) -> np.ndarray:
         """Inverse frequencies of one layer type's rotary embedding, as transformers computes them."""
         if layer_type == SLIDING and self.rope_local_theta is not None:
-            return _inv_freq(self.rope_local_theta, self.head_dim)
-        inv = _inv_freq(self.rope_theta, self.head_dim)
+            return _inv_freq(self.rope_local_theta, self.rotary_dims)
+        inv = _inv_freq(self.rope_theta, self.rotary_dims)
         scaling = dict(self.rope_scaling or ())
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
@@ -158,6 +180,11 @@ class DecoderConfig:
             return _llama3_inv_freq(inv, scaling)
         if kind == "factors":
             return (inv / np.asarray(scaling["factors"], np.float32)).astype(np.float32)
+        if kind == "longrope":  # the short factors: a package's context stays within the original one (checked)
+            rd = self.rotary_dims
+            exponent = np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / np.float32(rd)
+            wavelengths = np.asarray(scaling["short_factor"], np.float32) * np.float32(self.rope_theta) ** exponent
+            return (1.0 / wavelengths).astype(np.float32)
         raise ConfigError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 

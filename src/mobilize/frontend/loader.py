@@ -77,13 +77,19 @@ TIED_HEAD = "mobilize.tied_head"  # no output.weight: llama.cpp ties the head to
 ROPE_FACTORS = "mobilize.rope_factors"  # rope_freqs.weight: one divisor per rotary pair (Llama 3.1+ scaling)
 
 
+# llama.cpp's rope tensors -> our metadata keys: rope_freqs (Llama 3.1+), LongRoPE's two sets (phi3)
+_ROPE_TENSORS = {"rope_freqs.weight": ROPE_FACTORS, "rope_factors_short.weight": "mobilize.rope_factors_short",
+                 "rope_factors_long.weight": "mobilize.rope_factors_long"}  # fmt: skip
+
+
 def _tensor_facts(tensors: dict[str, TensorRef], name: str) -> dict[str, Any]:
     facts: dict[str, Any] = {TIED_HEAD: "output.weight" not in tensors}
-    if "rope_freqs.weight" in tensors:
-        ref = tensors["rope_freqs.weight"]
-        if len(ref.shape) != 1 or ref.dtype not in ("F32", "F16", "BF16"):
-            raise CheckpointError(f"{name}: rope_freqs.weight of shape {list(ref.shape)} ({ref.dtype}) is not a vector")
-        facts[ROPE_FACTORS] = tuple(float(x) for x in ref.load())
+    for tensor, key in _ROPE_TENSORS.items():
+        if tensor in tensors:
+            ref = tensors[tensor]
+            if len(ref.shape) != 1 or ref.dtype not in ("F32", "F16", "BF16"):
+                raise CheckpointError(f"{name}: {tensor} of shape {list(ref.shape)} ({ref.dtype}) is not a vector")
+            facts[key] = tuple(float(x) for x in ref.load())
     return facts
 
 
@@ -162,7 +168,8 @@ _GGUF_GLOBAL = {
 }
 _GGUF_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Buffers some exporters save that carry nothing the config does not already say.
-_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|rope_freqs\.weight$")  # (the latter read into the config)
+_IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|rope_(freqs|factors_short|factors_long)\.weight$")  # (rope_*: read
+# into the config)
 
 
 def canonical_name(ckpt: Checkpoint, name: str) -> str | None:
@@ -194,14 +201,15 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
     fix = FAMILIES[ckpt.family].gguf_fix if ckpt.format == "gguf" else None
     weights: dict[str, TensorRef] = {}
     leftover: list[str] = []
-    for src_name, ref in ckpt.tensors.items():
-        name = canonical_name(ckpt, src_name)
+    for src_name, name, ref in _named(ckpt, cfg, want):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # transformers ties it to the embedding and ignores the saved copy
         if name is None or name not in want:
             if not _IGNORABLE.match(src_name):
                 leftover.append(src_name)
             continue
+        if name in weights:  # e.g. q_proj beside a fused qkv_proj
+            raise CheckpointError(f"{ckpt.source}: {name!r} is given twice (by {src_name!r} too)")
         if ref.shape != want[name]:
             raise CheckpointError(
                 f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies "
@@ -224,6 +232,42 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
             "is this the right architecture?"
         )
     return LoadedModel(ckpt, cfg, weights)
+
+
+_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(.+)\.weight$")
+
+
+def _named(ckpt: Checkpoint, cfg: DecoderConfig, want: dict[str, tuple[int, ...]]):
+    """(source name, canonical name or None, tensor), a fused projection (phi3's qkv_proj, gate_up_proj) given as
+    the canonical weights its rows hold. Rows are whole blocks, so a GGUF's raw blocks split exactly too."""
+    fused = FAMILIES[ckpt.family].fused
+    for src_name, ref in ckpt.tensors.items():
+        name = canonical_name(ckpt, src_name)
+        m = _FUSED_RE.match(name or "")
+        parts = fused.get(m.group(2)) if m else None
+        if not parts:
+            yield src_name, name, ref
+            continue
+        names = [f"{m.group(1)}{part}.weight" for part in parts]
+        rows = [want[n][0] for n in names]
+        if len(ref.shape) != 2 or ref.shape != (sum(rows), want[names[0]][1]):
+            raise CheckpointError(
+                f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies "
+                f"{[sum(rows), want[names[0]][1]]} ({' + '.join(map(str, rows))} rows); the checkpoint and its config "
+                "disagree"
+            )
+        start = 0
+        for n, count in zip(names, rows, strict=True):
+            part = slice(start, start + count)
+            start += count
+            yield src_name, n, dataclasses.replace(
+                ref, name=n, shape=(count, ref.shape[1]), nbytes=ref.nbytes * count // ref.shape[0],
+                load=_rows(ref.load, part), raw=_rows(ref.raw, part) if ref.raw is not None else None,
+            )  # fmt: skip
+
+
+def _rows(load, part: slice):
+    return lambda: np.ascontiguousarray(load()[part])
 
 
 def _fixed(fix, cfg: DecoderConfig, name: str, load):

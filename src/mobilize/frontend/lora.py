@@ -18,6 +18,7 @@ import numpy as np
 
 from mobilize.errors import CheckpointError
 from mobilize.frontend.config import expected_shapes, layer_weight_names
+from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.safetensors_file import read_safetensors
 from mobilize.safe_io import quoted, read_json, regular_file, sha256_file
@@ -159,6 +160,8 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
             raise CheckpointError(f"{where}: tensor {quoted(key)} is {ref.dtype} {list(ref.shape)}, not a float matrix")
         halves[module][part] = ref
 
+    shapes = shapes | _fused_shapes(cfg, shapes)
+
     def peft_name(module: str) -> str:  # the name peft matched the config's patterns against
         return prefix + module.removeprefix("model.") if module.startswith("model.") else module
 
@@ -199,7 +202,7 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
                 f"weight of {list(shapes[name])} (expected A {[r, inp]}, B {[out, r]}); is it for another base model?"
             )
         scale = alphas[module] / (math.sqrt(r) if rslora else r)
-        pairs.append(LoraPair(module, a, b, scale))
+        pairs += _split(cfg, shapes, LoraPair(module, a, b, scale))
     if not pairs:
         raise CheckpointError(f"{where}: no LoRA weights for this model")
     if all(not p.b.load().any() or p.scale == 0 for p in pairs):
@@ -250,6 +253,38 @@ def _merged(ref: TensorRef, name: str, delta) -> TensorRef:
     return dataclasses.replace(ref, load=load, raw=None)
 
 
+def _fused_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """[out, in] of the family's fused projections (phi3's qkv_proj: the rows of q, k and v)."""
+    out = {}
+    for i in range(cfg.num_layers):
+        for fused, parts in FAMILIES[cfg.family].fused.items():
+            rows = [shapes[f"model.layers.{i}.{p}.weight"] for p in parts]
+            out[f"model.layers.{i}.{fused}.weight"] = (sum(r[0] for r in rows), rows[0][1])
+    return out
+
+
+def _split(cfg, shapes, pair: LoraPair) -> list[LoraPair]:
+    """A pair on a fused projection as one pair per weight its rows hold: the same A, B's rows split (exact:
+    the rows of B @ A are B's rows times A)."""
+    module = pair.module.partition(".layers.")[2].partition(".")[2]
+    parts = FAMILIES[cfg.family].fused.get(module)
+    if not parts:
+        return [pair]
+    stem, start, out = pair.module.removesuffix(module), 0, []
+    for part in parts:
+        rows = shapes[f"{stem}{part}.weight"][0]
+        b = pair.b
+        sliced = dataclasses.replace(b, name=f"{b.name}[{start}:{start + rows}]", shape=(rows, b.shape[1]),
+                                     nbytes=b.nbytes * rows // b.shape[0], load=_rows(b.load, start, rows))  # fmt: skip
+        out.append(LoraPair(stem + part, pair.a, sliced, pair.scale))
+        start += rows
+    return out
+
+
+def _rows(load, start: int, count: int):
+    return lambda: np.ascontiguousarray(load()[start : start + count])
+
+
 def _canonical(module: str) -> str | None:
     if module.startswith(_WRAPPER):
         module = module[len(_WRAPPER) :]
@@ -260,10 +295,14 @@ def _canonical(module: str) -> str | None:
 
 
 def _modules(cfg) -> list[str]:
-    """Every module of the model a LoRA may target, in peft's naming."""
+    """Every module of the model a LoRA may target, in peft's naming (a family's fused projections for the
+    weights they hold)."""
+    fused = FAMILIES[cfg.family].fused
+    held = {part for parts in fused.values() for part in parts}
     names = [EMBEDDING]
     for i in range(cfg.num_layers):
-        names += [f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in LINEAR]
+        linear = [f"{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in LINEAR]
+        names += [f"model.layers.{i}.{m}" for m in [m for m in linear if m not in held] + list(fused)]
     return names + ["lm_head"]
 
 

@@ -88,7 +88,10 @@ class NumpyEmitter:
                 allowed = keys[None, :] <= pos[:, None]
                 if kind == SLIDING:
                     allowed &= keys[None, :] > pos[:, None] - self.cfg.sliding_window
-                per_seq.append((np.cos(emb), np.sin(emb), allowed))
+                cos, sin = np.cos(emb), np.sin(emb)
+                if self.cfg.rope_magnitude != 1.0:  # longrope's attention factor
+                    cos, sin = cos * F32(self.cfg.rope_magnitude), sin * F32(self.cfg.rope_magnitude)
+                per_seq.append((cos, sin, allowed))
             out[kind] = per_seq
         return out
 
@@ -111,10 +114,12 @@ class NumpyEmitter:
 
     def rope(self, xs, positions):
         out = []
+        rd = self.cfg.rotary_dims  # partial rotary: the first rd dims rotate, the rest pass through
         for x, (cos, sin, _) in zip(xs, positions, strict=True):
-            half = x.shape[-1] // 2
-            rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-            out.append(x * cos + rotated * sin)
+            r, half = x[..., :rd], rd // 2
+            rotated = np.concatenate([-r[..., half:], r[..., :half]], axis=-1)
+            y = r * cos + rotated * sin
+            out.append(y if rd == x.shape[-1] else np.concatenate([y, x[..., rd:]], axis=-1))
         return out
 
     def attention(self, i: int, qs, ks, vs, positions):

@@ -249,3 +249,5 @@ class Family:
     gguf_fix: Callable[[DecoderConfig, str, np.ndarray], np.ndarray] = no_fix  # llama.cpp's storage -> HF's
     gguf_layer_names: Mapping[str, str] = dataclasses.field(default_factory=lambda: GGUF_LAYER_NAMES)
     chat: ChatRoles | None = None  # turn markers, where the tokenizer carries them
+    # fused projections (phi3's qkv_proj): layer-relative name -> the canonical weights its rows hold, in order
+    fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)

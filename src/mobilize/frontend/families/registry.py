@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mobilize.errors import UnsupportedArchitectureError
-from mobilize.frontend.families import gemma3, llama, mistral, qwen2, qwen3
+from mobilize.frontend.families import gemma3, llama, mistral, phi3, qwen2, qwen3
 from mobilize.frontend.families.common import Family
 
 FAMILIES: dict[str, Family] = {
@@ -12,6 +12,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": qwen2.FAMILY,
     "qwen3": qwen3.FAMILY,
     "gemma3": gemma3.FAMILY,
+    "phi3": phi3.FAMILY,
 }
 
 

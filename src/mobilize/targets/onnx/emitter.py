@@ -114,10 +114,11 @@ class OnnxEmitter:
         pos = self.op("Unsqueeze", self.op("Cast", self.position_ids, to=FLOAT), self.const([-1]))
         freqs = self.op("Mul", pos, self.const(inv_freq, np.float32))
         emb = self.op("Concat", freqs, freqs, axis=-1)
-        return (
-            self.op("Unsqueeze", self.op("Cos", emb), self.const([1])),
-            self.op("Unsqueeze", self.op("Sin", emb), self.const([1])),
-        )
+        cos, sin = self.op("Cos", emb), self.op("Sin", emb)
+        if self.cfg.rope_magnitude != 1.0:  # longrope's attention factor on cos and sin
+            magnitude = self.const(self.cfg.rope_magnitude, np.float32)
+            cos, sin = self.op("Mul", cos, magnitude), self.op("Mul", sin, magnitude)
+        return self.op("Unsqueeze", cos, self.const([1])), self.op("Unsqueeze", sin, self.const([1]))
 
     # ---- the Emitter ----
     def embed(self) -> ir.Value:
@@ -154,11 +155,19 @@ class OnnxEmitter:
     def rope(self, x: ir.Value, positions) -> ir.Value:
         x = self.op("Transpose", x, perm=[0, 2, 1, 3])  # [batch, heads, seq, head_dim]
         cos, sin = positions[0]
-        half = self.cfg.head_dim // 2
+        rd, d = self.cfg.rotary_dims, self.cfg.head_dim
+        whole = x
+        if rd < d:  # partial rotary: the first rd dims rotate, the rest pass (FuseAttentionPass reads this form)
+            x = self.op("Slice", whole, self.const([0]), self.const([rd]), self.const([-1]))
+        half = rd // 2
         x1 = self.op("Slice", x, self.const([0]), self.const([half]), self.const([-1]))
         x2 = self.op("Slice", x, self.const([half]), self.const([2 * half]), self.const([-1]))
         rotated = self.op("Concat", self.op("Neg", x2), x1, axis=-1)
-        return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+        y = self.op("Add", self.op("Mul", x, cos), self.op("Mul", rotated, sin))
+        if rd < d:
+            passing = self.op("Slice", whole, self.const([rd]), self.const([d]), self.const([-1]))
+            y = self.op("Concat", y, passing, axis=-1)
+        return y
 
     def attention(self, i: int, q: ir.Value, k: ir.Value, v: ir.Value, positions) -> ir.Value:
         cfg, past, bias = self.cfg, self.pasts[i], positions[1]

@@ -40,6 +40,14 @@ class OnnxTarget:
                 f"ONNX Runtime's GroupQueryAttention needs a head size that is a multiple of 8; this model's is "
                 f"{model.config.head_dim}: export with --opset std (standard attention ops)"
             )
+        pairs = model.config.rotary_dims // 2
+        if how.opset == "ort" and pairs % 8:
+            from mobilize.errors import MobilizeError
+
+            raise MobilizeError(
+                f"ONNX Runtime's GroupQueryAttention rotates a multiple of 8 pairs; this model rotates {pairs} "
+                "(partial rotary): export with --opset std (standard attention ops)"
+            )
         passes = onnx_passes(recipe, how.max_seq_len, how.opset, statistics, how.kv_dtype)
         phase("building graph")
         graph = build_decoder(model, last_logits=how.logits == "last", slots=how.lora_slots)

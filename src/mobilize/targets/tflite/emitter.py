@@ -99,7 +99,14 @@ class TfliteEmitter:
         inv = self.cfg.rope_inv_freq(kind)
         freqs = np.arange(self.max_len, dtype=F32)[:, None] * inv[None, :]
         emb = np.concatenate([freqs, freqs], axis=-1)
-        return self.g.const(np.cos(emb), F32), self.g.const(np.sin(emb), F32)
+        cos, sin = np.cos(emb), np.sin(emb)
+        if self.cfg.rope_magnitude != 1.0:  # longrope's attention factor
+            cos, sin = cos * F32(self.cfg.rope_magnitude), sin * F32(self.cfg.rope_magnitude)
+        pass_dims = self.cfg.head_dim - self.cfg.rotary_dims
+        if pass_dims:  # partial rotary: the dims past rotary_dim keep x (cos 1, sin 0; see `rope`)
+            cos = np.concatenate([cos, np.ones((self.max_len, pass_dims), F32)], axis=-1)
+            sin = np.concatenate([sin, np.zeros((self.max_len, pass_dims), F32)], axis=-1)
+        return self.g.const(cos.astype(F32), F32), self.g.const(sin.astype(F32), F32)
 
     # ---- the Emitter ----
     def embed(self) -> int:
@@ -172,12 +179,16 @@ class TfliteEmitter:
         g = self.g
         cos, sin = positions[2]
         length, n, d = g.shape(x)
-        half = d // 2
+        rd = self.cfg.rotary_dims
+        half = rd // 2
         x1 = self.slice(x, [0, 0, 0], [length, n, half])
         x2 = self.slice(x, [0, 0, half], [length, n, half])
         concat = fb.ConcatenationOptionsT()
         concat.axis = 2
-        rotated = g.op(Op.CONCATENATION, [self.unary(Op.NEG, x2), x1], [length, n, d], F32, concat)
+        parts = [self.unary(Op.NEG, x2), x1]
+        if rd < d:  # partial rotary: the passing dims ride along (the tables hold cos 1 and sin 0 for them)
+            parts.append(self.slice(x, [0, 0, rd], [length, n, d - rd]))
+        rotated = g.op(Op.CONCATENATION, parts, [length, n, d], F32, concat)
         return self.binary(Op.ADD, self.binary(Op.MUL, x, cos), self.binary(Op.MUL, rotated, sin))
 
     def attention(self, i: int, q: int, k: int, v: int, positions) -> int:

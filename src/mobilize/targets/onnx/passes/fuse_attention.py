@@ -177,14 +177,18 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
     if isinstance(m, str):
         return m
     q_rot, k_rot, v, bias = m["q_rot"], m["k_rot"], m["v_bnsh"], m["bias"]
-    rope_q, rope_k = (producer(t, "RotaryEmbedding", domain=MS_DOMAIN) for t in (q_rot, k_rot))
+    (q_whole, rope_q), (k_whole, rope_k) = (_rotary_of(t, m["head_dim"]) for t in (q_rot, k_rot))
     if (rope_q is None) != (rope_k is None):
         return "only one of q and k is rotated"
     rotary = None
     if rope_q is not None:
         if rope_q.inputs[1:] != rope_k.inputs[1:] or attr_int(rope_q, "interleaved", 0):
             return "q and k use different rotary tables"
-        q_rot, k_rot, rotary = rope_q.inputs[0], rope_k.inputs[0], (rope_q.inputs[2], rope_q.inputs[3])
+        if q_whole is not rope_q.inputs[0]:  # partial rotary: GQA rotates the first 2 * cos_cache.shape[1] dims
+            half = rope_q.inputs[2].shape[1] if rope_q.inputs[2].shape is not None else None
+            if not isinstance(half, int) or half % 8:
+                return f"partial rotary of {half} pairs: GroupQueryAttention needs a multiple of 8"
+        q_rot, k_rot, rotary = q_whole, k_whole, (rope_q.inputs[2], rope_q.inputs[3])
     heads = [_bsnh(t) for t in (q_rot, k_rot, v)]
     if any(h is None for h in heads):
         return "q, k or v is not Transpose([batch, seq, heads, head_dim], [0, 2, 1, 3])"
@@ -192,6 +196,33 @@ def _match(graph: ir.Graph, softmax: ir.Node) -> dict | str:
     if mask is None:
         return "no attention_mask graph input behind the attention bias"
     return m | {"q": heads[0], "k": heads[1], "v": heads[2], "rotary": rotary, "mask": mask, "window": _window(bias)}
+
+
+def _rotary_of(value: ir.Value | None, head_dim: int) -> tuple[ir.Value | None, ir.Node | None]:
+    """(the value rotated, its RotaryEmbedding) for RotaryEmbedding(x), or for partial rotary
+    Concat(RotaryEmbedding(Slice(x, 0, r)), Slice(x, r, head_dim)) on the last axis; (value, None) otherwise."""
+    rope = producer(value, "RotaryEmbedding", domain=MS_DOMAIN)
+    if rope is not None:
+        return rope.inputs[0], rope
+    concat = producer(value, "Concat")
+    if concat is None or len(concat.inputs) != 2 or attr_int(concat, "axis") not in (-1, 3):
+        return value, None
+    rope = producer(concat.inputs[0], "RotaryEmbedding", domain=MS_DOMAIN)
+    rot, rest = producer(rope.inputs[0], "Slice") if rope is not None else None, producer(concat.inputs[1], "Slice")
+    if rot is None or rest is None or rot.inputs[0] is not rest.inputs[0]:
+        return value, None
+    a, b = _last_axis_slice(rot), _last_axis_slice(rest)
+    if a is None or b is None or a[0] != 0 or b != (a[1], head_dim):
+        return value, None
+    return rot.inputs[0], rope
+
+
+def _last_axis_slice(node: ir.Node) -> tuple[int, int] | None:
+    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
+    axes = ints(node.inputs[3]) if len(node.inputs) > 3 else None
+    if starts is None or ends is None or len(starts) != 1 or axes not in ([-1], [3]) or len(node.inputs) > 4:
+        return None
+    return starts[0], ends[0]
 
 
 def _scores(value: ir.Value | None) -> tuple[ir.Node, float, float | None] | None:

@@ -3,7 +3,7 @@ position ids and constant inverse frequencies, becomes one op reading precompute
 
 Matched form (head axis 1, what transformers and our builder emit):
     f = Unsqueeze(Cast(position_ids), -1) * inv_freq;  e = Concat(f, f, -1)
-    cos = Unsqueeze(Cos(e), 1);  sin = Unsqueeze(Sin(e), 1)
+    cos = Unsqueeze(Cos(e) [* m], 1);  sin = Unsqueeze(Sin(e) [* m], 1)   (m: longrope's magnitude, a scalar)
     y = x * cos + Concat(-x[..., h:], x[..., :h]) * sin
 ONNX Runtime: `com.microsoft::RotaryEmbedding`; standard ONNX (`std=True`): opset-23 `RotaryEmbedding`.
 The tables hold `max_seq_len` positions, so the package cannot address positions past it.
@@ -31,10 +31,13 @@ from mobilize.targets.onnx.passes.graph import (
 from mobilize.targets.onnx.passes.report import ReportingPass
 
 
-def rotary_tables(inv_freq: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin [max_seq_len, head_dim / 2], computed as the graph did (fp32 angles)."""
+def rotary_tables(inv_freq: np.ndarray, max_seq_len: int, magnitude: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [max_seq_len, rotary dims / 2], computed as the graph did (fp32 angles, then the magnitude)."""
     angles = np.arange(max_seq_len, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    if magnitude != 1.0:
+        cos, sin = cos * np.float32(magnitude), sin * np.float32(magnitude)
+    return cos, sin
 
 
 class FuseRotaryPass(ReportingPass):
@@ -63,9 +66,10 @@ class FuseRotaryPass(ReportingPass):
             if isinstance(matched, str):
                 self.report.reject(matched)
                 return
-            x, positions, inv_freq = matched
-            cos, sin = rotary_tables(inv_freq, self.max_seq_len)
-            key = f"rotary_{hashlib.sha1(inv_freq.tobytes()).hexdigest()[:10]}_{self.max_seq_len}"
+            x, positions, inv_freq, magnitude = matched
+            cos, sin = rotary_tables(inv_freq, self.max_seq_len, magnitude)
+            digest = hashlib.sha1(inv_freq.tobytes() + (np.float32(magnitude).tobytes() if magnitude != 1.0 else b""))
+            key = f"rotary_{digest.hexdigest()[:10]}_{self.max_seq_len}"
             cos_v = initializer(graph, key + ".cos", cos)
             sin_v = initializer(graph, key + ".sin", sin)
             if self.std:
@@ -91,7 +95,7 @@ class FuseRotaryPass(ReportingPass):
 
 
 def _match(cos_term: ir.Value | None, sin_term: ir.Value | None):
-    """(x, position_ids, inv_freq) if the two Add operands are x*cos and rotate_half(x)*sin."""
+    """(x, position_ids, inv_freq, magnitude) if the two Add operands are x*cos and rotate_half(x)*sin."""
     mul_c, mul_s = producer(cos_term, "Mul"), producer(sin_term, "Mul")
     if mul_c is None or mul_s is None:
         return None
@@ -99,19 +103,21 @@ def _match(cos_term: ir.Value | None, sin_term: ir.Value | None):
     sin = _operand_times_trig(mul_s, "Sin")
     if cos is None or sin is None:
         return None
-    (x, cos_node), (rotated, sin_node) = cos, sin
+    (x, (cos_node, magnitude)), (rotated, (sin_node, sin_magnitude)) = cos, sin
     if cos_node.inputs[0] is not sin_node.inputs[0]:
         return "cos and sin are of different angles"
+    if magnitude != sin_magnitude:
+        return "cos and sin are scaled differently"
     if not _is_rotate_half(rotated, x):
         return "the sin term is not rotate_half(x) of the cos term's x"
     angles = _angles(cos_node.inputs[0])
     if angles is None:
         return "angles are not Concat(pos * inv_freq) twice with constant inv_freq"
-    return (x, *angles)
+    return (x, *angles, magnitude)
 
 
-def _operand_times_trig(mul: ir.Node, op: str) -> tuple[ir.Value, ir.Node] | None:
-    """(a, the Cos/Sin node) for Mul(a, Unsqueeze(op(angles), 1)) in either operand order."""
+def _operand_times_trig(mul: ir.Node, op: str) -> tuple[ir.Value, tuple[ir.Node, float]] | None:
+    """(a, (the Cos/Sin node, magnitude)) for Mul(a, Unsqueeze(op(angles) [* m], 1)) in either operand order."""
     for idx in (0, 1):
         trig = _trig(mul.inputs[1 - idx], op)
         if trig is not None:
@@ -119,11 +125,19 @@ def _operand_times_trig(mul: ir.Node, op: str) -> tuple[ir.Value, ir.Node] | Non
     return None
 
 
-def _trig(value: ir.Value | None, op: str) -> ir.Node | None:
+def _trig(value: ir.Value | None, op: str) -> tuple[ir.Node, float] | None:
     unsq = producer(value, "Unsqueeze")
     if unsq is None or ints(unsq.inputs[1]) != [1]:
         return None
-    return producer(unsq.inputs[0], op)
+    trig = producer(unsq.inputs[0], op)
+    if trig is not None:
+        return trig, 1.0
+    scaled = producer(unsq.inputs[0], "Mul")
+    for t_idx in (0, 1) if scaled is not None else ():
+        trig, m = producer(scaled.inputs[t_idx], op), small_const(scaled.inputs[1 - t_idx])
+        if trig is not None and m is not None and m.size == 1 and m.dtype == np.float32:
+            return trig, float(m.reshape(-1)[0])
+    return None
 
 
 def _is_rotate_half(rotated: ir.Value | None, x: ir.Value) -> bool:
