@@ -13,7 +13,9 @@ from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.runner import greedy
 
 
-@pytest.mark.parametrize(("family", "quant"), [("llama", "fp32"), ("gemma3", "int4"), ("qwen2", "int8")])
+@pytest.mark.parametrize(
+    ("family", "quant"), [("llama", "fp32"), ("gemma3", "int4"), ("qwen2", "int8"), ("phi3", "int4")]
+)
 def test_genai_matches_our_runner(family, quant, tiny_hf, tmp_path):
     out = tmp_path / "pkg"
     r = subprocess.run(

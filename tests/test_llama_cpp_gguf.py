@@ -31,6 +31,11 @@ CASES = {  # name -> (family, changes to the family's tiny config)
     "mistral": ("mistral", {}),
     "qwen2-biases-tied": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3-tied": ("qwen3", {"tie_word_embeddings": True}),
+    # Phi-4-mini in small (fused qkv/gate_up, partial rotary, LongRoPE with its attention factor, tied), and
+    # Phi-3-mini-4k's shape (full rotary, no scaling, a separate head, a sliding window inside the prompt)
+    "phi3-partial-longrope-tied": ("phi3", {}),
+    "phi3-mini-sliding": ("phi3", {"rotary_dim": None, "rope_scaling": None, "tie_word_embeddings": False,
+                                   "sliding_window": 6, "layer_types": ("sliding_attention",) * 2}),
 }
 
 
@@ -72,9 +77,11 @@ def test_llama_cpp_gguf_matches_transformers(name, sentencepiece_model, tmp_path
     if cfg.rope_scaling:  # the scaling arrives as llama.cpp's per-pair divisors, which give transformers' frequencies
         import numpy as np
 
-        assert dict(loaded.config.rope_scaling)["rope_type"] == "factors"
+        assert dict(loaded.config.rope_scaling)["rope_type"] == ("longrope" if family == "phi3" else "factors")
         np.testing.assert_allclose(loaded.config.rope_inv_freq("full_attention"), cfg.rope_inv_freq("full_attention"),
                                    rtol=1e-6)  # fmt: skip
+        assert abs(loaded.config.rope_magnitude - cfg.rope_magnitude) < 1e-6
+    assert (loaded.config.rotary_dims, loaded.config.layer_types) == (cfg.rotary_dims, cfg.layer_types)
     ref = ReferenceRunner(hf)
     for fmt, runner in (("onnx", lambda p: OrtRunner(p / "model.onnx")),
                         ("tflite", lambda p: LiteRtRunner(p / "model.tflite"))):  # fmt: skip
@@ -82,7 +89,7 @@ def test_llama_cpp_gguf_matches_transformers(name, sentencepiece_model, tmp_path
         assert_tracks_reference(ref, runner(pkg), PROMPT)
 
 
-@pytest.mark.parametrize("name", ["llama3.2-scaled-tied", "qwen2-biases-tied"])
+@pytest.mark.parametrize("name", ["llama3.2-scaled-tied", "qwen2-biases-tied", "phi3-partial-longrope-tied"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_llama_cpp_q8_0_gguf_top1(name, quant, sentencepiece_model, tmp_path):
     """A Q8_0 GGUF from llama.cpp's converter (its blocks carried as they are where the recipe allows): the

@@ -142,8 +142,9 @@ def test_alias_from_local_hub_cache(tiny_hf, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "alias", ["llama-7b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b", "smollm-135m", "gemma3-270m"]
-)
+    "alias", ["llama-7b", "llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b", "smollm-135m", "gemma3-270m",
+              "phi-3-mini-4k"]
+)  # fmt: skip
 def test_random_weights_real_shapes(alias):
     model = load_model(open_checkpoint(alias, random_weights=True))
     expected = {
@@ -154,6 +155,7 @@ def test_random_weights_real_shapes(alias):
         "mistral-7b": 7.24e9,
         "smollm-135m": 0.135e9,
         "gemma3-270m": 0.268e9,
+        "phi-3-mini-4k": 3.82e9,
     }[alias]
     assert math.isclose(model.config.num_params, expected, rel_tol=0.01), model.config.num_params
     small = min(model.weights.values(), key=lambda r: math.prod(r.shape) if "norm" not in r.name else 1e18)

@@ -124,6 +124,24 @@ ALIASES: dict[str, dict[str, Any]] = {
             tie_word_embeddings=True,
         ),
     ),
+    "phi-3-mini-4k": dict(
+        hub="microsoft/Phi-3-mini-4k-instruct",
+        config=dict(
+            model_type="phi3",
+            vocab_size=32064,
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            sliding_window=2047,
+            tie_word_embeddings=False,
+        ),
+    ),
     "mistral-7b": dict(
         hub="mistralai/Mistral-7B-v0.1",
         config=dict(
