@@ -36,3 +36,14 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
         return made[family]
 
     return get
+
+
+# The files that take minutes, collected first. With `--dist loadfile` a worker takes whole files in collection
+# order, so a long file collected last runs alone while the other core idles; longest first keeps both busy.
+HEAVY_FIRST = ("test_streaming.py", "test_hostile_corpus.py", "test_gemma3_real.py", "test_lora_real.py",
+               "test_integrity.py", "test_llama_cpp_gguf.py", "test_lora.py", "test_bench_suite.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
