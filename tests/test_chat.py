@@ -4,7 +4,6 @@ chat_template), rendered and tokenized as transformers' apply_chat_template does
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +25,29 @@ MESSAGES = [
 ]
 
 
-def _instruct(tiny_hf, dst: Path, in_jinja: bool) -> Path:
-    """A tiny instruction-tuned llama: a BPE tokenizer with turn markers, its template in tokenizer_config.json
-    or, as transformers 4.43+ saves it, in chat_template.jinja."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+VOCAB = 320  # the 256 bytes of a byte-level BPE, its specials, some merges
 
-    shutil.copytree(tiny_hf("llama"), dst)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+
+def _instruct(tiny_hf, dst: Path, in_jinja: bool) -> Path:
+    """A tiny instruction-tuned llama: a byte-level BPE tokenizer (as GPT-2's, Llama 3's and Qwen's are, and as
+    ONNX Runtime GenAI reads them) with turn markers, its template in tokenizer_config.json or, as transformers
+    4.43+ saves it, in chat_template.jinja."""
+    import dataclasses
+
+    from helpers import write_tiny_hf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mobilize.frontend.families.registry import FAMILIES
+
+    write_tiny_hf(dataclasses.replace(FAMILIES["llama"].tiny(), vocab_size=VOCAB), dst)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     text = Path(__file__).parents[1] / "src" / "mobilize" / "quant" / "data" / "calibration.txt"
     specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
-    tok.train([str(text)], trainers.BpeTrainer(vocab_size=128, special_tokens=specials, show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train([str(text)], trainer)
     tok.save(str(dst / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>"}  # fmt: skip
@@ -66,14 +77,23 @@ def test_chat_prompt_ids_are_transformers(in_jinja, tiny_hf, tmp_path):
 
 
 def test_genai_renders_the_packages_template_as_we_do(tiny_hf, tmp_path):
-    """ONNX Runtime GenAI finds the template in the package and renders the same text (its tokenizer does not
-    take this toy tokenizer's whitespace pre-tokenizer, so its ids are not compared here)."""
+    """ONNX Runtime GenAI finds the template in the package and renders the same text, and its tokenizer gives
+    that text the prompt ids transformers' apply_chat_template gives (the template holds the BOS, so special
+    tokens stay off, GenAI's default); the export checked GenAI's tokenizer on its own strings too."""
     import onnxruntime_genai as og
+    from transformers import AutoTokenizer
 
     src = _instruct(tiny_hf, tmp_path / "src", in_jinja=True)
+    want = AutoTokenizer.from_pretrained(str(src)).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     pkg = Package.open(export(ExportOptions(str(src), tmp_path / "pkg", quant="int8", max_seq_len=128)))
+    parity = json.loads((pkg.path / "manifest.json").read_text())["tokenizer_parity"]
+    assert "strings encode the same" in parity["genai"]
     tokenizer = og.Tokenizer(og.Model(str(pkg.path)))
-    assert tokenizer.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True) == render(pkg, MESSAGES)
+    text = tokenizer.apply_chat_template(json.dumps(MESSAGES), add_generation_prompt=True)
+    assert text == render(pkg, MESSAGES)
+    assert [int(t) for t in tokenizer.encode(text)] == want
 
 
 def test_run_chat_is_multi_turn(tiny_hf, tmp_path):
@@ -89,3 +109,26 @@ def test_run_chat_is_multi_turn(tiny_hf, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mobilize.cli", "run", str(plain), "--chat", "-p", "hi"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "no chat template" in r.stderr, r.stderr
+
+
+def test_a_tokenizer_genai_reads_otherwise_stops_the_export(tiny_hf, tmp_path):
+    """tokenizer.json adds the BOS, tokenizer_config.json says not to and names no tokenizer class: GenAI's
+    tokenizer then appends an EOS too, so an app would feed the model other ids than mobilize checked. The export
+    stops in one line naming a string and the ids; --ignore-tokenizer-parity writes it, and the manifest says so."""
+    from helpers import assert_one_line_error, cli
+    from tokenizers import Tokenizer, processors
+
+    src = _instruct(tiny_hf, tmp_path / "src", in_jinja=True)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(src / "tokenizer.json"))
+    config = json.loads((src / "tokenizer_config.json").read_text()) | {"add_bos_token": False}
+    del config["tokenizer_class"]
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    args = ["export", src, "-o", tmp_path / "pkg", "-q", "fp32", "--max-seq-len", "32"]
+    assert_one_line_error(cli(*args), "tokenizer parity", "ONNX Runtime GenAI encodes", "--ignore-tokenizer-parity")
+    assert not (tmp_path / "pkg").exists()
+    r = cli(*args, "--ignore-tokenizer-parity")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["tokenizer_parity"] == {"skipped": "--ignore-tokenizer-parity"}

@@ -157,6 +157,14 @@ def test_real_int4_package_in_genai_and_our_runner(quant, runners, hf_tokenizer,
     ours = greedy(OrtRunner(out / "model.onnx", threads=2), prompt, 16)
     theirs = genai_greedy(out, prompt, 16)
     assert theirs == ours
+    if quant == "int4":  # the package README's GenAI lines: asked for special tokens, GenAI adds the model's BOS
+        import onnxruntime_genai as og
+
+        assert 'tokenizer.update_options(add_special_tokens="true")' in (out / "README.md").read_text()
+        tokenizer = og.Tokenizer(og.Model(str(out)))
+        tokenizer.update_options(add_special_tokens="true")
+        for s in ("The capital of France is", " a leading space", "émoji 🙂 and 12345"):
+            assert [int(t) for t in tokenizer.encode(s)] == hf_tokenizer(s).input_ids, s
     text = DEFAULT_TEXT.read_text()
     ids = hf_tokenizer(text).input_ids
     ref = runners[0].prefill(ids[:160]).argmax(-1)

@@ -95,6 +95,10 @@ def export(
     ignore_fit: bool = typer.Option(
         False, "--ignore-fit", help="Write the package even if it would not fit the preset's device."
     ),
+    ignore_tokenizer_parity: bool = typer.Option(
+        False, "--ignore-tokenizer-parity",
+        help="Write the package even if the runtime's own tokenizer (GenAI's) encodes text otherwise.",
+    ),
     sign: Path = typer.Option(
         None, "--sign", help="Sign the manifest with this Ed25519 private key (OpenSSH format: ssh-keygen -t ed25519)."
     ),
@@ -118,7 +122,7 @@ def export(
         source, out, random_weights=random_weights, overwrite=overwrite, quant=quant, target=target,
         format=fmt, max_seq_len=max_seq_len, opset=opset, prefill_lens=tuple(prefill_len), bundle=bundle,
         logits=logits, kv_dtype=kv_dtype, ignore_fit=ignore_fit, sign=sign, lora=tuple(lora),
-        lora_slots=lora_slots, lora_targets=lora_targets,
+        lora_slots=lora_slots, lora_targets=lora_targets, tokenizer_parity=not ignore_tokenizer_parity,
     ).resolved()  # fmt: skip
     name = Path(source).stem if Path(source).exists() else source
     opts = dataclasses.replace(opts, out=out or Path("out") / f"{name}-{opts.target}-{opts.format}-{opts.quant}")

@@ -66,6 +66,7 @@ class ExportOptions:
     logits: str = "last"  # onnx: the logits output of the "last" position only, or of "all"
     kv_dtype: str | None = None  # None: the preset's plan
     ignore_fit: bool = False  # write a package that does not fit the preset's device
+    tokenizer_parity: bool = True  # the package's tokenizer against the runtime's own (GenAI's), at export
     sign: Path | None = None  # an OpenSSH private key: the manifest signed (manifest.json.sig)
     lora: tuple[str, ...] = ()  # PEFT adapter directories, merged into the weights before quantization
     lora_slots: int | None = None  # the rank of LoRA slots whose weights are given at run time
@@ -212,6 +213,11 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         if slots is not None:
             manifest["lora_slots"] = slots.record(model.config)
         target.finish(model, written, manifest, how, tmp, phase)
+        if tokenizer_files and opts.tokenizer_parity:
+            phase("checking the tokenizer against the runtime's")
+            manifest["tokenizer_parity"] = target.check_tokenizer(tmp)
+        elif tokenizer_files:
+            manifest["tokenizer_parity"] = {"skipped": "--ignore-tokenizer-parity"}
         phase("writing manifest")
         device = PRESETS[opts.target].device
         if device is not None:

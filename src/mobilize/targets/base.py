@@ -60,6 +60,9 @@ class Target(Protocol):
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
         """Files that need the tokenizer or the manifest's fields (written after both)."""
 
+    def check_tokenizer(self, package: Path) -> dict[str, Any]:
+        """The package's tokenizer against the runtime's own (one error line on a mismatch); what was checked."""
+
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         """(bytes of every weight, bytes one decode step reads: an embedding table one row), for `fit`."""
 

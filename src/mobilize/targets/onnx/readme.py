@@ -58,19 +58,23 @@ ONNX Runtime GenAI reads this directory as it is (`genai_config.json`; it asks f
 threads, the target device's big cores: no overlay is needed):
 
 ```python
-import json
 import onnxruntime_genai as og
 model = og.Model("path/to/this/package")
 tokenizer = og.Tokenizer(model)
+# GenAI's tokenizer leaves special tokens out unless asked; asked, it adds what this package's
+# tokenizer_config.json says the model was trained with (the BOS token, for most models).
+tokenizer.update_options(add_special_tokens="true")
 params = og.GeneratorParams(model)
 params.set_search_options(max_length={kv.get("max_seq_len", arch["max_position_embeddings"])})
 generator = og.Generator(model, params)
-bos = json.load(open("path/to/this/package/genai_config.json"))["model"].get("bos_token_id")
-# GenAI's tokenizer (0.18) does not add the BOS token the model was trained with: prepend it.
-generator.append_tokens(([bos] if bos is not None else []) + list(tokenizer.encode("Hello")))
+generator.append_tokens(tokenizer.encode("Hello"))
 while not generator.is_done():
     generator.generate_next_token()
 ```
+
+A chat turn rendered with `tokenizer.apply_chat_template(...)` already holds the template's BOS text: encode
+it with special tokens left out (`update_options(add_special_tokens="false")`, GenAI's default), or the model
+sees two.
 
 `max_length` must be the cache's length, {length}: GenAI binds one buffer of that many positions as both
 past and present (`past_present_share_buffer`), and any other value fails with

@@ -17,6 +17,7 @@ from mobilize.targets.onnx.genai_config import genai_config, graph_io
 from mobilize.targets.onnx.passes.kv_cache import WINDOW_SLACK, static_kv
 from mobilize.targets.onnx.pipeline import onnx_passes, run_passes, summarize
 from mobilize.targets.onnx.readme import onnx_readme
+from mobilize.targets.onnx.tokenizer_parity import check_with_genai
 from mobilize.targets.onnx.writer import save_onnx, weight_bytes
 
 
@@ -91,3 +92,6 @@ class OnnxTarget:
         genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache,
                              manifest["target"].get("threads"))  # fmt: skip
         (out / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
+
+    def check_tokenizer(self, package: Path) -> dict:
+        return check_with_genai(package)

@@ -69,6 +69,9 @@ class TfliteTarget:
     def readme(self, manifest: dict, file_names: list[str]) -> str:
         return tflite_readme(manifest, file_names)
 
+    def check_tokenizer(self, package: Path) -> dict:
+        return {"litert-lm": "not checked: LiteRT-LM's tokenizer has no Python binding to compare with"}
+
     def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
         if how.bundle != "litertlm":
             return
