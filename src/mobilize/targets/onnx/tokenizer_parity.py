@@ -9,13 +9,16 @@ real one, so a 7B's weights are not loaded to check its tokenizer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mobilize.errors import MobilizeError
+from mobilize.frontend.sources.aliases import cache_root
 
 _BODIES = [
     "Hello world", "the river's bank.", "12345", "1 + 2 = 3", "3.14159 and 2,718", "a  b", "trailing ",
@@ -26,6 +29,7 @@ _BODIES = [
     "tab\tend", "\u00a0no-break space", "\r\nwindows line\r\n", "ﬁ ligature", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
 ]  # fmt: skip
 _PREFIXES = ("", " ", "  ", "\t", "\n", " \n ")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def parity_strings(specials: list[str]) -> list[str]:
@@ -51,6 +55,10 @@ def check_with_genai(package: Path) -> dict[str, Any]:
         return {"genai": f"not checked: GenAI's tokenizer reads BPE vocabularies only (this one is {kind})"}
     specials = sorted({t.content for t in ours.get_added_tokens_decoder().values() if t.special})[:32]
     strings = parity_strings(specials)
+    key = _digest(package, og.__version__, strings)
+    done = cache_root() / "tokenizer-parity" / key
+    if done.is_file():  # these very files passed with this GenAI before (a 262k vocabulary takes GenAI ~3 s)
+        return {"genai": done.read_text().strip()}
     with tempfile.TemporaryDirectory(prefix="mobilize-tokenizer-") as d:
         stand_in = _stand_in(package, Path(d))
         try:
@@ -70,7 +78,22 @@ def check_with_genai(package: Path) -> dict[str, Any]:
             f"({len(b)} and {len(a)} tokens); an app would feed the model other tokens (--ignore-tokenizer-parity "
             "writes the package anyway)"
         )
-    return {"genai": f"{len(strings)} strings encode the same (special tokens on, as the package README says)"}
+    result = f"{len(strings)} strings encode the same (special tokens on, as the package README says)"
+    try:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        partial = done.with_name(f".{key}.{os.getpid()}")
+        partial.write_text(result + "\n")
+        os.replace(partial, done)
+    except OSError:
+        pass  # a read-only cache only costs the next export the check again
+    return {"genai": result}
+
+
+def _digest(package: Path, version: str, strings: list[str]) -> str:
+    h = hashlib.sha256(version.encode() + json.dumps(strings).encode())
+    for name in (*_TOKENIZER_FILES, "genai_config.json"):
+        h.update(name.encode() + b"\0" + ((package / name).read_bytes() if (package / name).is_file() else b"-"))
+    return h.hexdigest()
 
 
 def _stand_in(package: Path, d: Path) -> Path:
@@ -79,7 +102,7 @@ def _stand_in(package: Path, d: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+    for name in _TOKENIZER_FILES:
         if (package / name).is_file():
             shutil.copyfile(package / name, d / name)
     config = json.loads((package / "genai_config.json").read_text())
