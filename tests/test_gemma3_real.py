@@ -187,7 +187,7 @@ def test_real_tflite_int4_carries_gguf_blocks_within_the_accuracy_budget(runners
     from mobilize.harness.accuracy import perplexity
     from mobilize.harness.package import Package
 
-    out = export(ExportOptions("gemma3-270m", tmp_path / "tfl", format="tflite", quant="int4", max_seq_len=512))
+    out = export(ExportOptions("gemma3-270m", tmp_path / "tfl", format="tflite"))  # the android preset: int4
     report = json.loads((out / "manifest.json").read_text())["build_report"]
     assert report["calibration"]["used"] and report["calibration"]["tokens"] > 1000
     tensors = report["passes"][0]["tensors"]

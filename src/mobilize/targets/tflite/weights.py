@@ -24,7 +24,7 @@ from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.sources.gguf_grid import block_codes, block_grid
 from mobilize.quant.calibrate import statistics_for
 from mobilize.quant.plan import SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for
-from mobilize.quant.primitives import codes_on_grid, search_blocks, zero_point_correction
+from mobilize.quant.primitives import ErrorStats, codes_on_grid, search_blocks, zero_point_correction
 from mobilize.quant.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite.caps import TFLITE_CAPS
 from mobilize.targets.tflite.writer import INT4, Quant, TflGraph
@@ -73,21 +73,15 @@ class FcWeights:
         the writer), the error statistics gathered along."""
         w = self._load(name, cols)
         qmax = (1 << (bits - 1)) - 1
-        sq_err = sq_w = max_abs = 0.0
+        errors = ErrorStats()
         for start in range(0, w.shape[0], ROWS):
             rows, s = w[start : start + ROWS], scale[start : start + ROWS, None]
             q = np.clip(np.round(rows / s), -qmax, qmax).astype(np.int8)
-            err = q.astype(F32) * s - rows
-            sq_err += float(np.square(err, dtype=np.float64).sum())
-            sq_w += float(np.square(rows, dtype=np.float64).sum())
-            max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+            err = q.astype(F32) * s
+            err -= rows
+            errors.add(err, rows)
             yield pack_int4(q) if bits == 4 else q
-        self.stats[key] = self._planned(key) | {
-            "bits": bits,
-            "form": "per-channel sym",
-            "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
-            "max_abs_error": max_abs,
-        }
+        self.stats[key] = self._planned(key) | {"bits": bits, "form": "per-channel sym"} | errors.result()
 
     def _fc_tensor(self, g: TflGraph, name: str, quant: WeightQuant | None, key: str) -> int:
         ref = self.ckpt[name]
@@ -147,7 +141,7 @@ class FcWeights:
                 grid = codes_on_grid(w, block_grid(ref.dtype, ref.raw()))
                 if grid is not None and (grid[1] < 0).any():
                     grid = None  # a negative scale has no positive-scale INT4 form: re-rounded
-            sq_err = sq_w = max_abs = 0.0
+            errors = ErrorStats()
             scales, corrections = [], []
             for start in range(0, n, ROWS):
                 blocks = w[start : start + ROWS].reshape(-1, nb, block)
@@ -158,10 +152,10 @@ class FcWeights:
                     codes_, s, zp = (a[start : start + ROWS] for a in grid)
                     q = (codes_.astype(np.int8) - 8).astype(np.int8)
                     scale, corr = s.astype(np.float16), zero_point_correction(s, zp, 4)
-                err = q.astype(F32) * scale.astype(F32)[..., None] + corr[..., None] - blocks
-                sq_err += float(np.square(err, dtype=np.float64).sum())
-                sq_w += float(np.square(blocks, dtype=np.float64).sum())
-                max_abs = max(max_abs, float(np.abs(err).max(initial=0.0)))
+                err = q.astype(F32) * scale.astype(F32)[..., None]
+                err += corr[..., None]
+                err -= blocks
+                errors.add(err, blocks)
                 scales.append(scale)
                 corrections.append(corr)
                 yield pack_int4(q)
@@ -170,9 +164,7 @@ class FcWeights:
                 "form": f"blockwise {block} sym, fp16 scales" + (" + Q4_K zero points" if grid is not None else ""),
                 "carried_from_source": grid is not None,
                 "calibrated": weight is not None and grid is None,
-                "rel_rms_error": (sq_err / max(sq_w, 1e-30)) ** 0.5,
-                "max_abs_error": max_abs,
-            }
+            } | errors.result()
             pending["scale"] = np.concatenate(scales)
             if carry:
                 pending["correction"] = np.concatenate(corrections).astype(F32)
