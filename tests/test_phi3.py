@@ -63,9 +63,9 @@ def test_a_fused_tensor_of_the_wrong_size_is_refused(tiny_hf, tmp_path):
     tensors["model.layers.0.self_attn.qkv_proj.weight"] = tensors["model.layers.0.self_attn.qkv_proj.weight"][:-32]
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     r = cli("inspect", src)
-    assert_one_line_error(r, "'model.layers.0.self_attn.qkv_proj.weight'", "[224, 128]", "128 + 64 + 64 rows")
+    assert_one_line_error(r, "'model.layers.0.self_attn.qkv_proj.weight'", "[96, 64]", "64 + 32 + 32 rows")
     tensors = load_file(str(tiny_hf("phi3") / "model.safetensors"))
-    tensors["model.layers.0.self_attn.q_proj.weight"] = np.zeros((128, 128), np.float32)  # beside the fused one
+    tensors["model.layers.0.self_attn.q_proj.weight"] = np.zeros((64, 64), np.float32)  # beside the fused one
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     assert_one_line_error(cli("inspect", src), "'model.layers.0.self_attn.q_proj.weight' is given twice")
 

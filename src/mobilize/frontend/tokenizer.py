@@ -166,7 +166,7 @@ def _check_json(path: Path) -> bytes:
     return text
 
 
-_CONVERTER = "mobilize tokenizer converter 5"  # in the cache key: a conversion that changes is not reused
+_CONVERTER = "mobilize tokenizer converter 6"  # in the cache key: a conversion that changes is not reused
 
 
 def _cached_dir(meta: dict) -> Path:
@@ -385,7 +385,11 @@ def _sentencepiece_backend(file_tokens: list[str], token_types, special_ids: lis
     )
     replace = normalizers.Replace(" ", "\u2581")
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    # No spaces are left once normalized: the split on " " does nothing here, as in Gemma's own tokenizer.json. With
+    # a dummy prefix there is none, as in Llama 2's: onnxruntime-extensions (GenAI's tokenizer) reads a Split on a
+    # string as "no dummy prefix" and would leave it out (the export's parity check found it).
+    if not prefix:
+        tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
     kinds = list(zip(file_tokens, token_types, strict=False))  # a file may list no types

@@ -104,7 +104,7 @@ def tiny() -> DecoderConfig:
     short = tuple(1.0 + 0.1 * i for i in range(8))
     scaling = longrope(short, tuple(2 * f for f in short), 64, 256, None, "tiny")  # 4x the original 64 positions
     return tiny_config(
-        "phi3", hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+        "phi3", num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
         rotary_dim=16, tie_word_embeddings=True, rope_scaling=scaling,
     )  # fmt: skip
 
