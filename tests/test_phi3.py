@@ -92,3 +92,43 @@ def test_int4_package_records_the_split_weights(fmt, tiny_hf, tmp_path):
     assert dict(manifest["architecture"]["rope_scaling"])["rope_type"] == "longrope"
     planned = json.dumps(manifest)
     assert "model.layers.0.self_attn.k_proj" in planned and "qkv_proj" not in planned
+
+
+def _rope(c: dict, **changes) -> dict:
+    return c | {"rope_parameters": c["rope_parameters"] | changes}
+
+
+def _original(c: dict, value) -> dict:
+    """original_max_position_embeddings set to `value` (None: taken out) where transformers keeps it, twice."""
+    key = "original_max_position_embeddings"
+    top, rope = {k: v for k, v in c.items() if k != key}, {k: v for k, v in c["rope_parameters"].items() if k != key}
+    if value is None:
+        return top | {"rope_parameters": rope}
+    return top | {key: value, "rope_parameters": rope | {key: value}}
+
+
+HOSTILE = {  # a config.json change -> what the one error line names
+    "no rotary dims": (lambda c: c | {"partial_rotary_factor": 0}, "rotary_dim=0"),
+    "rotary past the head": (lambda c: c | {"partial_rotary_factor": 1.5}, "at most head_dim=32"),
+    "factor as text": (lambda c: c | {"partial_rotary_factor": "0.5"}, "partial_rotary_factor='0.5' must be a number"),
+    "short factors too few": (lambda c: _rope(c, short_factor=[1.0, 2.0]), "short_factor has 2 divisors for 8"),
+    "a NaN factor": (lambda c: _rope(c, short_factor=[float("nan")] * 8), "finite positive short_factor"),
+    "factors not a list": (lambda c: _rope(c, long_factor=3), "long_factor=3 must be a list of numbers"),
+    "no original context": (lambda c: _original(c, None), "original_max_position_embeddings=None"),
+    "original context 0": (lambda c: _original(c, 0), "at least 2"),
+    "yarn": (lambda c: _rope(c, rope_type="yarn"), "'yarn' is not supported for phi3"),
+    "a negative attention factor": (lambda c: _rope(c, attention_factor=-1), "finite positive attention_factor"),
+    "window 0": (lambda c: c | {"sliding_window": 0}, "sliding_window=0 must be a positive integer"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_phi3_config_is_one_line(case, tiny_hf, tmp_path):
+    change, needle = HOSTILE[case]
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_hf("phi3"), src)
+    (src / "config.json").write_text(json.dumps(change(json.loads((src / "config.json").read_text()))))
+    r = cli("export", src, "-o", tmp_path / "pkg", "-t", "host", "-q", "fp32", "--max-seq-len", "32")
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "pkg").exists()

@@ -37,6 +37,8 @@ def _factors(v: Any, key: str, where: str) -> tuple[float, ...]:
 def longrope(short: Any, long: Any, original: int, max_positions: int, attention_factor: Any, where: str) -> tuple:
     """rope_scaling items for LongRoPE; the attention factor as transformers and llama.cpp derive it when the
     config gives none: sqrt(1 + ln(s) / ln(original)) for s = max_positions / original > 1."""
+    if type(original) is not int or original < 2:  # (its logarithm divides)
+        raise ConfigError(f"{where}: original_max_position_embeddings={original!r} must be an integer of at least 2")
     if attention_factor is None:
         s = max_positions / original
         attention_factor = math.sqrt(1 + math.log(s) / math.log(original)) if s > 1 else 1.0
