@@ -109,12 +109,7 @@ class ExportOptions:
 
     def kv_length(self, cfg: DecoderConfig) -> int:
         """--max-seq-len if given (it may not pass the model's context), else the preset's, capped by it."""
-        context, why = cfg.max_position_embeddings, ""
-        scaling = dict(cfg.rope_scaling or ())
-        if scaling.get("rope_type") == "longrope" and scaling["original_max_position_embeddings"] < context:
-            context = scaling["original_max_position_embeddings"]  # where the short factors hold
-            why = (" that a package can hold: LongRoPE switches to its long factors past the original "
-                   f"{context} positions, and a package's rotary tables are fixed")  # fmt: skip
+        context, why = cfg.static_context
         if self.max_seq_len is None:
             return min(PRESETS[self.target].max_seq_len, context)
         if self.max_seq_len > context:

@@ -158,6 +158,18 @@ class DecoderConfig:
         return float(dict(self.rope_scaling or ()).get("attention_factor", 1.0))
 
     @property
+    def static_context(self) -> tuple[int, str]:
+        """The longest cache a package of this model can hold, and why when it is shorter than the model's context:
+        LongRoPE's long factors apply past its original context, and a package's rotary tables are fixed (the
+        short ones, `rope_inv_freq`)."""
+        scaling = dict(self.rope_scaling or ())
+        original = scaling.get("original_max_position_embeddings")
+        if scaling.get("rope_type") == "longrope" and original < self.max_position_embeddings:
+            return original, (f" that a package can hold: LongRoPE switches to its long factors past the original "
+                              f"{original} positions, and a package's rotary tables are fixed")  # fmt: skip
+        return self.max_position_embeddings, ""
+
+    @property
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mobilize.errors import CheckpointError, ConfigError, SourceNotFoundError
-from mobilize.frontend.config import DecoderConfig, expected_shapes
+from mobilize.frontend.config import DecoderConfig, expected_shapes, layer_weight_names
 from mobilize.frontend.families.registry import FAMILIES, family_for_gguf, family_for_hf
 from mobilize.frontend.sources import aliases
 from mobilize.frontend.sources.base import Checkpoint, TensorRef
@@ -234,40 +234,42 @@ def load_model(ckpt: Checkpoint) -> LoadedModel:
     return LoadedModel(ckpt, cfg, weights)
 
 
-_FUSED_RE = re.compile(r"(model\.layers\.\d+\.)(.+)\.weight$")
+_LAYER_MODULE = re.compile(r"(model\.layers\.(\d+)\.)(.+)$")
+
+
+def fused_parts(cfg: DecoderConfig, module: str) -> list[tuple[str, slice]] | None:
+    """For a family's fused projection (phi3's `model.layers.3.self_attn.qkv_proj`), the canonical modules its rows
+    hold and their rows, in order; None for any other module."""
+    m = _LAYER_MODULE.match(module)
+    parts = FAMILIES[cfg.family].fused.get(m.group(3)) if m else None
+    if not parts:
+        return None
+    shapes, out, start = layer_weight_names(cfg, int(m.group(2))), [], 0
+    for part in parts:
+        rows = shapes[f"{m.group(1)}{part}.weight"][0]
+        out.append((m.group(1) + part, slice(start, start + rows)))
+        start += rows
+    return out
 
 
 def _named(ckpt: Checkpoint, cfg: DecoderConfig, want: dict[str, tuple[int, ...]]):
     """(source name, canonical name or None, tensor), a fused projection (phi3's qkv_proj, gate_up_proj) given as
     the canonical weights its rows hold. Rows are whole blocks, so a GGUF's raw blocks split exactly too."""
-    fused = FAMILIES[ckpt.family].fused
     for src_name, ref in ckpt.tensors.items():
         name = canonical_name(ckpt, src_name)
-        m = _FUSED_RE.match(name or "")
-        parts = fused.get(m.group(2)) if m else None
+        parts = fused_parts(cfg, name.removesuffix(".weight")) if name and name.endswith(".weight") else None
         if not parts:
             yield src_name, name, ref
             continue
-        names = [f"{m.group(1)}{part}.weight" for part in parts]
-        rows = [want[n][0] for n in names]
-        if len(ref.shape) != 2 or ref.shape != (sum(rows), want[names[0]][1]):
+        implied = [parts[-1][1].stop, want[parts[0][0] + ".weight"][1]]
+        if list(ref.shape) != implied:
+            rows = " + ".join(str(p.stop - p.start) for _, p in parts)
             raise CheckpointError(
-                f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies "
-                f"{[sum(rows), want[names[0]][1]]} ({' + '.join(map(str, rows))} rows); the checkpoint and its config "
-                "disagree"
+                f"{ckpt.source}: tensor {src_name!r} has shape {list(ref.shape)} but the config implies {implied} "
+                f"({rows} rows); the checkpoint and its config disagree"
             )
-        start = 0
-        for n, count in zip(names, rows, strict=True):
-            part = slice(start, start + count)
-            start += count
-            yield src_name, n, dataclasses.replace(
-                ref, name=n, shape=(count, ref.shape[1]), nbytes=ref.nbytes * count // ref.shape[0],
-                load=_rows(ref.load, part), raw=_rows(ref.raw, part) if ref.raw is not None else None,
-            )  # fmt: skip
-
-
-def _rows(load, part: slice):
-    return lambda: np.ascontiguousarray(load()[part])
+        for part, rows in parts:
+            yield src_name, part + ".weight", ref.rows(rows, name=part + ".weight")
 
 
 def _fixed(fix, cfg: DecoderConfig, name: str, load):

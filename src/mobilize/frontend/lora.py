@@ -19,6 +19,7 @@ import numpy as np
 from mobilize.errors import CheckpointError
 from mobilize.frontend.config import expected_shapes, layer_weight_names
 from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.loader import fused_parts
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.safetensors_file import read_safetensors
 from mobilize.safe_io import quoted, read_json, regular_file, sha256_file
@@ -202,7 +203,7 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
                 f"weight of {list(shapes[name])} (expected A {[r, inp]}, B {[out, r]}); is it for another base model?"
             )
         scale = alphas[module] / (math.sqrt(r) if rslora else r)
-        pairs += _split(cfg, shapes, LoraPair(module, a, b, scale))
+        pairs += _split(cfg, LoraPair(module, a, b, scale))
     if not pairs:
         raise CheckpointError(f"{where}: no LoRA weights for this model")
     if all(not p.b.load().any() or p.scale == 0 for p in pairs):
@@ -257,32 +258,17 @@ def _fused_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
     """[out, in] of the family's fused projections (phi3's qkv_proj: the rows of q, k and v)."""
     out = {}
     for i in range(cfg.num_layers):
-        for fused, parts in FAMILIES[cfg.family].fused.items():
-            rows = [shapes[f"model.layers.{i}.{p}.weight"] for p in parts]
-            out[f"model.layers.{i}.{fused}.weight"] = (sum(r[0] for r in rows), rows[0][1])
+        for fused in FAMILIES[cfg.family].fused:
+            parts = fused_parts(cfg, f"model.layers.{i}.{fused}")
+            out[f"model.layers.{i}.{fused}.weight"] = (parts[-1][1].stop, shapes[parts[0][0] + ".weight"][1])
     return out
 
 
-def _split(cfg, shapes, pair: LoraPair) -> list[LoraPair]:
+def _split(cfg, pair: LoraPair) -> list[LoraPair]:
     """A pair on a fused projection as one pair per weight its rows hold: the same A, B's rows split (exact:
     the rows of B @ A are B's rows times A)."""
-    module = pair.module.partition(".layers.")[2].partition(".")[2]
-    parts = FAMILIES[cfg.family].fused.get(module)
-    if not parts:
-        return [pair]
-    stem, start, out = pair.module.removesuffix(module), 0, []
-    for part in parts:
-        rows = shapes[f"{stem}{part}.weight"][0]
-        b = pair.b
-        sliced = dataclasses.replace(b, name=f"{b.name}[{start}:{start + rows}]", shape=(rows, b.shape[1]),
-                                     nbytes=b.nbytes * rows // b.shape[0], load=_rows(b.load, start, rows))  # fmt: skip
-        out.append(LoraPair(stem + part, pair.a, sliced, pair.scale))
-        start += rows
-    return out
-
-
-def _rows(load, start: int, count: int):
-    return lambda: np.ascontiguousarray(load()[start : start + count])
+    parts = fused_parts(cfg, pair.module)
+    return [LoraPair(part, pair.a, pair.b.rows(rows), pair.scale) for part, rows in parts] if parts else [pair]
 
 
 def _canonical(module: str) -> str | None:

@@ -77,9 +77,9 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
         a_name, b_name = slot_inputs(pair.module)
         parameters[a_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
         parameters[b_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b))
-    for module, (k, n) in modules.items():  # slots the adapter leaves alone: zeros of the slot's rank, since every
-        if slot_inputs(module)[0] not in parameters:  # slot shares the graph's one `lora_rank` dimension
-            a_name, b_name = slot_inputs(module)
+    for module, (k, n) in modules.items():  # slots the adapter leaves alone: zeros of the slot's rank (every slot
+        a_name, b_name = slot_inputs(module)  # shares the graph's one `lora_rank` dimension)
+        if a_name not in parameters:
             parameters[a_name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((k, slots.rank), np.float32))
             parameters[b_name] = ort.OrtValue.ortvalue_from_numpy(np.zeros((slots.rank, n), np.float32))
     out = Path(out) if out is not None else package.parent / f"{Path(adapter_dir).resolve().name}{SUFFIX}"

@@ -25,6 +25,19 @@ class TensorRef:
     # GGUF block formats: the stored bytes as uint8 [rows, bytes_per_row], for carrying blocks over exactly.
     raw: Callable[[], np.ndarray] | None = None
 
+    def rows(self, part: slice, name: str | None = None) -> TensorRef:
+        """Rows `part` of a matrix, still lazy (a block format's raw bytes too: its rows are whole blocks)."""
+        count = len(range(*part.indices(self.shape[0])))
+
+        def cut(load):
+            return lambda: np.ascontiguousarray(load()[part])
+
+        return dataclasses.replace(
+            self, name=name or f"{self.name}[{part.start}:{part.stop}]", shape=(count, *self.shape[1:]),
+            nbytes=self.nbytes * count // self.shape[0], load=cut(self.load),
+            raw=cut(self.raw) if self.raw is not None else None,
+        )  # fmt: skip
+
 
 @dataclasses.dataclass
 class Checkpoint:

@@ -19,6 +19,7 @@ from typing import Any
 
 from mobilize.errors import MobilizeError
 from mobilize.frontend.sources.aliases import cache_root
+from mobilize.frontend.tokenizer import TOKENIZER_FILES
 
 _BODIES = [
     "Hello world", "the river's bank.", "12345", "1 + 2 = 3", "3.14159 and 2,718", "a  b", "trailing ",
@@ -29,7 +30,6 @@ _BODIES = [
     "tab\tend", "\u00a0no-break space", "\r\nwindows line\r\n", "ﬁ ligature", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
 ]  # fmt: skip
 _PREFIXES = ("", " ", "  ", "\t", "\n", " \n ")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def parity_strings(specials: list[str]) -> list[str]:
@@ -67,7 +67,8 @@ def check_with_genai(package: Path) -> dict[str, Any]:
             encoded = [[int(t) for t in theirs.encode(s)] for s in strings]
         except Exception as e:  # GenAI's errors are plain RuntimeErrors with its message
             raise MobilizeError(f"ONNX Runtime GenAI cannot read this package's tokenizer: {str(e)[:200]}") from None
-    wrong = [(s, ours.encode(s).ids, e) for s, e in zip(strings, encoded, strict=True) if ours.encode(s).ids != e]
+    mine = [ours.encode(s).ids for s in strings]
+    wrong = [(s, a, b) for s, a, b in zip(strings, mine, encoded, strict=True) if a != b]
     if wrong:
         s, a, b = wrong[0]
         i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -91,7 +92,7 @@ def check_with_genai(package: Path) -> dict[str, Any]:
 
 def _digest(package: Path, version: str, strings: list[str]) -> str:
     h = hashlib.sha256(version.encode() + json.dumps(strings).encode())
-    for name in (*_TOKENIZER_FILES, "genai_config.json"):
+    for name in (*TOKENIZER_FILES, "genai_config.json"):
         h.update(name.encode() + b"\0" + ((package / name).read_bytes() if (package / name).is_file() else b"-"))
     return h.hexdigest()
 
@@ -102,7 +103,7 @@ def _stand_in(package: Path, d: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (package / name).is_file():
             shutil.copyfile(package / name, d / name)
     config = json.loads((package / "genai_config.json").read_text())

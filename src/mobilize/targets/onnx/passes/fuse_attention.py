@@ -26,6 +26,7 @@ from mobilize.targets.onnx.passes.graph import (
     initializer,
     ints,
     is_graph_input,
+    last_axis_slice,
     producer,
     remove_dead,
     replace_output,
@@ -211,18 +212,10 @@ def _rotary_of(value: ir.Value | None, head_dim: int) -> tuple[ir.Value | None, 
     rot, rest = producer(rope.inputs[0], "Slice") if rope is not None else None, producer(concat.inputs[1], "Slice")
     if rot is None or rest is None or rot.inputs[0] is not rest.inputs[0]:
         return value, None
-    a, b = _last_axis_slice(rot), _last_axis_slice(rest)
+    a, b = last_axis_slice(rot), last_axis_slice(rest)
     if a is None or b is None or a[0] != 0 or b != (a[1], head_dim):
         return value, None
     return rot.inputs[0], rope
-
-
-def _last_axis_slice(node: ir.Node) -> tuple[int, int] | None:
-    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
-    axes = ints(node.inputs[3]) if len(node.inputs) > 3 else None
-    if starts is None or ends is None or len(starts) != 1 or axes not in ([-1], [3]) or len(node.inputs) > 4:
-        return None
-    return starts[0], ends[0]
 
 
 def _scores(value: ir.Value | None) -> tuple[ir.Node, float, float | None] | None:

@@ -21,6 +21,7 @@ from mobilize.targets.onnx.passes.graph import (
     attr_int,
     initializer,
     ints,
+    last_axis_slice,
     producer,
     remove_dead,
     replace_output,
@@ -150,17 +151,8 @@ def _is_rotate_half(rotated: ir.Value | None, x: ir.Value) -> bool:
     second, first = producer(neg.inputs[0], "Slice"), producer(concat.inputs[1], "Slice")
     if second is None or first is None or second.inputs[0] is not x or first.inputs[0] is not x:
         return False
-    s1, s2 = _slice(first), _slice(second)
+    s1, s2 = last_axis_slice(first), last_axis_slice(second)
     return s1 is not None and s2 is not None and s1[0] == 0 and s1[1] == s2[0] and s2[1] >= 2 * s1[1]
-
-
-def _slice(node: ir.Node) -> tuple[int, int] | None:
-    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
-    axes = ints(node.inputs[3]) if len(node.inputs) > 3 else None
-    steps = ints(node.inputs[4]) if len(node.inputs) > 4 else None
-    if starts is None or ends is None or len(starts) != 1 or axes not in ([-1], [3]) or steps not in (None, [1]):
-        return None
-    return starts[0], ends[0]
 
 
 def _angles(value: ir.Value | None) -> tuple[ir.Value, np.ndarray] | None:

@@ -67,6 +67,16 @@ def ints(value: ir.Value | None) -> list[int] | None:
     return [int(v) for v in arr.reshape(-1)] if arr is not None and arr.dtype.kind in "iu" else None
 
 
+def last_axis_slice(node: ir.Node) -> tuple[int, int] | None:
+    """(start, end) of a Slice on the last axis of a 4-d value with constant bounds and step 1; else None."""
+    starts, ends = ints(node.inputs[1]), ints(node.inputs[2])
+    axes = ints(node.inputs[3]) if len(node.inputs) > 3 else None
+    steps = ints(node.inputs[4]) if len(node.inputs) > 4 else None
+    if starts is None or ends is None or len(starts) != 1 or axes not in ([-1], [3]) or steps not in (None, [1]):
+        return None
+    return starts[0], ends[0]
+
+
 def attr_ints(node: ir.Node, name: str, default: list[int] | None = None) -> list[int] | None:
     attr = node.attributes.get(name)
     return list(attr.as_ints()) if attr is not None else default
