@@ -14,9 +14,9 @@ import sys
 import pytest
 
 from mobilize.bench.peers.genai_builder import build
-from mobilize.harness.genai_runner import GenAIRunner
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.runner import greedy
+from mobilize.targets.onnx.genai_runner import GenAIRunner
+from mobilize.targets.onnx.runner import OrtRunner
 
 
 @pytest.mark.slow  # (over 5 s: out of the fast subset)

@@ -14,9 +14,9 @@ import pytest
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.sources.gguf_file import read_gguf
 from mobilize.frontend.sources.gguf_grid import block_grid
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.quant.recipes import WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
+from mobilize.targets.onnx.runner import OrtRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import write_tiny_gguf  # noqa: E402

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.reference import ReferenceRunner
 from mobilize.harness.runner import greedy, score
+from mobilize.targets.onnx.runner import OrtRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,8 @@ def test_unknown_recipe(tiny_hf, tmp_path):
 def test_tflite_only_recipe_refused_for_onnx(tiny_hf, tmp_path):
     r = _cli("export", str(tiny_hf("llama")), "--out", str(tmp_path / "x"), "--quant", "int4-channel")
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "mobilize: error: recipe 'int4-channel' has no onnx form (it is for: tflite)"
+        "mobilize: error: recipe 'int4-channel' has no onnx form: its linear layers are 4-bit with one scale per "
+        "output channel, which onnx cannot store"
     ]
     assert not (tmp_path / "x").exists()
 

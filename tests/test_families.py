@@ -10,9 +10,9 @@ from helpers import assert_tracks_reference
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.loader import load_model, open_checkpoint
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.reference import ReferenceRunner
 from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.runner import OrtRunner
 from mobilize.targets.onnx.writer import save_onnx
 
 PROMPT = [3, 17, 99, 5, 64, 1, 42]

@@ -63,15 +63,15 @@ def test_android_plan_fits_a_7b_on_the_pixel6():
     from mobilize.frontend.loader import load_model, open_checkpoint
     from mobilize.quant.plan import estimate_weight_bytes
     from mobilize.quant.recipes import RECIPES
-    from mobilize.targets.registry import TARGETS
+    from mobilize.targets.registry import target
 
     model = load_model(open_checkpoint("llama-7b", random_weights=True))
     chosen = {}
     for fmt in ("onnx", "tflite"):
         opts = ExportOptions("llama-7b", Path("unused"), random_weights=True, format=fmt).resolved()
-        weights, per_token = estimate_weight_bytes(model, RECIPES["int4"], TARGETS[fmt].caps, False)
+        weights, per_token = estimate_weight_bytes(model, RECIPES["int4"], target(fmt).caps, False)
         assert 3.7e9 < weights < 3.9e9 and per_token < weights
-        length, dtype, record = plan_cache(opts, model, RECIPES["int4"], TARGETS[fmt], calibrating=False)
+        length, dtype, record = plan_cache(opts, model, RECIPES["int4"], target(fmt), calibrating=False)
         chosen[fmt] = (length, dtype)
         assert record["plan"]["chose"]["predicted_fit"] and record["plan"]["passed_over"]  # 2048 did not fit
     assert chosen == {"onnx": (1024, "float16"), "tflite": (512, "float32")}
@@ -82,7 +82,7 @@ def test_android_plan_fits_a_7b_on_the_pixel6():
     from mobilize.errors import MobilizeError
 
     with pytest.raises(MobilizeError, match="does not fit a pixel6.*--ignore-fit"):
-        plan_cache(opts.resolved(), model, RECIPES["int4"], TARGETS["onnx"])
+        plan_cache(opts.resolved(), model, RECIPES["int4"], target("onnx"))
 
 
 def test_export_that_does_not_fit_stops(tmp_path):

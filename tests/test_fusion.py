@@ -15,7 +15,6 @@ from onnx_ir.tape import Tape
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.sources.random_weights import random_tensors
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.targets.onnx.emitter import build_decoder
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
 from mobilize.targets.onnx.passes.fuse_attention import FuseGroupQueryAttentionPass
@@ -24,6 +23,7 @@ from mobilize.targets.onnx.passes.fuse_rotary import FuseRotaryPass
 from mobilize.targets.onnx.passes.kv_cache import StaticKVCachePass
 from mobilize.targets.onnx.passes.pack_matmul import PackMatMulPass
 from mobilize.targets.onnx.pipeline import onnx_passes, recipe_named, run_passes
+from mobilize.targets.onnx.runner import OrtRunner
 from mobilize.targets.onnx.writer import save_onnx
 
 FAMILY_NAMES = sorted(FAMILIES)

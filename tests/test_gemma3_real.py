@@ -14,10 +14,10 @@ from helpers import genai_greedy
 from mobilize.frontend.loader import load_model, open_checkpoint
 from mobilize.frontend.tokenizer import write_tokenizer
 from mobilize.harness.evaluate import DEFAULT_TEXT
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.reference import ReferenceRunner
 from mobilize.harness.runner import greedy, score
 from mobilize.targets.onnx.emitter import build_decoder
+from mobilize.targets.onnx.runner import OrtRunner
 from mobilize.targets.onnx.writer import save_onnx
 
 TEXT = (

@@ -9,8 +9,8 @@ import sys
 import pytest
 from helpers import genai_greedy
 
-from mobilize.harness.ort_runner import OrtRunner
 from mobilize.harness.runner import greedy
+from mobilize.targets.onnx.runner import OrtRunner
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "mobilize"
 # Lowest first. A module may import its own phase and those before it, never one after it.
 PHASES = [
-    "errors", "partials", "safe_io", "optional", "frontend", "model", "quant", "targets", "package", "harness",
-    "driver", "bench", "cli",
+    "errors", "partials", "safe_io", "optional", "manifest", "frontend", "model", "quant", "targets", "package",
+    "harness", "driver", "bench", "cli",
 ]  # fmt: skip
 # torch is the reference runner's and the peers' (an optional extra), nobody else's.
 TORCH_ALLOWED = ("harness/reference.py", "bench/")
@@ -74,17 +74,51 @@ def test_the_layering_test_can_fail(tmp_path):
     assert PHASES.index(_phase("mobilize.harness.perf")) > PHASES.index("frontend")
 
 
-def test_the_driver_does_not_branch_on_the_format():
-    """Targets are plugins: the export driver asks the registry, never compares a format name itself."""
-    source = (SRC / "driver.py").read_text()
-    for name in ("onnx", "tflite"):
-        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+# Targets are plugins: outside a target's own folder (and the registry that names them, and the presets and suites
+# that choose one as data) nothing compares a format's name.
+FORMAT_FREE = ["driver.py", "cli.py", "package/", "harness/", "quant/", "model/", "frontend/", "manifest.py"]
 
 
-def test_every_registered_target_provides_the_target_interface():
+@pytest.mark.parametrize("where", FORMAT_FREE)
+def test_nothing_outside_the_targets_branches_on_a_format(where):
     from mobilize.targets.registry import TARGETS
 
-    for name, target in TARGETS.items():
-        assert target.name == name and isinstance(target.lazy_statistics, bool)
-        for method in ("check", "lower", "write", "finish"):
-            assert callable(getattr(target, method)), (name, method)
+    paths = [SRC / where] if where.endswith(".py") else sorted((SRC / where).rglob("*.py"))
+    for path in paths:
+        source = path.read_text()
+        for name in TARGETS:
+            assert f'"{name}"' not in source and f"'{name}'" not in source, (path.relative_to(SRC), name)
+
+
+def test_every_registered_target_provides_both_sides():
+    """A target's folder gives the export side (`target.py`) and the package side (`runtime.py`), loaded by name."""
+    from mobilize.targets.registry import TARGETS, runtime, runtimes, target
+
+    for name in TARGETS:
+        t = target(name)
+        assert t.name == name and isinstance(t.lazy_statistics, bool) and isinstance(t.activations_are, str)
+        for method in ("check", "lower", "write", "finish", "readme", "weight_bytes", "activation_bytes"):
+            assert callable(getattr(t, method)), (name, method)
+        side = runtime(name)
+        assert side.MODEL_FILES and side.CACHE_INPUTS and callable(side.check)
+        first = next(iter(runtimes(name).values()))
+        assert first.runner is not None and first.on_device, (name, "the default runtime runs on a device")
+        for module in side.DEVICE_MODULES:
+            assert (SRC / module).is_file(), module
+
+
+def test_the_package_side_imports_no_compiler():
+    """What a device runs (the runtime zip's modules) imports nothing of the compiler's phases at module level."""
+    import io
+    import zipfile
+
+    from mobilize.harness.device import runtime_zip
+
+    names = zipfile.ZipFile(io.BytesIO(runtime_zip())).namelist()
+    for name in names:
+        tree = ast.parse((SRC / name.removeprefix("mobilize/")).read_text())
+        for node in tree.body:  # module level only: lazy imports run where their runtime is
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if module and module.startswith("mobilize."):
+                assert f"{module.replace('.', '/')}.py".removeprefix("mobilize/") in [n.removeprefix("mobilize/")
+                                                                                      for n in names], (name, module)

@@ -66,9 +66,9 @@ def _convert(hf_dir: Path, out: Path, outtype: str = "f32") -> Path:
 
 @pytest.mark.parametrize("name", CASES)
 def test_llama_cpp_gguf_matches_transformers(name, sentencepiece_model, tmp_path):
-    from mobilize.harness.litert_runner import LiteRtRunner
-    from mobilize.harness.ort_runner import OrtRunner
     from mobilize.harness.reference import ReferenceRunner
+    from mobilize.targets.onnx.runner import OrtRunner
+    from mobilize.targets.tflite.runner import LiteRtRunner
 
     family, changes = CASES[name]
     cfg = dataclasses.replace(FAMILIES[family].tiny(), **changes)
@@ -101,8 +101,8 @@ def test_llama_cpp_q8_0_gguf_top1(name, quant, sentencepiece_model, tmp_path):
     package's greedy choices agree with transformers on the float weights at >= 90% of 48 positions."""
     import numpy as np
 
-    from mobilize.harness.ort_runner import OrtRunner
     from mobilize.harness.reference import ReferenceRunner
+    from mobilize.targets.onnx.runner import OrtRunner
 
     family, changes = CASES[name]
     cfg = dataclasses.replace(FAMILIES[family].tiny(), **changes)

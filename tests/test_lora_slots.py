@@ -22,6 +22,7 @@ from helpers import (
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
 from mobilize.harness.reference import ReferenceRunner
+from mobilize.manifest import Manifest
 
 PROMPT = [3, 17, 99, 5, 64, 1, 42]
 ALL = "q,k,v,o,gate,up,down"
@@ -130,7 +131,7 @@ def _half_adapter(like: Path, pkg: Path, out: Path) -> None:
 
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
-    fmt.set_model_version(base_version(json.loads((pkg / "manifest.json").read_text())))
+    fmt.set_model_version(base_version(Manifest.read(pkg)))
     k = FAMILIES["llama"].tiny().hidden_size
     a = np.zeros((k, 4), np.float32)
     fmt.set_parameters({"model.layers.0.self_attn.q_proj.lora_A": ort.OrtValue.ortvalue_from_numpy(a)})

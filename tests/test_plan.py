@@ -105,3 +105,27 @@ def test_embedding_plans():
     assert (onnx.bits, onnx.block_size) == (8, 32) and (tflite.bits, tflite.block_size) == (8, 0)
     assert "one scale per row" in tflite.note
     assert plan_embedding(table, None, None, True, ONNX_CAPS) is None
+
+
+def test_recipes_name_no_target():
+    """A recipe is target-free data: which targets search scales and which can take it at all follow from each
+    target's caps, as the driver and both targets ask (`searches_scales`, `unavailable`)."""
+    from mobilize.quant.plan import searches_scales, unavailable
+    from mobilize.quant.recipes import CALIBRATE
+
+    for recipe in RECIPES.values():
+        assert recipe.calibrate in CALIBRATE, recipe.name
+    # int4 searches where its blocks are stored without zero points: TFLite (none), not ONNX (uint8 zero points)
+    assert searches_scales(INT4, TFLITE_CAPS) and not searches_scales(INT4, ONNX_CAPS)
+    assert all(searches_scales(RECIPES["int4-all-cal"], caps) for caps in (ONNX_CAPS, TFLITE_CAPS))
+    assert not any(searches_scales(RECIPES["int8"], caps) for caps in (ONNX_CAPS, TFLITE_CAPS))
+    symmetric_onnx = replace(INT4, matmul=replace(INT4.matmul, symmetric=True))
+    assert searches_scales(symmetric_onnx, ONNX_CAPS)  # a symmetric recipe has no zero points to shift either
+    # one scale per output channel (block 0) exists in TFLite only: int4-channel is refused on ONNX, with why
+    assert unavailable(RECIPES["int4-channel"], TFLITE_CAPS) is None
+    why = unavailable(RECIPES["int4-channel"], ONNX_CAPS)
+    assert why is not None and "one scale per output channel" in why and "onnx" in why
+    # everything else has a form on both (the planner's substitute where a target lacks the recipe's own)
+    for name, recipe in RECIPES.items():
+        if name != "int4-channel":
+            assert unavailable(recipe, ONNX_CAPS) is None and unavailable(recipe, TFLITE_CAPS) is None, name

@@ -58,7 +58,7 @@ def test_mobilize_verifies_what_ssh_keygen_signs(signed, keys, tmp_path):
     (pkg / SIGNATURE).unlink()
     subprocess.run(["ssh-keygen", "-q", "-Y", "sign", "-f", str(keys / "key"), "-n", NAMESPACE.decode(),
                     str(pkg / "manifest.json")], check=True, capture_output=True)  # fmt: skip
-    assert verify_package(pkg, key=keys / "key.pub")["recipe"]["name"] == "int8"
+    assert verify_package(pkg, key=keys / "key.pub").recipe.name == "int8"
     with pytest.raises(MobilizeError, match="not by the given key"):
         verify_package(pkg, key=keys / "other.pub")
 
@@ -66,7 +66,9 @@ def test_mobilize_verifies_what_ssh_keygen_signs(signed, keys, tmp_path):
 def test_any_manifest_edit_is_refused(signed, keys, tmp_path):
     import shutil
 
-    for field, value in (("recipe", {"name": "fp32"}), ("source", {"id": "meta-llama/Llama-3-8B", "format": "hf"})):
+    edits = (("recipe", {"name": "fp32", "description": "no quantization"}),
+             ("source", {"id": "meta-llama/Llama-3-8B", "format": "hf"}))  # fmt: skip
+    for field, value in edits:
         pkg = tmp_path / field
         shutil.copytree(signed, pkg)
         m = json.loads((pkg / "manifest.json").read_text())

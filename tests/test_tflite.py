@@ -17,10 +17,10 @@ from helpers import assert_tracks_reference
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.loader import load_model, open_checkpoint
-from mobilize.harness.litert_runner import LiteRtRunner
 from mobilize.harness.reference import ReferenceRunner
 from mobilize.quant.recipes import RECIPES
 from mobilize.targets.tflite.emitter import build_tflite, kv_names
+from mobilize.targets.tflite.runner import LiteRtRunner
 from mobilize.targets.tflite.writer import weight_bytes
 
 CASES = [(f, "hf") for f in FAMILIES] + [("llama", "gguf"), ("gemma3", "gguf")]

@@ -136,21 +136,20 @@ def export(
             status.update(f"exporting: {p}")
 
         path = run_export(opts, phase=phase)
+    from mobilize.manifest import Manifest
     from mobilize.package.fit import describe
 
-    manifest = json.loads((path / "manifest.json").read_text())
-    kv = manifest["target"]["max_seq_len"]
-    kv_dtype = manifest["kv_cache"].get("dtype", "float32")
-    plan = manifest["target"].get("plan")
+    manifest = Manifest.read(path)
+    kv, kv_dtype, plan = manifest.target.max_seq_len, manifest.kv_cache.dtype, manifest.target.plan
     if plan and plan["passed_over"]:
         same = [p for p in plan["passed_over"] if p["kv_dtype"] == kv_dtype]
         longer = (same or plan["passed_over"])[0]
         print(f"planned for {plan['device']}: KV cache {kv_dtype}, {kv} positions ({longer['max_seq_len']} in "
               f"{longer['kv_dtype']} would need {longer['predicted_total_bytes'] / 1e9:.2f} GB of "
               f"{plan['budget_bytes'] / 1e9:.2f})")  # fmt: skip
-    if "fit" in manifest:
-        fits = manifest["fit"]["memory"]["fits"]
-        (print if fits else lambda t: console.print(f"[bold yellow]warning:[/] {t}"))(describe(manifest["fit"]))
+    if manifest.fit is not None:
+        fits = manifest.fit["memory"]["fits"]
+        (print if fits else lambda t: console.print(f"[bold yellow]warning:[/] {t}"))(describe(manifest.fit))
     took = time.perf_counter() - start
     print(f"wrote {path} ({opts.target}, {opts.format}, {opts.quant}, max_seq_len {kv}, KV {kv_dtype}) in {took:.1f} s")
 
@@ -395,6 +394,7 @@ def fit_(
     """Memory needed against the device's budget, and the bandwidth bound on decode tokens/s."""
     from mobilize.harness.package import Package
     from mobilize.package.fit import fit
+    from mobilize.targets.registry import target
 
     pkg = Package.open(package)
     r = fit(pkg.path, pkg.manifest, device, prompt_len)
@@ -404,14 +404,9 @@ def fit_(
     m, d = r["memory"], r["decode_roofline"]
     mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
     print(f"device          {r['device']} ({r['soc']}), {d['bandwidth_gb_s']} GB/s peak")
-    kv_dtype = (pkg.manifest.get("kv_cache") or {}).get("dtype", "float32")
     print(f"weights         {mb(m['weights_bytes'])}")
-    print(f"KV cache        {mb(m['kv_cache_bytes'])} ({kv_dtype}, full length)")
-    what = (
-        "one token's logits and the longest prefill's attention scores"
-        if pkg.manifest["format"] == "tflite"
-        else f"logits of a {prompt_len}-token prompt"
-    )
+    print(f"KV cache        {mb(m['kv_cache_bytes'])} ({pkg.manifest.kv_cache.dtype}, full length)")
+    what = target(pkg.manifest.format).activations_are.format(prompt_len=prompt_len)
     print(f"activations     {mb(m['activation_bytes'])} ({what})")
     print(f"runtime         {mb(m['runtime_bytes'])} (allowance)")
     verdict = "fits" if m["fits"] else "DOES NOT FIT"
@@ -439,8 +434,8 @@ def verify(
 
     with console.status(f"verifying {package}"):
         manifest = verify_package(package, key=key)
-    total = sum(f["bytes"] for f in manifest["files"].values())
-    print(f"ok: {package} ({len(manifest['files'])} files, {total:,} bytes, sha256 and I/O as the manifest says)")
+    total = sum(f.bytes for f in manifest.files.values())
+    print(f"ok: {package} ({len(manifest.files)} files, {total:,} bytes, sha256 and I/O as the manifest says)")
     print(f"manifest sha256 {manifest_digest(package)}")
     if key is not None:
         print(f"signed by {check_signature(package, key)} (checked against {key})")
@@ -501,34 +496,33 @@ def bench(
             raise MobilizeError("--adapter measures on this machine with the package's own runtime")
         return _bench_adapter(package, adapter, threads, prompt_len, gen_len, repeats, as_json)
 
-    runtimes = {"default": None, "ort": "onnx", "litert": "tflite", "genai": "onnx", "litert-lm": "tflite"}
-    if runtime not in runtimes:
-        raise MobilizeError(f"unknown --runtime {runtime!r} ({', '.join(runtimes)})")
+    from mobilize.targets.registry import all_runtimes, runtimes
+
+    known = all_runtimes()
+    if runtime != "default" and runtime not in known:
+        raise MobilizeError(f"unknown --runtime {runtime!r} (default, {', '.join(known)})")
     pkg = Package.open(package)
-    if runtimes[runtime] not in (None, pkg.manifest["format"]):
-        raise MobilizeError(
-            f"--runtime {runtime} runs {runtimes[runtime]} packages; this one is {pkg.manifest['format']}"
-        )
-    if device is not None and runtime not in ("default", "ort", "litert"):
+    available = runtimes(pkg.manifest.format)
+    name = next(iter(available)) if runtime == "default" else runtime
+    if name not in available:
+        raise MobilizeError(f"--runtime {runtime} runs {known[runtime]} packages; this one is {pkg.manifest.format}")
+    chosen = available[name]
+    if device is not None and not chosen.on_device:
         raise MobilizeError(f"--device runs the package's own runtime; --runtime {runtime} is host-only")
     with console.status(f"benchmarking {package.name}" + (f" on {device}" if device else "")):
         if device is not None:
             from mobilize.harness.device import bench_on_device
 
             result = bench_on_device(package, device, remote_python, threads, prompt_len, gen_len, repeats, remote_dir)
-        elif runtime == "litert-lm":
-            from mobilize.harness.litertlm_bench import measure_litertlm
+        elif chosen.measure is not None:
+            from mobilize.harness.perf import measure_engine
 
-            result = measure_litertlm(package / "model.litertlm", threads, prompt_len, gen_len, repeats)
+            run = lambda: chosen.measure(package, threads, prompt_len, gen_len)  # noqa: E731
+            result = measure_engine(run, prompt_len, gen_len, repeats)
         else:
-            if runtime == "genai":
-                from mobilize.harness.genai_runner import GenAIRunner
-
-                runner = GenAIRunner(package, threads)
-            else:
-                runner = pkg.runner(threads)
-            result = measure(runner, pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
-    result |= {"package": str(package), "recipe": pkg.manifest["recipe"]["name"], "threads": threads}
+            runner = pkg.runner(threads, runtime=name)
+            result = measure(runner, pkg.manifest.architecture.vocab_size, prompt_len, gen_len, repeats)
+    result |= {"package": str(package), "recipe": pkg.manifest.recipe.name, "threads": threads}
     result["runtime"] = runtime
     if device is not None:
         d = result["device"]
@@ -550,7 +544,7 @@ def _bench_adapter(package: Path, adapter: Path, threads, prompt_len, gen_len, r
     pkg = Package.open(package)
     runner = pkg.runner(threads, [adapter])
     name = next(iter(runner.adapters))
-    vocab = pkg.manifest["architecture"]["vocab_size"]
+    vocab = pkg.manifest.architecture.vocab_size
 
     def with_(active):
         def run():
@@ -563,7 +557,7 @@ def _bench_adapter(package: Path, adapter: Path, threads, prompt_len, gen_len, r
         res = interleaved({"base": with_(None), "adapter": with_(name)}, repeats)
     tg = paired_ratio(res["adapter"]["samples"]["tg"], res["base"]["samples"]["tg"])
     pp = paired_ratio(res["adapter"]["samples"]["pp"], res["base"]["samples"]["pp"])
-    result = {"package": str(package), "adapter": str(adapter), "rank": pkg.manifest["lora_slots"]["rank"],
+    result = {"package": str(package), "adapter": str(adapter), "rank": pkg.manifest.lora_slots.rank,
               "threads": threads, "prompt_len": prompt_len, "gen_len": gen_len, "rounds": repeats,
               "base": res["base"], "with_adapter": res["adapter"], "decode_ratio": tg, "prefill_ratio": pp,
               "decode_cost": 1 - tg}  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -28,22 +27,19 @@ from mobilize.frontend.tokenizer import (
     has_tokenizer_json,
     write_tokenizer,
 )
+from mobilize.manifest import MANIFEST, SIGNATURE, Architecture, FileEntry, Manifest, Recipe, Source, TargetRecord
 from mobilize.package.fit import describe, device_named, fit, predict
 from mobilize.package.install import check_destination, destination, install, sweep
 from mobilize.package.readme import package_readme
 from mobilize.package.signing import load_signing_key, sign_manifest
-from mobilize.package.verify import MANIFEST, SIGNATURE, sha256_file
 from mobilize.partials import ACTIVE
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
-from mobilize.quant.plan import estimate_weight_bytes, needs_statistics
-from mobilize.safe_io import fingerprint, quoted
+from mobilize.quant.plan import estimate_weight_bytes, needs_statistics, searches_scales, unavailable
+from mobilize.safe_io import fingerprint, quoted, sha256_file
+from mobilize.targets import registry
 from mobilize.targets.base import Lowering
 from mobilize.targets.onnx.pipeline import OPSETS, recipe_named
 from mobilize.targets.presets import PRESETS
-from mobilize.targets.registry import TARGETS
-
-MANIFEST_SCHEMA = 1
-
 
 LOGITS = ("last", "all")  # --logits: the ONNX logits output's positions
 KV_DTYPES = ("float32", "float16")
@@ -87,8 +83,8 @@ class ExportOptions:
             raise MobilizeError(f"unknown target {self.target!r} (known: {', '.join(PRESETS)})")
         preset = PRESETS[self.target]
         fmt = self.format or preset.format
-        if fmt not in TARGETS:
-            raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(TARGETS)})")
+        if fmt not in registry.TARGETS:
+            raise MobilizeError(f"format {fmt!r} is not available (known: {', '.join(registry.TARGETS)})")
         if self.opset not in OPSETS:
             raise MobilizeError(f"unknown --opset {self.opset!r} (known: {', '.join(OPSETS)})")
         if self.bundle not in (None, "litertlm"):
@@ -96,7 +92,7 @@ class ExportOptions:
         if self.logits not in LOGITS:
             raise MobilizeError(f"unknown --logits {self.logits!r} (known: {', '.join(LOGITS)})")
         how = Lowering(0, self.opset, self.logits, self.prefill_lens, self.bundle, lora_slots=self.slots())
-        TARGETS[fmt].check(how)
+        registry.target(fmt).check(how)
         if not self.prefill_lens or any(not 1 <= n <= 1 << 16 for n in self.prefill_lens):
             raise MobilizeError(f"--prefill-len {list(self.prefill_lens)[:8]}: each must be from 1 to {1 << 16}")
         if len(self.prefill_lens) > 16:
@@ -126,10 +122,9 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     check_destination(out, opts.overwrite, [opts.source] if os.path.lexists(opts.source) else [])
     signer = load_signing_key(opts.sign) if opts.sign is not None else None
     recipe = recipe_named(opts.quant)
-    if opts.format not in recipe.formats:
-        raise MobilizeError(
-            f"recipe {recipe.name!r} has no {opts.format} form (it is for: {', '.join(recipe.formats)})"
-        )
+    why = unavailable(recipe, registry.target(opts.format).caps)
+    if why is not None:
+        raise MobilizeError(f"recipe {recipe.name!r} has no {opts.format} form: {why}")
     phase("reading checkpoint")
     ckpt = open_checkpoint(opts.source, opts.random_weights)
     sources = ckpt.files + ([opts.source] if os.path.lexists(opts.source) else []) + list(opts.lora)
@@ -140,7 +135,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     read_state = fingerprint(read)
     tokenizer_ready = convert_in_background(ckpt)
     _check_memory(model)
-    target = TARGETS[opts.format]
+    target = registry.target(opts.format)
     wants_statistics = needs_statistics(recipe, target.caps)
     calibrating = wants_statistics and has_tokenizer_json(ckpt)
     max_seq_len, kv_dtype, plan = plan_cache(opts, model, recipe, target, calibrating)
@@ -166,7 +161,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         elif calibrating and target.lazy_statistics:
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
-            max_tokens = None if opts.format in recipe.calibrate else RANKING_TOKENS
+            max_tokens = None if searches_scales(recipe, target.caps) else RANKING_TOKENS
             meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens, opts.lora)
 
             @functools.cache
@@ -189,42 +184,36 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             calibration = calibrated()[1]
         if tokenizer_files is None:
             tokenizer_files = tokenizer()
-        config = dataclasses.asdict(model.config)
-        manifest = {
-            "schema_version": MANIFEST_SCHEMA,
-            "mobilize_version": __version__,
-            "source": {"id": model.ckpt.source, "format": model.ckpt.format,
-                       **({"adapters": [a.record() for a in adapters]} if adapters else {})},  # fmt: skip
-            "architecture": config,
-            "format": opts.format,
-            "recipe": {"name": recipe.name, "description": recipe.description},
-            "build_report": {"calibration": calibration, "passes": written.reports},
-            "target": {"name": opts.target, "max_seq_len": max_seq_len, "threads": _threads(opts.target),
-                       **written.target, **plan},  # fmt: skip
-            "kv_cache": written.kv_cache or {"layout": "dynamic"},
-            "io": written.io,
-            "tokenizer": tokenizer_files or None,
-        }
-        if slots is not None:
-            manifest["lora_slots"] = slots.record(model.config)
-        target.finish(model, written, manifest, how, tmp, phase)
+        manifest = Manifest(
+            mobilize_version=__version__,
+            source=Source(model.ckpt.source, model.ckpt.format, tuple(a.record() for a in adapters)),
+            architecture=Architecture.of(dataclasses.asdict(model.config)),
+            format=opts.format,
+            recipe=Recipe(recipe.name, recipe.description),
+            build_report={"calibration": calibration, "passes": written.reports},
+            target=TargetRecord(opts.target, max_seq_len, _threads(opts.target), written.lowering, **plan),
+            kv_cache=written.kv_cache,
+            io=written.io,
+            tokenizer=tuple(tokenizer_files or ()) or None,
+            lora_slots=None if slots is None else slots.record(model.config),
+        )
+        target.finish(model, manifest, how, tmp, phase)
         if tokenizer_files and opts.tokenizer_parity:
             phase("checking the tokenizer against the runtime's")
-            manifest["tokenizer_parity"] = target.check_tokenizer(tmp)
+            manifest = manifest.replace(tokenizer_parity=target.check_tokenizer(tmp))
         elif tokenizer_files:
-            manifest["tokenizer_parity"] = {"skipped": "--ignore-tokenizer-parity"}
+            manifest = manifest.replace(tokenizer_parity={"skipped": "--ignore-tokenizer-parity"})
         phase("writing manifest")
         device = PRESETS[opts.target].device
         if device is not None:
-            manifest["fit"] = fit(tmp, manifest, device)
-            if not manifest["fit"]["memory"]["fits"] and not opts.ignore_fit:
-                raise MobilizeError(f"the package would not fit: {describe(manifest['fit'])}; nothing was written "
+            manifest = manifest.replace(fit=fit(tmp, manifest, device))
+            if not manifest.fit["memory"]["fits"] and not opts.ignore_fit:
+                raise MobilizeError(f"the package would not fit: {describe(manifest.fit)}; nothing was written "
                                     "(--ignore-fit writes it anyway)")  # fmt: skip
         (tmp / "README.md").write_text(package_readme(manifest, sorted(p.name for p in tmp.iterdir())))
-        manifest["files"] = {
-            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        files = {p.name: FileEntry(p.stat().st_size, sha256_file(p)) for p in sorted(tmp.iterdir())}
+        manifest = manifest.replace(files=files)
+        (tmp / MANIFEST).write_text(manifest.text())
         if signer is not None:
             (tmp / SIGNATURE).write_bytes(sign_manifest(signer, (tmp / MANIFEST).read_bytes()))
         tmp.chmod(0o755)  # mkdtemp makes it private; a package is for handing over
@@ -263,14 +252,13 @@ def plan_cache(opts: ExportOptions, model, recipe, target, calibrating: bool = T
         return longest, dtypes[0], {}
     dev = device_named(preset.device)
     weights, per_token = estimate_weight_bytes(model, recipe, target.caps, calibrating)
-    arch = dataclasses.asdict(cfg)
+    arch = Architecture.of(dataclasses.asdict(cfg))
     tried = []
     for length in lengths:
         for dtype in dtypes:
             kv = target.kv_cache_bytes(cfg, length, dtype)
-            fields = {"max_seq_len": length, "logits": opts.logits, "prefill_lens": list(opts.prefill_lens)}
-            shape = {"architecture": arch, "kv_cache": {"dtype": dtype}, "target": fields}
-            activations = target.activation_bytes(shape, 128)
+            fields = {"logits": opts.logits, "prefill_lens": list(opts.prefill_lens)}
+            activations = target.activation_bytes(arch, TargetRecord(opts.target, length, 0, fields), dtype, 128)
             r = predict(dev, weights, per_token, kv, target.kv_read_bytes(kv, dtype), activations)
             tried.append((length, dtype, r))
             if r["memory"]["fits"]:

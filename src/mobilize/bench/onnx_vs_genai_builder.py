@@ -126,8 +126,8 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def _speed(packages: dict[str, Path], args) -> dict:
-    from mobilize.harness.genai_runner import GenAIRunner
     from mobilize.harness.perf import interleaved, measure
+    from mobilize.targets.onnx.genai_runner import GenAIRunner
 
     runners = {name: GenAIRunner(path, args.threads) for name, path in packages.items()}
     return interleaved(
@@ -143,8 +143,8 @@ def _perplexity(gguf: Path, packages: dict[str, Path]) -> dict:
     from tokenizers import Tokenizer
 
     from mobilize.harness.accuracy import perplexity
-    from mobilize.harness.ort_runner import OrtRunner
     from mobilize.harness.reference import ReferenceRunner
+    from mobilize.targets.onnx.runner import OrtRunner
 
     ids = Tokenizer.from_file(str(packages["mobilize"] / "tokenizer.json")).encode(TEXT.read_text()).ids
     out = {"tokens": len(ids), "reference": perplexity(ReferenceRunner.for_path(gguf), ids, chunk=len(ids))}

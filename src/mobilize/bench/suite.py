@@ -104,7 +104,7 @@ def run_suite(suite: dict[str, Any], work: Path, log=lambda msg: None) -> dict[s
             continue
         pkg = Package.open(out)
         log(f"{case['id']}: speed")
-        speed = measure(pkg.runner(threads), pkg.manifest["architecture"]["vocab_size"], prompt_len, gen_len, repeats)
+        speed = measure(pkg.runner(threads), pkg.manifest.architecture.vocab_size, prompt_len, gen_len, repeats)
         log(f"{case['id']}: perplexity")
         ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(TEXT.read_text()).ids[: suite.get("text_tokens")]
         metrics = {

@@ -86,16 +86,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _speed(package: Path, gguf: Path, args) -> dict:
     from mobilize.bench.peers.llama_cpp import LlamaCppRunner
-    from mobilize.harness.litert_runner import LiteRtRunner
-    from mobilize.harness.litertlm_bench import measure_litertlm
-    from mobilize.harness.perf import interleaved, measure
+    from mobilize.harness.perf import interleaved, measure, measure_engine
+    from mobilize.targets.tflite.litertlm_bench import run_litertlm
+    from mobilize.targets.tflite.runner import LiteRtRunner
 
     python_loop = LiteRtRunner(package / "model.tflite", args.threads)
     llama = LlamaCppRunner(gguf, args.threads, n_ctx=args.max_seq_len)
     p, g = args.prompt_len, args.gen_len
     return interleaved(
         {
-            "mobilize_litert_lm": lambda: measure_litertlm(package / "model.litertlm", args.threads, p, g, 1),
+            "mobilize_litert_lm": lambda: measure_engine(
+                lambda: run_litertlm(package / "model.litertlm", args.threads, p, g), p, g, 1
+            ),
             "mobilize_litert_python": lambda: measure(python_loop, 262144, p, g, repeats=1),
             "llama_cpp": lambda: measure(llama, 262144, p, g, repeats=1),
         },
@@ -108,8 +110,8 @@ def _perplexity(package: Path, gguf: Path, threads: int) -> dict:
 
     from mobilize.bench.peers.llama_cpp import LlamaCppRunner
     from mobilize.harness.accuracy import perplexity
-    from mobilize.harness.litert_runner import LiteRtRunner
     from mobilize.harness.reference import ReferenceRunner
+    from mobilize.targets.tflite.runner import LiteRtRunner
 
     ids = Tokenizer.from_file(str(package / "tokenizer.json")).encode(TEXT.read_text()).ids
     n = len(ids)

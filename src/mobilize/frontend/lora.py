@@ -22,6 +22,7 @@ from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.loader import fused_parts
 from mobilize.frontend.sources.base import TensorRef
 from mobilize.frontend.sources.safetensors_file import read_safetensors
+from mobilize.manifest import LoraSlots
 from mobilize.safe_io import quoted, read_json, regular_file, sha256_file
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -385,8 +386,8 @@ class Slots:
                     found[module] = (shape[1], shape[0])
         return found
 
-    def record(self, cfg) -> dict[str, Any]:
-        return {"rank": self.rank, "targets": list(self.targets), "modules": len(self.modules(cfg))}
+    def record(self, cfg) -> LoraSlots:
+        return LoraSlots(self.rank, tuple(self.targets), len(self.modules(cfg)))
 
 
 def slot_inputs(module: str) -> tuple[str, str]:

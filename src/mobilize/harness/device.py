@@ -32,11 +32,16 @@ ZIP_NAME = "mobilize-runtime.zip"
 def runtime_zip() -> bytes:
     """mobilize's runtime modules as an importable zip (fixed timestamps: the same bytes every time)."""
     import mobilize
+    from mobilize.targets.registry import TARGETS, runtime
 
     root = Path(mobilize.__file__).parent
+    modules = list(RUNTIME_MODULES)
+    for fmt in TARGETS:  # each target's package side, and what its runtimes import
+        folder = TARGETS[fmt].removeprefix("mobilize.").replace(".", "/")
+        modules += [f"{folder}/__init__.py", f"{folder}/runtime.py", *runtime(fmt).DEVICE_MODULES]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name in RUNTIME_MODULES:
+        for name in modules:
             z.writestr(zipfile.ZipInfo(f"mobilize/{name}", (1980, 1, 1, 0, 0, 0)), (root / name).read_bytes())
     return buf.getvalue()
 

@@ -4,7 +4,6 @@ numpy (no torch needed), or transformers when asked (`--reference transformers`,
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,19 +13,20 @@ import numpy as np
 from mobilize.errors import MobilizeError
 from mobilize.harness.accuracy import log_softmax
 from mobilize.harness.runner import greedy, score
+from mobilize.manifest import MANIFEST, FileEntry, Manifest
+from mobilize.safe_io import sha256_file
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "bench" / "data" / "river.txt"
 PROMPTS = ("The capital of France is", "Water boils at a temperature of", "Once upon a time, there was a")
 
 
-def reference_source(manifest: dict) -> Path:
+def reference_source(manifest: Manifest) -> Path:
     """The checkpoint the package was exported from, as a path transformers can load."""
     from mobilize.frontend.loader import open_checkpoint
 
-    source = manifest["source"]
-    if source["format"] == "random":
+    if manifest.source.format == "random":
         raise MobilizeError("the package was exported with --random-weights: there is no reference model to compare")
-    ckpt = open_checkpoint(source["id"])
+    ckpt = open_checkpoint(manifest.source.id)
     first = Path(ckpt.files[0])
     return first if ckpt.format == "gguf" else first.parent
 
@@ -34,7 +34,7 @@ def reference_source(manifest: dict) -> Path:
 REFERENCES = ("numpy", "transformers")
 
 
-def reference_runner(manifest: dict, reference: str, adapter: dict | None = None):
+def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = None):
     """The reference runner for a package's source: numpy (mobilize's decoder, torch-free) or transformers.
     `adapter`: an adapter file's parameters (package/adapter.py), merged into the numpy reference's weights."""
     if reference not in REFERENCES:
@@ -52,14 +52,14 @@ def reference_runner(manifest: dict, reference: str, adapter: dict | None = None
         from mobilize.package.adapter import merged_reference_deltas
 
         model = load_model(open_checkpoint(str(source)))
-        merged = manifest["source"].get("adapters") or []  # merged at export: in the reference too
+        merged = list(manifest.source.adapters)  # merged at export: in the reference too
         if merged:
             from mobilize.frontend.lora import apply_adapters
 
             model = apply_adapters(model, [a["path"] for a in merged], merged)[0]
         deltas = merged_reference_deltas(adapter)
         return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in deltas.items()]))
-    adapters = manifest["source"].get("adapters") or []  # merged into the package: the reference applies them too
+    adapters = list(manifest.source.adapters)  # merged into the package: the reference applies them too
     if reference == "numpy":
         from mobilize.harness.numpy_runner import NumpyRunner
 
@@ -77,12 +77,12 @@ def reference_runner(manifest: dict, reference: str, adapter: dict | None = None
         ) from None
 
 
-def _check_adapters(manifest: dict, adapters: list[dict]) -> None:
+def _check_adapters(manifest: Manifest, adapters: list[dict]) -> None:
     """The adapter files are the ones merged at export (read and checked by mobilize's loader first)."""
     from mobilize.frontend.loader import load_model, open_checkpoint
     from mobilize.frontend.lora import apply_adapters
 
-    apply_adapters(load_model(open_checkpoint(manifest["source"]["id"])), [a["path"] for a in adapters], adapters)
+    apply_adapters(load_model(open_checkpoint(manifest.source.id)), [a["path"] for a in adapters], adapters)
 
 
 def runners(package, reference: str, threads: int, adapter: Path | None = None):
@@ -191,10 +191,7 @@ def _figures(sums: dict[str, float]) -> dict[str, Any]:
 
 def record(package_dir: Path, result: dict[str, Any]) -> None:
     """Write the result into the manifest (and the README's last section), keeping the README's hash true."""
-    from mobilize.package.verify import MANIFEST, sha256_file
-
-    manifest = json.loads((package_dir / MANIFEST).read_text())
-    manifest["evaluation"] = result
+    manifest = Manifest.read(package_dir)
     readme = package_dir / "README.md"
     text = readme.read_text().split("\n## Evaluation\n")[0].rstrip() + "\n"
     text += (
@@ -209,8 +206,8 @@ def record(package_dir: Path, result: dict[str, Any]) -> None:
         text += f"; {split}: {r['tokens']} tokens, {r['perplexity_increase']:+.1%}, KL {r['mean_kl']:.4f}"
     text += ".\n"
     _replace(readme, text)
-    manifest["files"]["README.md"] = {"bytes": readme.stat().st_size, "sha256": sha256_file(readme)}
-    _replace(package_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    files = {**manifest.files, "README.md": FileEntry(readme.stat().st_size, sha256_file(readme))}
+    _replace(package_dir / MANIFEST, manifest.replace(evaluation=result, files=files).text())
 
 
 def _replace(path: Path, text: str) -> None:

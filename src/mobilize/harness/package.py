@@ -9,27 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from mobilize.errors import MobilizeError
-from mobilize.package.verify import read_manifest, verify_package
+from mobilize.manifest import Manifest
+from mobilize.package.verify import verify_package
 from mobilize.safe_io import read_json
+from mobilize.targets.registry import runtimes
 
 
 @dataclasses.dataclass
 class Package:
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, key: Path | None = None) -> Package:
         """A package, verified first (every file against its manifest sha256; with `key`, the manifest's
         signature): a tampered or truncated package is refused before anything is loaded from it."""
         path = Path(path)
-        manifest = verify_package(path, key=key) if verify or key is not None else read_manifest(path)
-        return cls.checked(path, manifest)
-
-    @classmethod
-    def checked(cls, path: Path, manifest: dict) -> Package:
-        if manifest.get("format") not in ("onnx", "tflite"):
-            raise MobilizeError(f"{path}: format {manifest.get('format')!r} cannot be run (onnx, tflite)")
+        manifest = verify_package(path, key=key) if verify or key is not None else Manifest.read(path)
+        runtimes(manifest.format)  # a format this mobilize knows
         return cls(path, manifest)
 
     def tokenizer(self):
@@ -54,26 +51,21 @@ class Package:
             ids |= {i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int}
         return ids
 
-    def runner(self, threads: int = 0, adapters: list[Path] = ()):
-        """The package's runner (imported here: a device has only its format's runtime); `threads` 0: the
-        package's own (its preset's device's big cores, as its genai_config.json asks). `adapters`: LoRA adapter
-        files, each checked against the package's slots and loaded (named by file stem), the first one active."""
-        threads = threads or self.manifest["target"].get("threads") or 0
-        if self.manifest["format"] == "tflite":
-            if adapters:
-                raise MobilizeError("--adapter: TFLite packages have no LoRA slots yet (merge with export --lora)")
-            from mobilize.harness.litert_runner import LiteRtRunner
-
-            return LiteRtRunner(self.path / "model.tflite", threads=threads)
-        from mobilize.harness.ort_runner import OrtRunner
-
+    def runner(self, threads: int = 0, adapters: list[Path] = (), runtime: str | None = None):
+        """A runner over the package in `runtime` (None: its format's default; targets/<format>/runtime.py, imported
+        here: a device has only its format's runtime); `threads` 0: the package's own (its preset's device's big
+        cores, as its genai_config.json asks). `adapters`: LoRA adapter files, each checked against the package's
+        slots and loaded (named by file stem), the first one active."""
+        available = runtimes(self.manifest.format)
+        name = runtime or next(iter(available))
+        if name not in available:
+            raise MobilizeError(f"--runtime {name} does not run {self.manifest.format} packages (its runtimes: "
+                                f"{', '.join(available)})")  # fmt: skip
+        chosen = available[name]
+        if chosen.runner is None:
+            raise MobilizeError(f"--runtime {name} is measured by its own engine: `mobilize bench` only")
         checked = self.adapter_files(adapters) if adapters else {}  # (a device's copy has no package/adapter.py)
-        runner = OrtRunner(self.path / "model.onnx", threads=threads)
-        for name, params in checked.items():
-            runner.load_adapter(name, params)
-        if checked:
-            runner.activate(next(iter(checked)))
-        return runner
+        return chosen.runner(self.path, self.manifest, threads or self.manifest.target.threads, checked)
 
     def adapter_files(self, adapters: list[Path]) -> dict[str, dict[str, np.ndarray]]:
         """name -> tensors of each adapter file, read once and checked against this package (made for it, its
@@ -103,11 +95,10 @@ def stream_greedy(
         raise MobilizeError(f"the prompt cannot be tokenized ({type(e).__name__}); is it valid UTF-8?") from None
     if not ids:
         raise MobilizeError("the prompt gives no tokens")
-    room = package.manifest["target"].get("max_seq_len")
-    if isinstance(room, int) and len(ids) >= room:
+    room = package.manifest.target.max_seq_len
+    if len(ids) >= room:
         raise MobilizeError(f"the prompt has {len(ids)} tokens; this package's KV cache holds {room} positions")
-    if isinstance(room, int):
-        max_new_tokens = min(max_new_tokens, room - len(ids))  # generation stops where the cache ends
+    max_new_tokens = min(max_new_tokens, room - len(ids))  # generation stops where the cache ends
     runner = runner or package.runner(threads)
     generated: list[int] = []
     # Decode the prompt and continuation together, so spacing between them comes from the tokenizer.

@@ -41,6 +41,19 @@ def measure(runner: Runner, vocab_size: int, prompt_len: int = 128, gen_len: int
     return summarize(prompt_len, gen_len, prefill_s, prefill_s, decode_s)
 
 
+def measure_engine(run: Callable[[], tuple[float, float, float]], prompt_len: int, gen_len: int, repeats: int) -> dict:
+    """`repeats` runs of an engine that times itself (`run`: one run's time to first token, prefill and decode
+    seconds), after one warm-up run; medians."""
+    ttft, prefill_s, decode_s = [], [], []
+    for i in range(repeats + 1):
+        first, prefill, decode = run()
+        if i:
+            ttft.append(first)
+            prefill_s.append(prefill)
+            decode_s.append(decode)
+    return summarize(prompt_len, gen_len, ttft, prefill_s, decode_s)
+
+
 def summarize(
     prompt_len: int, gen_len: int, ttft_s: list[float], prefill_s: list[float], decode_s: list[float]
 ) -> dict:

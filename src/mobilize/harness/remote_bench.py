@@ -16,11 +16,12 @@ import platform
 import sys
 from pathlib import Path
 
-# The modules pushed to a device, by path inside the `mobilize` package: enough to verify and measure a package.
+# The modules pushed to a device, by path inside the `mobilize` package: enough to verify and measure a package
+# (and each target's package side: harness/device.py adds them).
 RUNTIME_MODULES = [
-    "__init__.py", "errors.py", "safe_io.py", "package/__init__.py", "package/verify.py", "harness/__init__.py",
-    "harness/runner.py", "harness/perf.py", "harness/package.py", "harness/ort_runner.py", "harness/litert_runner.py",
-    "harness/remote_bench.py", "targets/__init__.py", "targets/tflite/__init__.py", "targets/tflite/writer.py",
+    "__init__.py", "errors.py", "safe_io.py", "optional.py", "manifest.py", "package/__init__.py",
+    "package/verify.py", "harness/__init__.py", "harness/runner.py", "harness/perf.py", "harness/package.py",
+    "harness/remote_bench.py", "targets/__init__.py", "targets/registry.py",
 ]  # fmt: skip
 
 
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         manifest = verify_package(args.package, check_io=False)  # hashes; the host checked the I/O
-        runner = Package.checked(Path(args.package), manifest).runner(args.threads)
-        vocab = manifest["architecture"]["vocab_size"]
+        runner = Package(Path(args.package), manifest).runner(args.threads)
+        vocab = manifest.architecture.vocab_size
         result = measure(runner, vocab, args.prompt_len, args.gen_len, args.repeats)
     except MobilizeError as e:
         print(f"mobilize (on the device): error: {e}", file=sys.stderr)

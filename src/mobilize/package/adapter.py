@@ -20,26 +20,25 @@ import numpy as np
 from mobilize.errors import MobilizeError
 from mobilize.frontend.config import config_from_record, expected_shapes
 from mobilize.frontend.lora import Slots, read_adapter, slot_inputs
-from mobilize.package.verify import read_manifest
+from mobilize.manifest import Manifest
 from mobilize.safe_io import quoted
 
 SUFFIX = ".onnx_adapter"
 FORMAT_VERSION = 1
 
 
-def package_slots(package: Path, manifest: dict) -> tuple[Slots, dict[str, tuple[int, int]]]:
-    record = manifest.get("lora_slots")
-    if not record:
+def package_slots(package: Path, manifest: Manifest) -> tuple[Slots, dict[str, tuple[int, int]]]:
+    record = manifest.lora_slots
+    if record is None:
         raise MobilizeError(f"{quoted(package)} has no LoRA slots (export it with --lora-slots RANK)")
-    slots = Slots(int(record["rank"]), tuple(record["targets"]))
-    return slots, slots.modules(config_from_record(manifest["architecture"]))
+    slots = Slots(record.rank, record.targets)
+    return slots, slots.modules(config_from_record(manifest.architecture.record))
 
 
-def base_version(manifest: dict) -> int:
+def base_version(manifest: Manifest) -> int:
     """The model version an adapter for this package carries: a digest of its model files' sha256, cut to fit an
     int32."""
-    files = manifest.get("files") or {}
-    models = sorted((name, entry["sha256"]) for name, entry in files.items() if name.startswith("model."))
+    models = sorted((name, entry.sha256) for name, entry in manifest.files.items() if name.startswith("model."))
     if not models:
         raise MobilizeError("the package's manifest lists no model files")
     return int(hashlib.sha256(repr(models).encode()).hexdigest()[:7], 16)
@@ -50,12 +49,9 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
     import onnxruntime as ort
 
     package = Path(package)
-    manifest = read_manifest(package)
-    if manifest.get("format") != "onnx":
-        raise MobilizeError(f"{quoted(package)} is a {manifest.get('format')} package: adapters are for ONNX packages "
-                            "with LoRA slots")  # fmt: skip
+    manifest = Manifest.read(package)
     slots, modules = package_slots(package, manifest)
-    cfg = config_from_record(manifest["architecture"])
+    cfg = config_from_record(manifest.architecture.record)
     adapter = read_adapter(adapter_dir, cfg, expected_shapes(cfg))
     where = f"adapter {quoted(adapter_dir)}"
     parameters = {}
@@ -101,7 +97,7 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
     return out, adapter, len(modules)
 
 
-def check_adapter(path: str | Path, package: Path, manifest: dict) -> dict[str, np.ndarray]:
+def check_adapter(path: str | Path, package: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     """An adapter file's parameters, checked against the package before anything is bound: made for this
     package, every tensor a slot's, of the slot's shape."""
     import onnxruntime as ort
@@ -118,7 +114,7 @@ def check_adapter(path: str | Path, package: Path, manifest: dict) -> dict[str, 
         raise MobilizeError(f"--adapter {quoted(path)} was made for another package than {quoted(package)} (its base "
                             f"{fmt.get_model_version():07x}, this one's {base_version(manifest):07x}); "
                             "convert the PEFT adapter again with mobilize adapter")  # fmt: skip
-    slots = manifest["lora_slots"]["rank"]
+    slots = manifest.lora_slots.rank
     expected = {}
     for module, (k, n) in modules.items():
         a, b = slot_inputs(module)

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mobilize.errors import MobilizeError
+from mobilize.manifest import Manifest
 from mobilize.targets.devices import DEVICES, Device
-from mobilize.targets.registry import TARGETS
+from mobilize.targets.registry import runtime, target
 
 RUNTIME_BYTES = 64 << 20  # the runtime's own code and arenas, an allowance
 _DTYPE_BYTES = {"FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "INT64": 8, "INT32": 4}
@@ -71,28 +72,25 @@ def predict(dev: Device, weights: int, per_token: int, kv: int, kv_read: int, ac
     }
 
 
-def kv_bytes(manifest: dict[str, Any]) -> int:
+def kv_bytes(manifest: Manifest) -> int:
+    """The KV cache's buffers at full length (a growing cache counted at the package's max_seq_len)."""
     kv = 0
-    for value in manifest["io"]["inputs"]:
-        if value["name"].startswith(("past_key_values.", "kv_cache_")):
-            dims = [
-                manifest["target"]["max_seq_len"] if isinstance(d, str) and d != "batch" else d for d in value["shape"]
-            ]
+    prefix = runtime(manifest.format).CACHE_INPUTS
+    for value in manifest.io.inputs:
+        if value.name.startswith(prefix):
+            dims = [manifest.target.max_seq_len if isinstance(d, str) and d != "batch" else d for d in value.shape]
             dims = [1 if d == "batch" else d for d in dims]
-            kv += math.prod(dims) * _DTYPE_BYTES.get(value["dtype"], 4)
+            kv += math.prod(dims) * _DTYPE_BYTES.get(value.dtype, 4)
     return kv
 
 
-def fit(package_dir: Path, manifest: dict[str, Any], device: str, prompt_len: int = 128) -> dict[str, Any]:
+def fit(package_dir: Path, manifest: Manifest, device: str, prompt_len: int = 128) -> dict[str, Any]:
     dev = device_named(device)
-    target = TARGETS.get(manifest.get("format"))
-    if target is None:
-        raise MobilizeError(f"unknown package format {manifest.get('format')!r} (known: {', '.join(TARGETS)})")
-    weights, per_token = target.weight_bytes(package_dir)
+    t = target(manifest.format)
+    weights, per_token = t.weight_bytes(package_dir)
     kv = kv_bytes(manifest)
-    kv_dtype = (manifest.get("kv_cache") or {}).get("dtype", "float32")
-    activations = target.activation_bytes(manifest, prompt_len)
-    return predict(dev, weights, per_token, kv, target.kv_read_bytes(kv, kv_dtype), activations)
+    activations = t.activation_bytes(manifest.architecture, manifest.target, manifest.kv_cache.dtype, prompt_len)
+    return predict(dev, weights, per_token, kv, t.kv_read_bytes(kv, manifest.kv_cache.dtype), activations)
 
 
 def describe(r: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from mobilize.errors import MobilizeError
-from mobilize.package.verify import MANIFEST, SIGNATURE, read_manifest
+from mobilize.manifest import MANIFEST, SIGNATURE, Manifest
 from mobilize.safe_io import quoted
 
 _RENAME_NOREPLACE = 1
@@ -48,10 +48,10 @@ def why_not_replaceable(out: Path, sources: list[str]) -> str | None:
 
 def why_not_a_package(path: Path) -> str | None:
     try:
-        manifest = read_manifest(path)
+        manifest = Manifest.read(path)
     except MobilizeError:
         return f"it is not a mobilize package (no readable {MANIFEST})"
-    listed = set(manifest["files"]) | {MANIFEST, SIGNATURE}
+    listed = set(manifest.files) | {MANIFEST, SIGNATURE}
     for entry in os.scandir(path):
         if entry.name not in listed:
             return f"it holds {quoted(entry.name)}, which its manifest does not list"

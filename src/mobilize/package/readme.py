@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from mobilize.manifest import Manifest
+from mobilize.targets.registry import target
 
-from mobilize.targets.registry import TARGETS
 
-
-def package_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
+def package_readme(manifest: Manifest, file_names: list[str]) -> str:
     """`manifest` without its file list (the README is one of the files it hashes)."""
-    return TARGETS[manifest["format"]].readme(manifest, file_names)
+    return target(manifest.format).readme(manifest, file_names)

@@ -100,6 +100,7 @@ class TargetCaps:
     # ... and a 4-bit grid with float zero points (Q4_K) under this many elements likewise (its exact form's
     # correction subgraph costs more per token than its bytes save)
     widen_below: int = 0
+    channel_bits: tuple[int, ...] = ()  # widths stored with one scale per output channel (a recipe's block 0)
 
 
 def bits_per_weight(bits: int, block: int, zero_point: str, scale_dtype: str) -> float:
@@ -134,10 +135,30 @@ def quant_for(recipe: Recipe, role: str, caps: TargetCaps, statistics: bool = Tr
     return recipe.matmul
 
 
+def searches_scales(recipe: Recipe, caps: TargetCaps) -> bool:
+    """Whether re-rounded 4-bit blocks pick their scales with calibration on this target: the recipe asks always,
+    or for blocks stored without zero points (its `calibrate`: "symmetric"), which a symmetric recipe asks for and
+    a target without integer zero points gives every recipe."""
+    symmetric = not caps.integer_zero_points or (recipe.matmul is not None and recipe.matmul.symmetric)
+    return recipe.calibrate == "always" or recipe.calibrate == "symmetric" and symmetric
+
+
 def needs_statistics(recipe: Recipe, caps: TargetCaps) -> bool:
     """Whether an export runs calibration: to search scales, or to choose a split head's channels."""
     head = head_quant(recipe, caps)
-    return caps.name in recipe.calibrate or (head is not None and head.split_rest is not None and caps.split)
+    return searches_scales(recipe, caps) or (head is not None and head.split_rest is not None and caps.split)
+
+
+def unavailable(recipe: Recipe, caps: TargetCaps) -> str | None:
+    """Why a target has no form at all for one of a recipe's weights (None: every weight has one, the planner's
+    substitute where the target cannot store the recipe's own, said in the manifest). A block size of 0 (one scale
+    per output channel) has no blockwise substitute: a target without that width per channel cannot take it."""
+    roles = {"linear layers": recipe.matmul, "head": recipe.head, "split head": recipe.split_head,
+             "embedding": recipe.embedding}  # fmt: skip
+    for role, q in roles.items():
+        if q is not None and q.block_size == 0 and q.bits not in caps.channel_bits:
+            return f"its {role} are {q.bits}-bit with one scale per output channel, which {caps.name} cannot store"
+    return None
 
 
 def plan_weight(

@@ -42,13 +42,15 @@ class Recipe:
     # MatMulNBits accuracy_level: 4 runs ONNX Runtime's int8-activation kernels (an order of magnitude faster
     # on CPU for 8-bit weights); 0 computes in float.
     accuracy_level: int = 4
-    # Formats ("onnx", "tflite") whose re-rounded 4-bit weights pick each block's scale for least error
-    # weighted by the mean square of each input channel on a calibration text (quant/calibrate.py), where
-    # the source has a tokenizer. It costs export time (gemma3-270m: ~5 s forward + ~5 s search on the head).
-    calibrate: tuple[str, ...] = ()
-    formats: tuple[str, ...] = ("onnx", "tflite")  # the output formats that have this recipe's forms
+    # Whether re-rounded 4-bit weights pick each block's scale for least error weighted by the mean square of each
+    # input channel on a calibration text (quant/calibrate.py), where the source has a tokenizer: "never",
+    # "symmetric" (where they are stored without zero points, whose blocks cannot shift to fit a skewed block: a
+    # symmetric recipe, or a target that has none; quant/plan.py's `searches_scales`) or "always". It costs export
+    # time (gemma3-270m: ~5 s forward + ~5 s search on the head).
+    calibrate: str = "never"
 
 
+CALIBRATE = ("never", "symmetric", "always")
 INT4_BPW = 4.6  # the int4 recipe's bits per weight, scales and zero points included (a float source's 7B: 3.8 GB)
 
 RECIPES: dict[str, Recipe] = {
@@ -75,18 +77,18 @@ RECIPES: dict[str, Recipe] = {
             embedding=WeightQuant(4, 32, False, max_bits_per_weight=INT4_BPW),
             carry_source_blocks=True,
             share_tied_table=True,
-            calibrate=("tflite",),
+            calibrate="symmetric",
         ),
         Recipe(
             "int4-head8",
-            "int4 with the whole ONNX head 8-bit (symmetric blocks of 128): prefills faster, exports without a "
-            "calibration pass and is a little more accurate; decodes slower (more bytes per token)",
+            "int4 with the whole head 8-bit (symmetric blocks of 128 where the target has 8-bit blocks): prefills "
+            "faster, exports without a calibration pass and is a little more accurate; decodes slower (more bytes per "
+            "token)",
             WeightQuant(4, 32, False),
             head=WeightQuant(8, 128, True, carry=False),
             embedding=WeightQuant(8, 32, True),
             carry_source_blocks=True,
             share_tied_table=True,
-            formats=("onnx",),
         ),
         Recipe(
             "int4-fast",
@@ -104,15 +106,14 @@ RECIPES: dict[str, Recipe] = {
             "int4-all-cal",
             "int4-all, calibrated: each block's scale chosen for least activation-weighted error",
             WeightQuant(4, 32, False),
-            calibrate=("onnx", "tflite"),
+            calibrate="always",
         ),
         Recipe("int4-b32-sym", "4-bit weights, blocks of 32, symmetric", WeightQuant(4, 32, True)),
         Recipe(
             "int4-channel",
-            "4-bit weights, one scale per output channel, symmetric (TFLite's INT4 per channel; no ONNX form)",
+            "4-bit weights, one scale per output channel, symmetric (where the target stores it: TFLite)",
             WeightQuant(4, 0, True),
             embedding=WeightQuant(8, 0, True),
-            formats=("tflite",),
         ),
         Recipe("int4-b128-asym", "4-bit weights, blocks of 128, asymmetric", WeightQuant(4, 128, False)),
     ]

@@ -11,6 +11,7 @@ import numpy as np
 
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.lora import Slots
+from mobilize.manifest import Architecture, Io, KvCache, Manifest, TargetRecord
 from mobilize.quant.plan import TargetCaps
 from mobilize.quant.recipes import Recipe
 
@@ -34,10 +35,10 @@ class Lowering:
 class Written:
     """What the manifest says of the model files a target wrote."""
 
-    io: dict[str, Any]
-    kv_cache: dict[str, Any] | None
+    io: Io
+    kv_cache: KvCache
     reports: list[dict[str, Any]]
-    target: dict[str, Any]  # format-specific fields of the manifest's `target`
+    lowering: dict[str, Any]  # the format's own fields of the manifest's `target`
 
 
 class Target(Protocol):
@@ -57,7 +58,7 @@ class Target(Protocol):
     def write(self, lowered: Any, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
         """The model files into `out`, weights streamed."""
 
-    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
+    def finish(self, model: LoadedModel, manifest: Manifest, how: Lowering, out: Path, phase) -> None:
         """Files that need the tokenizer or the manifest's fields (written after both)."""
 
     def check_tokenizer(self, package: Path) -> dict[str, Any]:
@@ -66,8 +67,8 @@ class Target(Protocol):
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         """(bytes of every weight, bytes one decode step reads: an embedding table one row), for `fit`."""
 
-    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
-        """The largest activations a run allocates, for `fit`."""
+    def activation_bytes(self, arch: Architecture, target: TargetRecord, kv_dtype: str, prompt_len: int) -> int:
+        """The largest activations a run allocates, for `fit` (and the presets' plans, before any file exists)."""
 
     def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
         """The KV cache a package of this config holds (its buffers' bytes), before it is written."""
@@ -75,15 +76,18 @@ class Target(Protocol):
     def kv_read_bytes(self, kv_bytes: int, kv_dtype: str) -> int:
         """What a decode step at full context reads of a cache of `kv_bytes` (the copies it makes included)."""
 
-    def readme(self, manifest: dict, file_names: list[str]) -> str:
+    # `mobilize fit`'s words for what activation_bytes counts ({prompt_len}: the prompt's length)
+    activations_are: str
+
+    def readme(self, manifest: Manifest, file_names: list[str]) -> str:
         """The package's README.md for the app developer."""
 
 
-def exported_from(manifest: dict) -> str:
+def exported_from(manifest: Manifest) -> str:
     """The README's provenance line: the source, and any LoRA adapters merged into it."""
-    source = manifest["source"]
-    line = f"Exported by mobilize {manifest['mobilize_version']} from `{source['id']}` ({source['format']})"
-    adapters = source.get("adapters") or []
+    source = manifest.source
+    line = f"Exported by mobilize {manifest.mobilize_version} from `{source.id}` ({source.format})"
+    adapters = source.adapters
     if adapters:
         merged = ", ".join(f"`{a['path']}` (rank {a['rank']}, {', '.join(a['targets'])})" for a in adapters)
         line += f", with the LoRA adapter{'s' if len(adapters) > 1 else ''} {merged} merged into its weights"

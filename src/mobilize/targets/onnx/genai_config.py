@@ -8,6 +8,7 @@ import onnx_ir as ir
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.tokenizer import check_special_ids
+from mobilize.manifest import Architecture, Io, KvCache, Manifest
 
 
 def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
@@ -21,21 +22,21 @@ def graph_io(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
 
 
 def genai_config(
-    arch: dict[str, Any], tokens: dict[str, int | list[int] | None], io: dict, kv_cache: dict | None,
-    threads: int | None = None,
+    arch: Architecture, tokens: dict[str, int | list[int] | None], io: Io, kv_cache: KvCache, threads: int | None = None
 ) -> dict[str, Any]:
-    """The config for a decoder with our I/O names. With a static cache (`kv_cache`), GenAI binds one
-    buffer of max_seq_len as past and present; otherwise the cache grows to the model's context.
-
-    `arch` is the DecoderConfig as a dict; `tokens` has bos_token_id, eos_token_id and pad_token_id."""
-    check_special_ids(tokens, arch["vocab_size"])
-    max_length = kv_cache["max_seq_len"] if kv_cache else arch["max_position_embeddings"]
-    input_names = {i["name"] for i in io["inputs"]}
+    """The config for a decoder with our I/O names. With a static cache, GenAI binds one buffer of max_seq_len as
+    past and present; otherwise the cache grows to the model's context. `tokens` has bos_token_id, eos_token_id
+    and pad_token_id."""
+    check_special_ids(tokens, arch.vocab_size)
+    static = kv_cache.layout == "static"
+    context = arch.record["max_position_embeddings"]
+    max_length = kv_cache.max_seq_len if static else context
+    input_names = {i.name for i in io.inputs}
     eos = tokens.get("eos_token_id")
     model: dict[str, Any] = {
-        "type": FAMILIES[arch["family"]].genai_type,
-        "vocab_size": arch["vocab_size"],
-        "context_length": arch["max_position_embeddings"],
+        "type": FAMILIES[arch.family].genai_type,
+        "vocab_size": arch.vocab_size,
+        "context_length": context,
         # GenAI wants numbers here; a source that names no such token leaves the key out.
         **({"bos_token_id": tokens["bos_token_id"]} if tokens.get("bos_token_id") is not None else {}),
         "eos_token_id": eos if isinstance(eos, list) else [eos] if eos is not None else [],
@@ -50,11 +51,11 @@ def genai_config(
                     "log_id": "onnxruntime-genai", "provider_options": [],
                     **({"intra_op_num_threads": threads} if threads else {}),  # the device's big cores
                 },  # fmt: skip
-                "head_size": arch["head_dim"],
-                "hidden_size": arch["hidden_size"],
-                "num_attention_heads": arch["num_heads"],
-                "num_key_value_heads": arch["num_kv_heads"],
-                "num_hidden_layers": arch["num_layers"],
+                "head_size": arch.head_dim,
+                "hidden_size": arch.hidden_size,
+                "num_attention_heads": arch.num_heads,
+                "num_key_value_heads": arch.num_kv_heads,
+                "num_hidden_layers": arch.num_layers,
                 **_sliding_window(kv_cache),
                 "inputs": {
                     "input_ids": "input_ids",
@@ -76,7 +77,7 @@ def genai_config(
             "num_return_sequences": 1,
             "max_length": max_length,
             "min_length": 0,
-            "past_present_share_buffer": bool(kv_cache),
+            "past_present_share_buffer": static,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -85,9 +86,9 @@ def genai_config(
     }
 
 
-def _sliding_window(kv_cache: dict | None) -> dict[str, Any]:
+def _sliding_window(kv_cache: KvCache) -> dict[str, Any]:
     """Window-sized ring buffers of sliding layers: GenAI allocates window + cache_slack for those layers."""
-    window = (kv_cache or {}).get("sliding_window")
+    window = kv_cache.details.get("sliding_window")
     if not window:
         return {}
     return {
@@ -101,7 +102,7 @@ def _sliding_window(kv_cache: dict | None) -> dict[str, Any]:
     }
 
 
-def expected_genai_config(manifest: dict, found: dict) -> dict[str, Any]:
+def expected_genai_config(manifest: Manifest, found: dict) -> dict[str, Any]:
     """What export writes for this manifest, with the special token ids `found` states (checked: the manifest
     does not hold them)."""
     model = found["model"]
@@ -110,6 +111,4 @@ def expected_genai_config(manifest: dict, found: dict) -> dict[str, Any]:
         "eos_token_id": model["eos_token_id"],
         "pad_token_id": model["pad_token_id"],
     }
-    kv = manifest["kv_cache"]
-    static = None if kv.get("layout") == "dynamic" else kv
-    return genai_config(manifest["architecture"], tokens, manifest["io"], static, manifest["target"].get("threads"))
+    return genai_config(manifest.architecture, tokens, manifest.io, manifest.kv_cache, manifest.target.threads)

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import head_quant, quant_for
+from mobilize.quant.plan import head_quant, quant_for, searches_scales
 from mobilize.quant.recipes import RECIPES, Recipe, WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
@@ -64,7 +64,7 @@ def onnx_passes(
     importance = None
     if statistics is not None:
         importance = lambda name: statistics_for(statistics(), name)  # noqa: E731
-    searched = importance if "onnx" in recipe.calibrate else None  # a split head's statistics are its own
+    searched = importance if searches_scales(recipe, ONNX_CAPS) else None  # a split head ranks by its own
     head = head_quant(recipe, ONNX_CAPS, statistics is not None)
     if head is not None:
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from mobilize.manifest import Manifest
 from mobilize.targets.base import exported_from
 
 
-def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
+def onnx_readme(manifest: Manifest, file_names: list[str]) -> str:
     """`manifest` without its file list (the README is one of the files it hashes)."""
-    arch, recipe, target = manifest["architecture"], manifest["recipe"], manifest["target"]
-    kv = manifest["kv_cache"]
-    threads = target.get("threads") or "the runtime's default"
-    length = kv.get("max_seq_len", arch["max_position_embeddings"])
+    arch, recipe, target, kv = manifest.architecture, manifest.recipe, manifest.target, manifest.kv_cache
+    threads = target.threads or "the runtime's default"
+    length = kv.max_seq_len or arch.record["max_position_embeddings"]
     files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
-    io_rows = "\n".join(
-        f"| {kind} | `{v['name']}` | {v['dtype']} | {v['shape']} |"
-        for kind, values in (("in", manifest["io"]["inputs"]), ("out", manifest["io"]["outputs"]))
-        for v in values[:4] + ([{"name": "...", "dtype": "", "shape": ""}] if len(values) > 4 else [])
-    )
-    if kv.get("layout") == "static":
-        window = kv.get("sliding_window")
+    rows = []
+    for kind, values in (("in", manifest.io.inputs), ("out", manifest.io.outputs)):
+        rows += [f"| {kind} | `{v.name}` | {v.dtype} | {list(v.shape)} |" for v in values[:4]]
+        rows += [f"| {kind} | `...` |  |  |"] if len(values) > 4 else []
+    io_rows = "\n".join(rows)
+    if kv.layout == "static":
+        window = kv.details.get("sliding_window")
         cache = (
-            f"Fixed-size KV buffers of {kv['max_seq_len']} positions, bound as both `past_key_values.*` and "
+            f"Fixed-size KV buffers of {kv.max_seq_len} positions, bound as both `past_key_values.*` and "
             "`present.*` (ONNX Runtime GenAI does this itself: `past_present_share_buffer`); attention writes "
             "each step in place."
         )
@@ -33,15 +31,15 @@ def onnx_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
             )
     else:
         cache = "A KV cache that grows: feed each step's `present.*` back as the next `past_key_values.*`."
-    if target.get("logits") == "last":
+    if target.lowering.get("logits") == "last":
         cache += (
             " `logits` is the last input position's only ([batch, 1, vocab]), the next token's scores: a "
             "prompt costs the output head once (export with `--logits all` for every position's)."
         )
-    return f"""# {arch["family"]} for {target["name"]}: ONNX package
+    return f"""# {arch.family} for {target.preset}: ONNX package
 
 {exported_from(manifest)}
-Quantization recipe `{recipe["name"]}`: {recipe["description"]}.{_slots(manifest)}
+Quantization recipe `{recipe.name}`: {recipe.description}.{_slots(manifest)}
 
 ## Inside
 
@@ -65,7 +63,7 @@ tokenizer = og.Tokenizer(model)
 # tokenizer_config.json says the model was trained with (the BOS token, for most models).
 tokenizer.update_options(add_special_tokens="true")
 params = og.GeneratorParams(model)
-params.set_search_options(max_length={kv.get("max_seq_len", arch["max_position_embeddings"])})
+params.set_search_options(max_length={length})
 generator = og.Generator(model, params)
 generator.append_tokens(tokenizer.encode("Hello"))
 while not generator.is_done():
@@ -101,13 +99,13 @@ machine it runs on; `mobilize run <package> --prompt "..."` streams greedy text.
 """
 
 
-def _slots(manifest: dict[str, Any]) -> str:
-    slots = manifest.get("lora_slots")
-    if not slots:
+def _slots(manifest: Manifest) -> str:
+    slots = manifest.lora_slots
+    if slots is None:
         return ""
-    where = f"{', '.join(slots['targets'])} ({slots['modules']} projections)"
+    where = f"{', '.join(slots.targets)} ({slots.modules} projections)"
     return (
-        f"\n\nLoRA slots of rank {slots['rank']} on {where}: inputs `<module>.lora_A` [in, r] and `<module>.lora_B` "
+        f"\n\nLoRA slots of rank {slots.rank} on {where}: inputs `<module>.lora_A` [in, r] and `<module>.lora_B` "
         "[r, out], empty by default (without an adapter this is the base model). `mobilize adapter PEFT_DIR "
         "--package THIS_DIR` writes an `.onnx_adapter` for this package; load it with ONNX Runtime GenAI "
         "(`og.Adapters(model).load(file, name)`, then `generator.set_active_adapter`), or feed its tensors as "

@@ -9,6 +9,7 @@ from pathlib import Path
 from mobilize.frontend.config import SLIDING
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.tokenizer import special_token_ids
+from mobilize.manifest import Architecture, Io, KvCache, Manifest, TargetRecord
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.onnx.caps import ONNX_CAPS
@@ -64,17 +65,22 @@ class OnnxTarget:
         fields = {"opset": how.opset, "logits": how.logits}
         # (the quantization statistics came with the write)
         kv = static_kv(graph)
-        if kv is not None:
-            kv["dtype"] = how.kv_dtype
-        return Written(graph_io(graph), kv, summarize(reports), fields)
+        if kv is None:
+            cache = KvCache("dynamic")
+        else:
+            details = {k: v for k, v in kv.items() if k not in ("layout", "max_seq_len")}
+            cache = KvCache.static(kv["max_seq_len"], how.kv_dtype, **details)
+        return Written(Io.parse(graph_io(graph), "the written graph"), cache, summarize(reports), fields)
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         return weight_bytes(package_dir / "model.onnx")
 
-    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
+    activations_are = "logits of a {prompt_len}-token prompt"
+
+    def activation_bytes(self, arch: Architecture, target: TargetRecord, kv_dtype: str, prompt_len: int) -> int:
         """The prompt's logits, the largest single tensor: one row where the package gives the last only."""
-        rows = 1 if manifest["target"].get("logits") == "last" else prompt_len
-        return rows * manifest["architecture"]["vocab_size"] * 4
+        rows = 1 if target.lowering.get("logits") == "last" else prompt_len
+        return rows * arch.vocab_size * 4
 
     def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
         """Static buffers: max_seq_len positions, a sliding-window layer's window + slack (kv_cache.py)."""
@@ -85,13 +91,16 @@ class OnnxTarget:
     def kv_read_bytes(self, kv_bytes: int, kv_dtype: str) -> int:
         return kv_bytes  # GroupQueryAttention reads the cache in its own dtype
 
-    def readme(self, manifest: dict, file_names: list[str]) -> str:
+    def readme(self, manifest: Manifest, file_names: list[str]) -> str:
         return onnx_readme(manifest, file_names)
 
-    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
-        genai = genai_config(manifest["architecture"], special_token_ids(model.ckpt), written.io, written.kv_cache,
-                             manifest["target"].get("threads"))  # fmt: skip
+    def finish(self, model: LoadedModel, manifest: Manifest, how: Lowering, out: Path, phase) -> None:
+        genai = genai_config(manifest.architecture, special_token_ids(model.ckpt), manifest.io, manifest.kv_cache,
+                             manifest.target.threads)  # fmt: skip
         (out / "genai_config.json").write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
 
     def check_tokenizer(self, package: Path) -> dict:
         return check_with_genai(package)
+
+
+TARGET = OnnxTarget()

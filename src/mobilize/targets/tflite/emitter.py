@@ -30,6 +30,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.frontend.config import SLIDING
 from mobilize.frontend.loader import LoadedModel
+from mobilize.manifest import KvCache
 from mobilize.model.decoder import decode
 from mobilize.model.weights import norm_weight
 from mobilize.quant.recipes import Recipe
@@ -279,12 +280,8 @@ def build_tflite(
     return tfl, weights.report()
 
 
-def tflite_kv(cfg, max_len: int, kv_dtype: str = "float32") -> dict:
-    return {
-        "dtype": kv_dtype,
-        "layout": "static",
-        "max_seq_len": max_len,
-        "tensors": "kv_cache_k_<layer> / kv_cache_v_<layer>, in and out of every signature",
-        "shape": [1, cfg.num_kv_heads, max_len, cfg.head_dim],
-        "update": "DYNAMIC_UPDATE_SLICE at input_pos[0]",
-    }
+def tflite_kv(cfg, max_len: int, kv_dtype: str = "float32") -> KvCache:
+    return KvCache.static(
+        max_len, kv_dtype, tensors="kv_cache_k_<layer> / kv_cache_v_<layer>, in and out of every signature",
+        shape=[1, cfg.num_kv_heads, max_len, cfg.head_dim], update="DYNAMIC_UPDATE_SLICE at input_pos[0]",
+    )  # fmt: skip

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from mobilize.errors import MobilizeError
 from mobilize.frontend.families.registry import FAMILIES
+from mobilize.manifest import Manifest
 
 
 def llm_metadata(family: str, bos: int | None, eos: list[int], max_tokens: int):
@@ -68,7 +69,7 @@ def _reproducible_stamp(content_hash: str):
         lb.populate_system_metadata = original
 
 
-def write_litertlm(package: Path, manifest: dict, bos: int | None, eos: list[int], out: Path) -> None:
+def write_litertlm(package: Path, manifest: Manifest, bos: int | None, eos: list[int], out: Path) -> None:
     """`out` (.litertlm) from the package directory's model.tflite and tokenizer.json."""
     from google.protobuf import text_format
     from litert_lm_builder import litertlm_builder as lb
@@ -76,8 +77,7 @@ def write_litertlm(package: Path, manifest: dict, bos: int | None, eos: list[int
     tokenizer = package / "tokenizer.json"
     if not tokenizer.is_file():
         raise MobilizeError("--bundle litertlm needs the model's tokenizer (tokenizer.json); this source has none")
-    arch = manifest["architecture"]
-    meta = llm_metadata(arch["family"], bos, eos, manifest["target"]["max_seq_len"])
+    meta = llm_metadata(manifest.architecture.family, bos, eos, manifest.target.max_seq_len)
     digest = hashlib.sha256()
     for f in (package / "model.tflite", tokenizer):
         with open(f, "rb") as fh:

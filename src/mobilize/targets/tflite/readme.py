@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from mobilize.manifest import Manifest
 from mobilize.targets.base import exported_from
 
 
-def tflite_readme(manifest: dict[str, Any], file_names: list[str]) -> str:
+def tflite_readme(manifest: Manifest, file_names: list[str]) -> str:
     """`manifest` without its file list (the README is one of the files it hashes)."""
-    arch, recipe, target, kv = manifest["architecture"], manifest["recipe"], manifest["target"], manifest["kv_cache"]
+    arch, recipe, target, kv = manifest.architecture, manifest.recipe, manifest.target, manifest.kv_cache
     files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
     rows = "\n".join(
         f"| `{key}` | "
-        + ", ".join(
-            f"`{v['name']}` {v['dtype'].lower()} {v['shape']}" for v in sig["inputs"] if "kv_cache" not in v["name"]
-        )
+        + ", ".join(f"`{v.name}` {v.dtype.lower()} {list(v.shape)}" for v in sig.inputs if "kv_cache" not in v.name)
         + " |"
-        for key, sig in manifest["io"]["signatures"].items()
+        for key, sig in (manifest.io.signatures or {}).items()
     )
-    longest = max(target["prefill_lens"])
-    return f"""# {arch["family"]} for {target["name"]}: LiteRT (TFLite) package
+    longest = max(target.lowering["prefill_lens"])
+    return f"""# {arch.family} for {target.preset}: LiteRT (TFLite) package
 
 {exported_from(manifest)}
-Quantization recipe `{recipe["name"]}`: {recipe["description"]}.
+Quantization recipe `{recipe.name}`: {recipe.description}.
 
 ## Inside
 
@@ -42,17 +39,17 @@ offset/size), shared by every signature. `manifest.json` has every file's size a
 {rows}
 
 Every signature also takes and returns `kv_cache_k_<layer>` and `kv_cache_v_<layer>`, float32
-{kv["shape"]} (batch, KV heads, positions, head size): pass each call's returned caches to the next.
+{kv.details["shape"]} (batch, KV heads, positions, head size): pass each call's returned caches to the next.
 Each signature writes its tokens' keys and values at `input_pos[0]` (DYNAMIC_UPDATE_SLICE) and masks
 every slot past each token's position, so a prompt may be padded at its end. `logits` is
-[1, tokens, {arch["vocab_size"]}]. `input_pos` holds the position of each token (0 for the first).
+[1, tokens, {arch.vocab_size}]. `input_pos` holds the position of each token (0 for the first).
 
 ## Load it
 
 ```python
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
-it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads={target.get("threads") or 2})  # big cores
+it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads={target.threads or 2})  # big cores
 prefill, decode = it.get_signature_runner("prefill_{longest}"), it.get_signature_runner("decode")
 cache = {{n: np.zeros(d["shape"], np.float32)
          for n, d in decode.get_input_details().items() if n.startswith("kv_cache_")}}

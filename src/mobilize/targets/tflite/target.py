@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.tokenizer import special_token_ids
+from mobilize.manifest import Architecture, Io, Manifest, TargetRecord
 from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.tflite.caps import TFLITE_CAPS
@@ -40,21 +41,22 @@ class TfliteTarget:
         tfl, quant_report = lowered
         phase("writing model.tflite (weights streamed)")
         tfl.write(out / "model.tflite")
-        io = tflite_io(out / "model.tflite")
-        reports = [{"pass": "tflite_lowering", "signatures": sorted(io["signatures"]), **quant_report}]
-        prefill = sorted(int(k.split("_")[1]) for k in io["signatures"] if k != "decode")
+        io = Io.parse(tflite_io(out / "model.tflite"), "the written model.tflite")
+        reports = [{"pass": "tflite_lowering", "signatures": sorted(io.signatures), **quant_report}]
+        prefill = sorted(int(k.split("_")[1]) for k in io.signatures if k != "decode")
         return Written(io, tflite_kv(model.config, how.max_seq_len, how.kv_dtype), reports, {"prefill_lens": prefill})
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
         return weight_bytes(package_dir / "model.tflite")
 
-    def activation_bytes(self, manifest: dict, prompt_len: int) -> int:
+    activations_are = "one token's logits and the longest prefill's attention scores"
+
+    def activation_bytes(self, arch: Architecture, target: TargetRecord, kv_dtype: str, prompt_len: int) -> int:
         """Prefill computes no logits: one token's, and the longest prefill's attention scores."""
-        arch, target = manifest["architecture"], manifest["target"]
-        longest = max(target.get("prefill_lens", [prompt_len]))
-        out = arch["vocab_size"] * 4 + longest * arch["num_heads"] * target["max_seq_len"] * 4
-        if (manifest.get("kv_cache") or {}).get("dtype") == "float16":  # one layer's keys and values cast up
-            out += 2 * arch["num_kv_heads"] * target["max_seq_len"] * arch["head_dim"] * 4
+        longest = max(target.lowering.get("prefill_lens", [prompt_len]))
+        out = arch.vocab_size * 4 + longest * arch.num_heads * target.max_seq_len * 4
+        if kv_dtype == "float16":  # one layer's keys and values cast up
+            out += 2 * arch.num_kv_heads * target.max_seq_len * arch.head_dim * 4
         return out
 
     def kv_cache_bytes(self, config, max_seq_len: int, kv_dtype: str) -> int:
@@ -66,13 +68,13 @@ class TfliteTarget:
         # a float16 cache is read, cast up into float32 and that copy read by the attention (no float16 BATCH_MATMUL)
         return kv_bytes * 5 if kv_dtype == "float16" else kv_bytes
 
-    def readme(self, manifest: dict, file_names: list[str]) -> str:
+    def readme(self, manifest: Manifest, file_names: list[str]) -> str:
         return tflite_readme(manifest, file_names)
 
     def check_tokenizer(self, package: Path) -> dict:
         return {"litert-lm": "not checked: LiteRT-LM's tokenizer has no Python binding to compare with"}
 
-    def finish(self, model: LoadedModel, written: Written, manifest: dict, how: Lowering, out: Path, phase) -> None:
+    def finish(self, model: LoadedModel, manifest: Manifest, how: Lowering, out: Path, phase) -> None:
         if how.bundle != "litertlm":
             return
         from mobilize.targets.tflite.litertlm import write_litertlm
@@ -81,5 +83,7 @@ class TfliteTarget:
         ids = special_token_ids(model.ckpt)
         eos = ids["eos_token_id"]
         eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        info = {"architecture": manifest["architecture"], "target": manifest["target"]}
-        write_litertlm(out, info, ids["bos_token_id"], eos, out / "model.litertlm")
+        write_litertlm(out, manifest, ids["bos_token_id"], eos, out / "model.litertlm")
+
+
+TARGET = TfliteTarget()

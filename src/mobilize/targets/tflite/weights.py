@@ -23,7 +23,7 @@ from ai_edge_litert import schema_py_generated as fb
 from mobilize.frontend.loader import LoadedModel
 from mobilize.frontend.sources.gguf_grid import block_codes, block_grid
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for
+from mobilize.quant.plan import SourceGrid, WeightForm, plan_embedding, plan_weight, quant_for, searches_scales
 from mobilize.quant.primitives import ErrorStats, codes_on_grid, search_blocks, zero_point_correction
 from mobilize.quant.recipes import Recipe, WeightQuant
 from mobilize.targets.tflite.caps import TFLITE_CAPS
@@ -234,7 +234,7 @@ class FcWeights:
         parts["kept_scale"] = (key + ".kept", scale)
         rest = form.split.rest
         self._plans[key + ".rest"] = rest
-        searched = TFLITE_CAPS.name in self.recipe.calibrate  # the rest's scales searched with the statistics too
+        searched = searches_scales(self.recipe, TFLITE_CAPS)  # the rest's scales searched with the statistics too
         parts["rest"] = self._blockwise(g, name, rest.block_size, key + ".rest", cols=rest_cols, searched=searched)
         parts["rest_form"] = rest
         self._splits[id(g), name] = parts
