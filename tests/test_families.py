@@ -73,7 +73,7 @@ def test_sliding_window_changes_logits(tiny_hf, tmp_path):
 def test_numpy_decoder_matches_transformers(family, fmt, tiny_hf, tiny_gguf):
     """The decoder on the numpy emitter (the torch-free reference, and calibration's forward), from our own
     loader, gives transformers' logits: a prefill past Gemma's 4-token window, then decode steps."""
-    from mobilize.harness.numpy_runner import NumpyRunner
+    from mobilize.model.numpy_runner import NumpyRunner
 
     source = tiny_hf(family) if fmt == "hf" else tiny_gguf(family)
     ours = NumpyRunner(load_model(open_checkpoint(str(source))))

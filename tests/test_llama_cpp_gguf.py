@@ -123,7 +123,7 @@ def test_plain_rope_would_be_wrong(sentencepiece_model, tmp_path):
     """Why rope_freqs matters: the same scaled checkpoint read with plain rope moves the logits far."""
     import numpy as np
 
-    from mobilize.harness.numpy_runner import NumpyRunner
+    from mobilize.model.numpy_runner import NumpyRunner
 
     cfg = dataclasses.replace(FAMILIES["llama"].tiny(), rope_theta=500000.0, rope_scaling=LLAMA3)
     hf = write_tiny_hf(cfg, tmp_path / "hf")

@@ -15,9 +15,9 @@ from helpers import assert_one_line_error, assert_tracks_reference, cli, write_t
 
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.frontend.loader import load_model, open_checkpoint
-from mobilize.harness.numpy_runner import NumpyRunner
 from mobilize.harness.package import Package
 from mobilize.harness.reference import ReferenceRunner
+from mobilize.model.numpy_runner import NumpyRunner
 
 PROMPT = [3, 17, 99, 5, 64, 1, 42]
 

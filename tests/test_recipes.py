@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mobilize.driver import ExportOptions, export
-from mobilize.harness.numpy_runner import NumpyRunner
 from mobilize.harness.package import Package
+from mobilize.model.numpy_runner import NumpyRunner
 from mobilize.quant.plan import unavailable
 from mobilize.quant.recipes import RECIPES
 from mobilize.targets.registry import TARGETS, target

@@ -48,7 +48,7 @@ def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = 
             )
         from mobilize.frontend.loader import load_model, open_checkpoint
         from mobilize.frontend.lora import merge_deltas
-        from mobilize.harness.numpy_runner import NumpyRunner
+        from mobilize.model.numpy_runner import NumpyRunner
         from mobilize.package.adapter import merged_reference_deltas
 
         model = load_model(open_checkpoint(str(source)))
@@ -61,7 +61,7 @@ def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = 
         return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in deltas.items()]))
     adapters = list(manifest.source.adapters)  # merged into the package: the reference applies them too
     if reference == "numpy":
-        from mobilize.harness.numpy_runner import NumpyRunner
+        from mobilize.model.numpy_runner import NumpyRunner
 
         return NumpyRunner.for_source(str(source), adapters)
     try:
