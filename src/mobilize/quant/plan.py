@@ -151,13 +151,15 @@ def needs_statistics(recipe: Recipe, caps: TargetCaps) -> bool:
 
 def unavailable(recipe: Recipe, caps: TargetCaps) -> str | None:
     """Why a target has no form at all for one of a recipe's weights (None: every weight has one, the planner's
-    substitute where the target cannot store the recipe's own, said in the manifest). A block size of 0 (one scale
-    per output channel) has no blockwise substitute: a target without that width per channel cannot take it."""
+    substitute where the target cannot store the recipe's own, said in the manifest). A blockwise width the target
+    lacks falls back to one scale per output channel; one scale per output channel (block 0) has no substitute."""
     roles = {"linear layers": recipe.matmul, "head": recipe.head, "split head": recipe.split_head,
              "embedding": recipe.embedding}  # fmt: skip
     for role, q in roles.items():
-        if q is not None and q.block_size == 0 and q.bits not in caps.channel_bits:
-            return f"its {role} are {q.bits}-bit with one scale per output channel, which {caps.name} cannot store"
+        if q is None or q.bits in caps.channel_bits or q.block_size and q.bits in caps.blockwise_bits:
+            continue
+        how = "in blocks" if q.block_size else "with one scale per output channel"
+        return f"its {role} are {q.bits}-bit {how}, which {caps.name} cannot store"
     return None
 
 
