@@ -94,7 +94,9 @@ def test_an_unknown_format_is_refused(packages, tmp_path):
     data = json.loads((pkg / MANIFEST).read_text())
     data["format"] = "coreml"
     (pkg / MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(MobilizeError, match=r"unknown package format 'coreml' \(known: onnx, tflite\)"):
+    from mobilize.targets.registry import TARGETS
+
+    with pytest.raises(MobilizeError, match=rf"unknown package format 'coreml' \(known: {', '.join(TARGETS)}\)"):
         verify_package(pkg)
 
 
