@@ -99,7 +99,7 @@ def test_a_failure_on_the_device_is_one_line(package, ssh_config, tmp_path):
     r = _cli("bench", str(package), "--device", "ssh:mobilize-loopback", "--remote-python", "/nonexistent/python3",
              "--remote-dir", str(tmp_path / "remote"), env=env)  # fmt: skip
     assert r.returncode == 1, r.stderr
-    assert r.stderr.startswith("mobilize: error: the benchmark failed on ssh:mobilize-loopback: ")
+    assert r.stderr.startswith("mobilize: error: bench failed on ssh:mobilize-loopback: ")
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
@@ -142,12 +142,13 @@ def test_bench_over_adb_with_a_stand_in(package, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _records(json.loads(r.stdout)) == ["pp8", "tg4"]
     calls = log.read_text().splitlines()
-    assert calls[0] == "-s emulator-5554 shell mkdir -p /data/local/tmp/mobilize-bench"
+    assert calls[0] == ("-s emulator-5554 shell mkdir -p /data/local/tmp/mobilize-bench && df -k "
+                        "/data/local/tmp/mobilize-bench")  # room for the package, checked before anything is pushed
     assert any(c.startswith("-s emulator-5554 push ") and c.endswith("/data/local/tmp/mobilize-bench/package")
                for c in calls)  # fmt: skip
-    assert "remote_bench package --threads 2" in calls[-1]
+    assert "mobilize.harness.remote bench package --threads 2" in calls[-1]
     r = _cli("bench", str(package), "--device", "adb:0123", "--remote-python", sys.executable, env=env)
-    assert r.returncode == 1 and "adb push to 0123 failed: error: device '0123' not found" in r.stderr
+    assert r.returncode == 1 and "cannot reach adb:0123: error: device '0123' not found" in r.stderr
 
 
 def test_device_spec_errors(package):
@@ -171,10 +172,58 @@ def test_the_runtime_zip_verifies_both_formats_by_itself(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     code = (
         "import sys, mobilize; from mobilize.package.verify import verify_package; "
-        "from mobilize.harness import package, remote_bench; "
+        "from mobilize.harness import package, remote; "
         f"assert mobilize.__file__.startswith({str(tmp_path / ZIP_NAME)!r}), mobilize.__file__; "
         f"verify_package({str(out)!r}); print('ok')"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / ZIP_NAME)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_run_and_eval_on_a_device_give_what_they_give_here(tiny_hf, tmp_path):
+    """`run --device` and `eval --device` (here `local`: the same runtime as this machine's) print what the same
+    commands print without it: tokens computed there, decoded here; the text scored there, the figures here."""
+    from helpers import with_word_tokenizer
+
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", tmp_path / "text.txt", 200)
+    out = tmp_path / "pkg"
+    assert _cli("export", str(src), "-q", "int8", "--max-seq-len", "128", "--out", str(out)).returncode == 0
+    device = ["--device", "local", "--remote-python", sys.executable]
+    here, there = _cli("run", str(out), "-p", "w1 w2 w3", "-n", "12"), _cli("run", str(out), "-p", "w1 w2 w3", "-n",
+                                                                          "12", *device)  # fmt: skip
+    assert here.returncode == there.returncode == 0, there.stderr
+    assert there.stdout == here.stdout and len(here.stdout.split()) == 15
+    assert "on local:" in there.stderr and "emulated" not in there.stderr
+    text = ["--text", str(tmp_path / "text.txt"), "--chunk", "64", "--json"]
+    a, b = json.loads(_cli("eval", str(out), *text).stdout), json.loads(_cli("eval", str(out), *text, *device).stdout)
+    assert a["tokens"] == b["tokens"] == 199 and a["greedy_match"] == b["greedy_match"]
+    assert abs(a["perplexity"] - b["perplexity"]) < 1e-6 * a["perplexity"]
+    assert a["top1_agreement"] == b["top1_agreement"]
+    assert abs(a["mean_kl"] - b["mean_kl"]) < 1e-6  # a vocabulary of 128: the device's KL is over all of it
+    assert b["device"]["spec"] == "local" and b["device"]["emulated"] is None
+
+
+def test_an_emulated_device_says_so(tmp_path):
+    from mobilize.harness.remote import emulation
+
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu vme\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n")
+    none = str(tmp_path / "no-marker")
+    assert emulation(none, str(x86), "aarch64") == "qemu-user: a aarch64 userland on an x86 CPU"
+    assert emulation(none, str(arm), "aarch64") is None  # a phone, a board
+    assert emulation(none, str(x86), "x86_64") is None  # this machine
+    marker = tmp_path / "marker"
+    marker.write_text("qemu 7.2 (-cpu cortex-a76) on x86_64\n")
+    assert emulation(str(marker), str(arm), "aarch64") == "qemu 7.2 (-cpu cortex-a76) on x86_64"
+
+
+def test_results_from_an_emulated_device_are_never_compared(tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"results": [{"id": "a", "metrics": {"decode_tok_s": 5.0},
+                                                "device": {"emulated": "qemu-user"}}]}))  # fmt: skip
+    r = _cli("bench", "compare", str(results), str(results))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "results from an emulated device (qemu-user): they are never compared" in r.stderr

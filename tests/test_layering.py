@@ -102,7 +102,7 @@ def test_every_registered_target_provides_both_sides():
         side = runtime(name)
         assert side.MODEL_FILES and side.CACHE_INPUTS and callable(side.check)
         first = next(iter(runtimes(name).values()))
-        assert first.runner is not None and first.on_device, (name, "the default runtime runs on a device")
+        assert first.runner is not None, (name, "the default runtime has a runner (run, eval, greedy on a device)")
         for module in side.DEVICE_MODULES:
             assert (SRC / module).is_file(), module
 

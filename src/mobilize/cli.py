@@ -26,6 +26,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 MAX_THREADS = 256
+DEVICE_HELP = "Run it on another machine: ssh:HOST, adb:SERIAL or local (pushed, run there, the result pulled)."
 THREADS_HELP = "Intra-op threads (0: the package's own: its device's big cores)."
 SOURCE_HELP = "An alias (gemma3-270m, llama-7b, ...), a Hugging Face model directory, or a .gguf file."
 
@@ -246,10 +247,16 @@ def run(
     adapter: list[Path] = typer.Option(
         [], "--adapter", help="A LoRA adapter file (mobilize adapter); repeat to run each in turn on one loaded base."
     ),
+    runtime: str = typer.Option(None, "--runtime", help="A runtime of the package's format (default: its own)."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    remote_python: str = typer.Option("python3", "--remote-python", help="--device: the Python to run there."),
+    remote_dir: str = typer.Option(None, "--remote-dir", help="--device: working directory there."),
 ) -> None:
-    """Greedy generation from a package, streamed to stdout."""
+    """Greedy generation from a package, streamed to stdout (with --device: computed there, printed here)."""
     from mobilize.harness.package import Package, stream_greedy
 
+    if device is not None and (chat or adapter):
+        raise MobilizeError("--device runs a prompt greedily (no --chat, no --adapter)")
     if chat:
         return _chat(package, prompt, max_new_tokens, threads, key, adapter)
     if prompt is None:
@@ -261,7 +268,9 @@ def run(
     except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
         raise MobilizeError("--prompt is not valid UTF-8") from None
     pkg = Package.open(package, key=key)
-    runner = pkg.runner(threads, adapter) if adapter else None
+    if device is not None:
+        return _run_on_device(pkg, prompt, max_new_tokens, threads, runtime, device, remote_python, remote_dir)
+    runner = pkg.runner(threads, adapter, runtime) if adapter or runtime else None
     for name in runner.adapters if adapter else [None]:
         if name is not None:
             runner.activate(name)  # the next adapter on the same loaded base
@@ -275,6 +284,34 @@ def run(
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def _run_on_device(pkg, prompt: str, max_new_tokens: int, threads: int, runtime: str | None, device: str,
+                   python: str, workdir: str | None) -> None:  # fmt: skip
+    from mobilize.harness.device import greedy_on_device
+
+    tok = pkg.tokenizer()
+    ids = tok.encode(prompt).ids
+    room = pkg.manifest.target.max_seq_len
+    if not ids or len(ids) >= room:
+        raise MobilizeError(f"the prompt has {len(ids)} tokens; this package's KV cache holds {room} positions")
+    with console.status(f"running {pkg.path.name} on {device}"):
+        (tokens,), info = greedy_on_device(pkg.path, device, python, [ids], min(max_new_tokens, room - len(ids)),
+                                           pkg.eos_ids(tok), threads, runtime, workdir)  # fmt: skip
+    _say_device(device, info)
+    shown = tok.decode(ids)
+    text = tok.decode(ids + [t for t in tokens if t not in pkg.eos_ids(tok)])
+    sys.stdout.write(prompt + (text[len(shown) :] if text.startswith(shown) else text) + "\n")
+
+
+def _say_device(spec: str, info: dict) -> None:
+    """What ran it, on stderr; an emulated device says that its speed is not the device's."""
+    console.print(f"[dim]on {spec}: {info.get('system')}, {info.get('cpus')} CPUs, Python {info.get('python')}[/]",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    if info.get("emulated"):
+        console.print(f"[bold yellow]emulated[/] ({info['emulated']}): its tokens and logits are its kernels', its "
+                      "speed is not the device's (never compare it with host figures or put it in a baseline)",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command(name="adapter")
@@ -315,6 +352,9 @@ def eval_(
     adapter: Path = typer.Option(
         None, "--adapter", help="A LoRA adapter file: active in the package, merged into the reference (not recorded)."
     ),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP + " Not recorded in the manifest."),
+    remote_python: str = typer.Option("python3", "--remote-python", help="--device: the Python to run there."),
+    remote_dir: str = typer.Option(None, "--remote-dir", help="--device: working directory there."),
 ) -> None:
     """Perplexity, top-1 agreement and KL against the reference model; written into the manifest and README."""
     from mobilize.harness.evaluate import DEFAULT_TEXT, evaluate, record
@@ -323,6 +363,8 @@ def eval_(
     budget = _percent(max_ppl_increase) if max_ppl_increase is not None else None
     if texts is not None and text is not None:
         raise MobilizeError("--text and --texts: give one")
+    if device is not None and (texts is not None or adapter is not None):
+        raise MobilizeError("--device evaluates one text (--text) with the package as it is (no --texts, --adapter)")
     pkg = Package.open(package)
     if texts is not None:
         from mobilize.harness.evaluate import evaluate_set
@@ -355,9 +397,17 @@ def eval_(
         body = read_bytes(text or DEFAULT_TEXT, 64 << 20, follow=True).decode("utf-8")
     except UnicodeDecodeError:
         raise MobilizeError(f"the text {text} is not UTF-8") from None
-    with console.status(f"evaluating {package.name} against the reference"):
-        result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference, adapter=adapter)
-    if adapter is None:
+    if device is not None:
+        from mobilize.harness.evaluate import evaluate_on_device
+
+        with console.status(f"evaluating {package.name} on {device} against the reference here"):
+            result = evaluate_on_device(pkg, body, device, remote_python, remote_dir, chunk, threads=threads,
+                                        reference=reference)  # fmt: skip
+        _say_device(device, result["device"])
+    else:
+        with console.status(f"evaluating {package.name} against the reference"):
+            result = evaluate(pkg, body, chunk=chunk, threads=threads, reference=reference, adapter=adapter)
+    if adapter is None and device is None:
         record(package, result)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -367,7 +417,7 @@ def eval_(
             f"{result['perplexity_increase']:+.2%}; {result['tokens']} tokens)"
         )
         print(f"top-1 agreement  {result['top1_agreement']:.1%}")
-        print(f"mean KL          {result['mean_kl']:.5f}")
+        print(f"mean KL          {result['mean_kl']:.5f}" + (f" ({result['kl_note']})" if "kl_note" in result else ""))
         print(f"greedy match     {result['greedy_match']['matched']} of {result['greedy_match']['new_tokens']} tokens")
     if budget is not None and result["perplexity_increase"] > budget:
         raise MobilizeError(
@@ -507,13 +557,12 @@ def bench(
     if name not in available:
         raise MobilizeError(f"--runtime {runtime} runs {known[runtime]} packages; this one is {pkg.manifest.format}")
     chosen = available[name]
-    if device is not None and not chosen.on_device:
-        raise MobilizeError(f"--device runs the package's own runtime; --runtime {runtime} is host-only")
     with console.status(f"benchmarking {package.name}" + (f" on {device}" if device else "")):
         if device is not None:
             from mobilize.harness.device import bench_on_device
 
-            result = bench_on_device(package, device, remote_python, threads, prompt_len, gen_len, repeats, remote_dir)
+            result = bench_on_device(package, device, remote_python, threads, prompt_len, gen_len, repeats, remote_dir,
+                                     None if runtime == "default" else runtime)  # fmt: skip
         elif chosen.measure is not None:
             from mobilize.harness.perf import measure_engine
 
@@ -525,8 +574,7 @@ def bench(
     result |= {"package": str(package), "recipe": pkg.manifest.recipe.name, "threads": threads}
     result["runtime"] = runtime
     if device is not None:
-        d = result["device"]
-        console.print(f"[dim]on {device}: {d.get('system')}, {d.get('cpus')} CPUs, Python {d.get('python')}[/]")
+        _say_device(device, result["device"])
     if as_json:
         print(json.dumps(result, indent=2))
         return

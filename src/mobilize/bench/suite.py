@@ -128,7 +128,16 @@ def read_results(path: Path) -> dict[str, Any]:
     data = read_json(Path(path), 64 << 20, kind=object, follow=True)
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):
         raise MobilizeError(f"{path} is not a results file of `mobilize bench run`")
+    emulated = next((r for r in [data, *data["results"]] if isinstance(r, dict) and _emulated(r)), None)
+    if emulated is not None:  # an emulated device's speed is its emulator's, not the device's
+        raise MobilizeError(f"{path} holds results from an emulated device ({_emulated(emulated)}): they are never "
+                            "compared or used as a baseline")  # fmt: skip
     return data
+
+
+def _emulated(record: dict) -> str | None:
+    device = record.get("device")
+    return device.get("emulated") if isinstance(device, dict) else None
 
 
 # What a different machine does not change: a baseline recorded elsewhere is compared on these alone.

@@ -15,9 +15,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mobilize import cache_root
 from mobilize.errors import CheckpointError, MobilizeError
 from mobilize.frontend.families.registry import FAMILIES
-from mobilize.frontend.sources.aliases import cache_root
 from mobilize.frontend.sources.base import Checkpoint
 from mobilize.partials import remove_dead
 from mobilize.safe_io import MAX_JSON_BYTES as MAX_SMALL_JSON_BYTES

@@ -1,18 +1,21 @@
-"""Benchmark a package on another machine: `mobilize bench PACKAGE --device adb:SERIAL|ssh:HOST|local`.
+"""Run a package on another machine: `mobilize bench|run|eval PACKAGE --device adb:SERIAL|ssh:HOST|local`.
 
-The package and a zip of mobilize's runtime (harness/remote_bench.py lists it) are pushed to a
-working directory there, `remote_bench` measures the package with the same code the host uses, and its
-JSON comes back (the device's stdout) as the host bench's result, with the device described in it.
+The package and a zip of mobilize's runtime (harness/remote.py lists it) are pushed to a working directory
+there (after checking it has room), `harness/remote.py` verifies the package's bytes and measures it, runs it
+greedily or scores token ids with it, with the same code the host uses, and its JSON comes back (the device's
+stdout), with the device described in it (an emulated one says so: harness/remote.py's `emulation`).
 
 - `ssh:HOST`: OpenSSH (`ssh`, with `-F $MOBILIZE_SSH_CONFIG` when that is set; keys, ports and users come
   from the ssh config as usual); files go through `tar` on both ends. Linux boards, Termux on a phone.
 - `adb:SERIAL`: `adb -s SERIAL push` and `adb -s SERIAL shell`; the phone needs a Python 3 with numpy
-  and the package's runtime (see the README: Termux).
+  and the package's runtime, which `adb shell` does not have: Termux's Python (its `pkg install python`, then
+  `pip install numpy onnxruntime` or `ai-edge-litert`) with `--remote-python` naming it, or a board's.
 - `local`: this machine, in a temporary directory: the same path end to end without a device.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,8 +26,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from mobilize.errors import MobilizeError
-from mobilize.harness.remote_bench import RUNTIME_MODULES
+from mobilize.harness.remote import RUNTIME_MODULES
 
 ZIP_NAME = "mobilize-runtime.zip"
 
@@ -133,26 +138,106 @@ def open_device(spec: str, workdir: str | None = None) -> Device:
     raise MobilizeError(f"--device {spec!r}: expected local, ssh:HOST or adb:SERIAL")
 
 
-def bench_on_device(package: Path, spec: str, python: str, threads: int, prompt_len: int, gen_len: int,
-                    repeats: int, workdir: str | None = None) -> dict:  # fmt: skip
-    """Push, measure there, and return the result (the host bench's JSON, with `device`)."""
+def free_kib(device: Device) -> int | None:
+    """KiB free where the device's working directory is (None: `df` gave nothing this can read)."""
+    q = shlex.quote(device.workdir)
+    done = device.run(f"mkdir -p {q} && df -k {q}", timeout=60)
+    rows = [line.split() for line in done.stdout.splitlines()[1:] if line.strip()]
+    try:
+        return int(rows[-1][3]) if not done.returncode else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def on_device(package: Path, spec: str, python: str, command: str, options: list[str],
+              inputs: dict[str, np.ndarray] | None = None, workdir: str | None = None) -> dict:  # fmt: skip
+    """Push the runtime zip, the package and `inputs` (an .npz), run `harness/remote.py COMMAND` there and return
+    its JSON (with `device`: what ran it, `spec` included). Every failure is one MobilizeError line."""
     device = open_device(spec, workdir)
+    zipped = runtime_zip()
+    need = _size(package) + len(zipped)
+    try:
+        free = free_kib(device)
+    except subprocess.TimeoutExpired:
+        raise MobilizeError(f"{spec} did not answer within a minute") from None
+    if free is None:
+        probe = device.run("true", timeout=60)
+        if probe.returncode:
+            raise MobilizeError(f"cannot reach {spec}: {_last_line(probe.stderr or probe.stdout)}")
+    elif free * 1024 < need + (16 << 20):
+        raise MobilizeError(f"the package needs {need / 1e6:,.1f} MB on {spec}; {device.workdir} there has "
+                            f"{free * 1024 / 1e6:,.1f} MB free (free some, or pass --remote-dir)")  # fmt: skip
+    q = shlex.quote
+    stale = " ".join(q(f"{device.workdir}/{n}") for n in ("package", package.resolve().name, "inputs.npz"))
+    device.run(f"rm -rf {stale}", timeout=600)  # an earlier push's files would mix with this package's
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / ZIP_NAME
-        payload.write_bytes(runtime_zip())
+        payload.write_bytes(zipped)
         device.push(payload, ZIP_NAME)
+        if inputs is not None:
+            np.savez(Path(tmp) / "inputs.npz", **inputs)
+            device.push(Path(tmp) / "inputs.npz", "inputs.npz")
+            options = [*options, "--inputs", "inputs.npz"]
     device.push(package.resolve(), "package")
-    q = shlex.quote
-    command = (
-        f"cd {q(device.workdir)} && PYTHONPATH={ZIP_NAME} {q(python)} -m mobilize.harness.remote_bench "
-        f"package --threads {threads} --prompt-len {prompt_len} --gen-len {gen_len} --repeats {repeats}"
-    )
-    done = device.run(command, timeout=3600)
+    line = (f"cd {q(device.workdir)} && PYTHONPATH={ZIP_NAME} {q(python)} -m mobilize.harness.remote {command} "
+            f"package {' '.join(q(o) for o in options)}")  # fmt: skip
+    done = device.run(line, timeout=3600)
     if done.returncode:
-        raise MobilizeError(f"the benchmark failed on {spec}: {_last_line(done.stderr)}")
+        raise MobilizeError(f"{command} failed on {spec}: {_last_line(done.stderr or done.stdout)}")
     try:
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        raise MobilizeError(f"{spec} printed no benchmark result: {_last_line(done.stdout)}") from None
+        raise MobilizeError(f"{spec} printed no result: {_last_line(done.stdout)}") from None
     result["device"] = {"spec": spec, **result.get("device", {})}
     return result
+
+
+def array(field: dict) -> np.ndarray:
+    """An array the device sent (harness/remote.py's `_array`)."""
+    return np.frombuffer(base64.b64decode(field["data"]), dtype=np.dtype(field["dtype"])).reshape(field["shape"])
+
+
+def bench_on_device(package: Path, spec: str, python: str, threads: int, prompt_len: int, gen_len: int,
+                    repeats: int, workdir: str | None = None, runtime: str | None = None) -> dict:  # fmt: skip
+    """Measure there; the host bench's JSON, with `device`."""
+    options = ["--threads", str(threads), "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
+               "--repeats", str(repeats), *(["--runtime", runtime] if runtime else [])]  # fmt: skip
+    return on_device(package, spec, python, "bench", options, workdir=workdir)
+
+
+def _prompts(prompts: list[list[int]], new_tokens: int, eos: set[int]) -> dict[str, np.ndarray]:
+    ids, bounds = _pieces(prompts)
+    return {"prompt_ids": ids, "prompt_bounds": bounds, "new_tokens": np.int64(new_tokens),
+            "eos": np.asarray(sorted(eos), np.int64)}  # fmt: skip
+
+
+def greedy_on_device(package: Path, spec: str, python: str, prompts: list[list[int]], new_tokens: int,
+                     eos: set[int], threads: int = 0, runtime: str | None = None,
+                     workdir: str | None = None) -> tuple[list[list[int]], dict]:  # fmt: skip
+    """Greedy continuations of token ids, computed there: (the new tokens of each prompt, the device)."""
+    options = ["--threads", str(threads), *(["--runtime", runtime] if runtime else [])]
+    result = on_device(package, spec, python, "greedy", options, _prompts(prompts, new_tokens, eos), workdir)
+    return result["tokens"], result["device"]
+
+
+def _pieces(pieces: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.asarray([len(p) for p in pieces], np.int64)
+    ends = np.cumsum(lengths)
+    return np.asarray([t for p in pieces for t in p], np.int64), np.stack([ends - lengths, ends], axis=1)
+
+
+def score_on_device(package: Path, spec: str, python: str, pieces: list[list[int]], skips: list[int],
+                    want: np.ndarray, prompts: list[list[int]], new_tokens: int, eos: set[int], threads: int = 0,
+                    workdir: str | None = None) -> tuple[dict, list[list[int]], dict]:  # fmt: skip
+    """Score token ids there (each piece from an empty cache, its first `skip` rows dropped): per row, the log of
+    the sum of exp(logits), the argmax, and the logits at `want`'s ids ([rows, k]); then greedy continuations of
+    `prompts`. Returns (the rows' arrays, the continuations, the device)."""
+    ids, bounds = _pieces(pieces)
+    inputs = {"ids": ids, "bounds": bounds, "skip": np.asarray(skips, np.int64), "want": want.astype(np.int64),
+              **_prompts(prompts, new_tokens, eos)}  # fmt: skip
+    result = on_device(package, spec, python, "score", ["--threads", str(threads)], inputs, workdir)
+    return {k: array(result[k]) for k in ("lse", "argmax", "picked")}, result["tokens"], result["device"]

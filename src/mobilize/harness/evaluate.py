@@ -152,21 +152,28 @@ def evaluate_set(
     }
 
 
-def _score_text(ours, ref, tok, ids: list[int], chunk: int) -> dict[str, float]:
-    """Sums over the text's positions: negative log-likelihoods, top-1 agreements, KL, count."""
-    # Every chunk starts as the text does: with the BOS token where the tokenizer adds one (a model like
-    # Gemma is far from itself mid-text without it, and so is any int8-activation kernel: differences
-    # between kernels there are not the package's error). The BOS row itself is not scored.
+def _chunks(tok, ids: list[int], chunk: int):
+    """(the BOS prefix's length, the ids) of each chunk the text is scored in, from an empty cache.
+
+    Every chunk starts as the text does: with the BOS token where the tokenizer adds one (a model like Gemma is
+    far from itself mid-text without it, and so is any int8-activation kernel: differences between kernels there
+    are not the package's error). The BOS row itself is not scored."""
     bos = tok.encode("").ids[:1]  # (an empty text may also get an EOS)
-    out = {"nll_package": 0.0, "nll_reference": 0.0, "agree": 0.0, "kl": 0.0, "count": 0.0}
     for start in range(0, len(ids) - 1, chunk):
         prefix = bos if start and bos and ids[0] == bos[0] else []
         piece = prefix + ids[start : start + chunk + 1]
         if len(piece) - len(prefix) < 2:
             break
-        lp_ours = log_softmax(score(ours, piece[:-1]))[len(prefix) :]
-        lp_ref = log_softmax(score(ref, piece[:-1]))[len(prefix) :]
-        target = np.asarray(piece[len(prefix) + 1 :])
+        yield len(prefix), piece
+
+
+def _score_text(ours, ref, tok, ids: list[int], chunk: int) -> dict[str, float]:
+    """Sums over the text's positions: negative log-likelihoods, top-1 agreements, KL, count."""
+    out = {"nll_package": 0.0, "nll_reference": 0.0, "agree": 0.0, "kl": 0.0, "count": 0.0}
+    for skip, piece in _chunks(tok, ids, chunk):
+        lp_ours = log_softmax(score(ours, piece[:-1]))[skip:]
+        lp_ref = log_softmax(score(ref, piece[:-1]))[skip:]
+        target = np.asarray(piece[skip + 1 :])
         rows = np.arange(len(target))
         out["nll_package"] -= float(lp_ours[rows, target].sum())
         out["nll_reference"] -= float(lp_ref[rows, target].sum())
@@ -174,6 +181,63 @@ def _score_text(ours, ref, tok, ids: list[int], chunk: int) -> dict[str, float]:
         out["kl"] += float((np.exp(lp_ref) * (lp_ref - lp_ours)).sum())
         out["count"] += len(target)
     return out
+
+
+KL_TOP = 1024  # eval --device: the KL over the reference's most likely tokens, the rest as one (~98% of the full KL)
+
+
+def evaluate_on_device(
+    package, text: str, spec: str, python: str = "python3", workdir: str | None = None, chunk: int = 256,
+    new_tokens: int = 16, threads: int = 0, reference: str = "numpy",
+) -> dict[str, Any]:
+    """`evaluate`, with the package run on a device (harness/device.py): the device scores the text's chunks and
+    continues the prompts greedily; here the reference does the same and the figures are computed. The device
+    returns, per position, its logits at the reference's top KL_TOP tokens and the next token, their log-sum-exp
+    and its argmax: perplexity and top-1 agreement are exact; the KL is the one between the two distributions
+    over those tokens with the rest as one outcome (a lower bound of the full KL, which it nears when the
+    reference's top tokens hold most of its mass)."""
+    from mobilize.harness.device import score_on_device
+
+    ref = reference_runner(package.manifest, reference)  # first: a package without a source says so
+    tok = package.tokenizer()
+    ids = tok.encode(text).ids
+    if len(ids) < 2:
+        raise MobilizeError("the evaluation text is shorter than two tokens")
+    pieces, skips, lp_refs, targets = [], [], [], []
+    for skip, piece in _chunks(tok, ids, chunk):
+        pieces.append(piece[:-1])
+        skips.append(skip)
+        lp_refs.append(log_softmax(score(ref, piece[:-1]))[skip:])
+        targets.append(np.asarray(piece[skip + 1 :]))
+    lp_ref, target = np.concatenate(lp_refs), np.concatenate(targets)
+    top = np.argsort(-lp_ref, axis=-1)[:, :KL_TOP]
+    want = np.concatenate([top, target[:, None]], axis=1)
+    prompts = [tok.encode(p).ids for p in PROMPTS]
+    dev, continued, device = score_on_device(package.path, spec, python, pieces, skips, want, prompts, new_tokens,
+                                             set(), threads, workdir)  # fmt: skip
+    lp_pkg = dev["picked"].astype(np.float64) - dev["lse"][:, None]
+    rows = np.arange(len(target))
+    k = top.shape[1]  # (a vocabulary smaller than KL_TOP: all of it)
+    lp_top = np.take_along_axis(lp_ref, top, axis=-1)
+    p_ref, p_pkg = np.exp(lp_top), np.exp(lp_pkg[:, :k])
+    rest_ref = np.clip(1.0 - p_ref.sum(-1), 1e-12, None)
+    rest_pkg = np.clip(1.0 - p_pkg.sum(-1), 1e-12, None)
+    kl = (p_ref * (lp_top - lp_pkg[:, :k])).sum(-1) + rest_ref * np.log(rest_ref / rest_pkg)
+    sums = {"nll_package": -float(lp_pkg[:, -1].sum()), "nll_reference": -float(lp_ref[rows, target].sum()),
+            "agree": float((dev["argmax"] == lp_ref.argmax(-1)).sum()), "kl": float(kl.sum()),
+            "count": float(len(target))}  # fmt: skip
+    matches = []
+    for p, a in zip(prompts, continued, strict=True):
+        b = greedy(ref, p, new_tokens)
+        matches.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))))
+    return {
+        "reference": reference,
+        "chunk": chunk,
+        **_figures(sums),
+        "kl_note": f"over the reference's top {KL_TOP} tokens, the rest as one: a lower bound of the full KL",
+        "greedy_match": {"prompts": list(PROMPTS), "new_tokens": new_tokens, "matched": matches},
+        "device": device,
+    }
 
 
 def _figures(sums: dict[str, float]) -> dict[str, Any]:

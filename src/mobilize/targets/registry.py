@@ -7,7 +7,7 @@ The folder holds two modules the rest of mobilize asks for by name, each importe
 - `runtime.py`: the package side, which a device runs from the pushed zip with nothing of the compiler: the model
   files the target writes (`MODEL_FILES`), the name prefix of its KV cache inputs (`CACHE_INPUTS`), the checks
   `verify` runs on them (`check(path, manifest)`), the runtimes that run its packages (`RUNTIMES`, the first the
-  default) and the modules a device needs for that (`DEVICE_MODULES`).
+  default) and the modules of its folder they import (`DEVICE_MODULES`: a device gets them in the runtime zip).
 
 Nothing outside a target's folder compares a format's name: export, verify, fit, the package README, the
 runners and bench go through `target()` and `runtime()`.
@@ -41,7 +41,6 @@ class Runtime:
     runner: Callable[..., Any] | None = None
     # engines that time themselves: (package dir, threads, prompt_len, gen_len) -> (ttft, prefill, decode) seconds
     measure: Callable[..., tuple[float, float, float]] | None = None
-    on_device: bool = False  # runs from the device zip (`bench --device`)
 
 
 def _known(name: object) -> str:

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from mobilize.frontend.sources.aliases import bundled_gguf, cache_root
+    from mobilize import cache_root
+    from mobilize.frontend.sources.aliases import bundled_gguf
     from mobilize.harness.accuracy import perplexity
     from mobilize.harness.perf import measure
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mobilize import cache_root
 from mobilize.errors import SourceNotFoundError
 
 BUNDLED = "gemma3-270m"
@@ -195,11 +196,6 @@ def resolve_cached(alias: str) -> Path:
             f"`hf download {hub}` on a machine with access, pass a local directory, or use --random-weights"
         )
     return found
-
-
-def cache_root() -> Path:
-    """Where mobilize keeps what it derives once: the assembled bundled model, converted tokenizers."""
-    return Path(os.environ.get("MOBILIZE_CACHE", Path.home() / ".cache" / "mobilize"))
 
 
 def bundled_gguf() -> Path:

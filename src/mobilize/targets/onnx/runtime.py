@@ -15,7 +15,7 @@ from mobilize.targets.registry import Runtime
 
 MODEL_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
 CACHE_INPUTS = "past_key_values."
-DEVICE_MODULES = ("targets/onnx/runner.py",)
+DEVICE_MODULES = ("targets/onnx/runner.py", "targets/onnx/genai_runner.py")
 
 
 def check(path: Path, manifest: Manifest) -> None:
@@ -117,6 +117,6 @@ def _genai(path: Path, manifest: Manifest, threads: int, adapters: Mapping[str, 
 
 
 RUNTIMES = {
-    "ort": Runtime("onnxruntime: the KV cache bound in place (IOBinding)", runner=_ort, on_device=True),
+    "ort": Runtime("onnxruntime: the KV cache bound in place (IOBinding)", runner=_ort),
     "genai": Runtime("ONNX Runtime GenAI: the runtime an app embeds, running the package as it is", runner=_genai),
 }

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mobilize import cache_root
 from mobilize.errors import MobilizeError
-from mobilize.frontend.sources.aliases import cache_root
 from mobilize.frontend.tokenizer import TOKENIZER_FILES
 
 _BODIES = [

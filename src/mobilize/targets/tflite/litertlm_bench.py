@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mobilize import cache_root
 from mobilize.errors import MobilizeError
 
 
 def _engine_cache() -> Path:
     """Where the engine keeps its packed weights (by default beside the bundle: inside the package)."""
-    from mobilize.frontend.sources.aliases import cache_root
-
     path = cache_root() / "litert-lm"
     path.mkdir(parents=True, exist_ok=True)
     return path

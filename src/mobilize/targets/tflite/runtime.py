@@ -14,7 +14,7 @@ from mobilize.targets.registry import Runtime
 
 MODEL_FILES = ("model.tflite", "model.litertlm")
 CACHE_INPUTS = "kv_cache_"
-DEVICE_MODULES = ("targets/tflite/runner.py", "targets/tflite/writer.py")
+DEVICE_MODULES = ("targets/tflite/runner.py", "targets/tflite/writer.py", "targets/tflite/litertlm_bench.py")
 
 
 def check(path: Path, manifest: Manifest) -> None:
@@ -48,7 +48,7 @@ def _litert_lm(path: Path, threads: int, prompt_len: int, gen_len: int) -> tuple
 
 RUNTIMES = {
     "litert": Runtime("LiteRT's interpreter: the signatures run in turn, the cache kept in its tensors",
-                      runner=_litert, on_device=True),  # fmt: skip
+                      runner=_litert),  # fmt: skip
     "litert-lm": Runtime("LiteRT-LM's engine on the package's model.litertlm (export --bundle litertlm)",
                          measure=_litert_lm),  # fmt: skip
 }
