@@ -98,15 +98,23 @@ def ensure_binfmt() -> None:
 
 
 def build() -> Path:
-    """The device root for the recipe (built once; an interrupted build is started over)."""
+    """The device root for the recipe (built once; an interrupted build is started over). A build already running
+    (CI starts one beside the install) is waited for."""
+    import fcntl
+
     _check_host()
     dest = cache_dir()
-    if (dest / "complete").is_file():
-        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.with_name(dest.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return dest if (dest / "complete").is_file() else _build(dest)
+
+
+def _build(dest: Path) -> Path:
     recipe = _recipe()
     ensure_binfmt()
     tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir(parents=True)
     log = tmp / "build.log"
     root = tmp / "root"
@@ -125,9 +133,21 @@ def build() -> Path:
     (root / "etc" / "mobilize-emulated").write_text(f"{qemu} (-cpu {recipe['qemu']['cpu']}) on {platform.machine()}\n")
     (tmp / "build-seconds").write_text(f"{time.monotonic() - started:.0f}\n")
     (tmp / "complete").write_text("")
-    shutil.rmtree(dest, ignore_errors=True)
+    _remove(dest)
     tmp.rename(dest)
     return dest
+
+
+def _remove(path: Path) -> None:
+    """Delete a (partial) root, unmounting first whatever is mounted inside it (an interrupted debootstrap may
+    leave its /proc or a bind of the host's /dev there: deleting through a mount would delete the host's files)."""
+    inside = sorted((line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                     if line.split()[1].startswith(f"{path}/")), key=len, reverse=True)  # fmt: skip
+    for where in inside:
+        _run(["umount", "-l", where], f"unmounting {where}")
+    if any(line.split()[1].startswith(f"{path}/") for line in Path("/proc/self/mounts").read_text().splitlines()):
+        raise FixtureError(f"{path} still has mounts inside it; not deleting it")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _ssh_setup(home: Path, root: Path, recipe: dict) -> None:

@@ -30,6 +30,8 @@ import numpy as np
 
 from mobilize.errors import MobilizeError
 from mobilize.harness.remote import RUNTIME_MODULES
+from mobilize.manifest import MANIFEST
+from mobilize.safe_io import sha256_file
 
 ZIP_NAME = "mobilize-runtime.zip"
 
@@ -153,17 +155,25 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+# What the device's verify says of a package whose files changed there since they were pushed.
+_CHANGED = ("does not match its sha256", "is missing", "is not in the manifest", "the manifest says")
+
+
 def on_device(package: Path, spec: str, python: str, command: str, options: list[str],
               inputs: dict[str, np.ndarray] | None = None, workdir: str | None = None) -> dict:  # fmt: skip
-    """Push the runtime zip, the package and `inputs` (an .npz), run `harness/remote.py COMMAND` there and return
-    its JSON (with `device`: what ran it, `spec` included). Every failure is one MobilizeError line."""
+    """Push the runtime zip, the package (unless the device holds it already: its manifest's sha256 is this one's)
+    and `inputs` (an .npz), run `harness/remote.py COMMAND` there and return its JSON (with `device`: what ran it,
+    `spec` included). The device checks every file of the package first. Every failure is one MobilizeError line."""
     device = open_device(spec, workdir)
+    q = shlex.quote
     zipped = runtime_zip()
-    need = _size(package) + len(zipped)
     try:
         free = free_kib(device)
+        there = device.run(f"sha256sum {q(device.workdir + '/package/' + MANIFEST)}", timeout=60).stdout.split()
     except subprocess.TimeoutExpired:
         raise MobilizeError(f"{spec} did not answer within a minute") from None
+    pushed = bool(there) and there[0] == sha256_file(package / MANIFEST)  # (a changed file is caught there)
+    need = len(zipped) + (0 if pushed else _size(package))
     if free is None:
         probe = device.run("true", timeout=60)
         if probe.returncode:
@@ -171,9 +181,8 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
     elif free * 1024 < need + (16 << 20):
         raise MobilizeError(f"the package needs {need / 1e6:,.1f} MB on {spec}; {device.workdir} there has "
                             f"{free * 1024 / 1e6:,.1f} MB free (free some, or pass --remote-dir)")  # fmt: skip
-    q = shlex.quote
-    stale = " ".join(q(f"{device.workdir}/{n}") for n in ("package", package.resolve().name, "inputs.npz"))
-    device.run(f"rm -rf {stale}", timeout=600)  # an earlier push's files would mix with this package's
+    stale = ["inputs.npz"] + ([] if pushed else ["package", package.resolve().name])
+    device.run(f"rm -rf {' '.join(q(device.workdir + '/' + n) for n in stale)}", timeout=600)
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / ZIP_NAME
         payload.write_bytes(zipped)
@@ -182,10 +191,15 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
             np.savez(Path(tmp) / "inputs.npz", **inputs)
             device.push(Path(tmp) / "inputs.npz", "inputs.npz")
             options = [*options, "--inputs", "inputs.npz"]
-    device.push(package.resolve(), "package")
+    if not pushed:
+        device.push(package.resolve(), "package")
     line = (f"cd {q(device.workdir)} && PYTHONPATH={ZIP_NAME} {q(python)} -m mobilize.harness.remote {command} "
             f"package {' '.join(q(o) for o in options)}")  # fmt: skip
     done = device.run(line, timeout=3600)
+    if done.returncode and pushed and any(m in done.stderr for m in _CHANGED):  # a file there was changed: anew
+        device.run(f"rm -rf {q(device.workdir + '/package')}", timeout=600)
+        device.push(package.resolve(), "package")
+        done = device.run(line, timeout=3600)
     if done.returncode:
         raise MobilizeError(f"{command} failed on {spec}: {_last_line(done.stderr or done.stdout)}")
     try:
