@@ -227,3 +227,81 @@ def test_results_from_an_emulated_device_are_never_compared(tmp_path):
     r = _cli("bench", "compare", str(results), str(results))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "results from an emulated device (qemu-user): they are never compared" in r.stderr
+
+
+STAND_IN_BENCHMARK_MODEL = """#!/bin/sh
+# A stand-in for LiteRT's benchmark_model (none on this machine): logs its arguments, prints what the real tool
+# prints (the lines of tflite/tools/benchmark/benchmark_tflite_model.cc): 100 ms a prefill call, 20 ms a decode step
+echo "$@" >> {log}
+case "$*" in *signature_to_run_for=decode*) avg=20000 ;; *) avg=100000 ;; esac
+echo "INFO: Initialized TensorFlow Lite runtime."
+echo "INFO: count=3 first=$avg curr=$avg min=$avg max=$avg avg=$avg std=0"
+echo "INFO: Inference timings in us: Init: 5000, First inference: $avg, Warmup (avg): $avg, Inference (avg): $avg"
+echo "INFO: Overall peak memory footprint (MB) via periodic monitoring: 321.5"
+"""
+
+STAND_IN_LITERT_LM_MAIN = """#!/bin/sh
+# A stand-in for LiteRT-LM's litert_lm_main --benchmark: its BenchmarkInfo block (runtime/engine/io_types.cc), on stderr
+echo "$@" >> {log}
+cat >&2 <<'END'
+I1205 12:00:00.000000  1234 litert_lm_lib.cc:100] BenchmarkInfo:
+  Init Phases (1):
+    - Init Executor: 812.40 ms
+--------------------------------------------------
+  Time to first token: 0.45 s
+  Prefill Turns (Total 1 turns):
+    Prefill Turn 1: Processed 16 tokens in 400ms duration.
+      Prefill Speed: 40.00 tokens/sec.
+  Decode Turns (Total 1 turns):
+    Decode Turn 1: Processed 4 tokens in 200ms duration.
+      Decode Speed: 20.00 tokens/sec.
+Peak system ram usage: 512.0MB.
+END
+"""
+
+
+def test_a_runtimes_own_benchmark_binary_on_a_device(tiny_hf, tmp_path):
+    """`bench --device --native PATH` pushes the binary beside the package, runs it there with the package's model
+    file (no Python needed there) and reads what it prints into the bench JSON; stand-ins play the binaries."""
+    from helpers import assert_one_line_error, with_word_tokenizer
+
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", tmp_path / "text.txt", 10)
+    pkg = tmp_path / "pkg"
+    r = _cli("export", str(src), "-f", "tflite", "--max-seq-len", "64", "--prefill-len", "8", "--bundle", "litertlm",
+             "--out", str(pkg))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / "calls.log"
+    for name, text in (("benchmark_model", STAND_IN_BENCHMARK_MODEL), ("litert_lm_main", STAND_IN_LITERT_LM_MAIN)):
+        (tmp_path / name).write_text(text.format(log=log))
+    args = ["--device", "local", "--prompt-len", "16", "--gen-len", "4", "--repeats", "2", "--json", "--threads", "2"]
+    r = _cli("bench", str(pkg), "--native", str(tmp_path / "benchmark_model"), *args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    rates = {rec["test"]: rec["avg_ts"] for rec in result["records"]}
+    # a 16-token prompt is two calls of prefill_8 at 100 ms; a decode step 20 ms
+    assert rates == {"pp16": pytest.approx(80.0), "tg4": pytest.approx(50.0)}
+    assert result["time_to_first_token_s"] == pytest.approx(0.22) and result["peak_rss_bytes"] == int(321.5 * 2**20)
+    assert result["native"]["tool"] == "benchmark_model" and result["device"]["machine"]
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6  # (warm-up + 2 runs) x (prefill, decode)
+    assert calls[0].split() == ["--graph=package/model.tflite", "--num_threads=2", "--warmup_runs=1",
+                                "--report_peak_memory_footprint=true", "--signature_to_run_for=prefill_8",
+                                "--num_runs=2"]  # fmt: skip
+    assert "--signature_to_run_for=decode" in calls[1] and "--num_runs=4" in calls[1]
+    log.unlink()
+    r = _cli("bench", str(pkg), "--native", str(tmp_path / "litert_lm_main"), *args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert {rec["test"]: rec["avg_ts"] for rec in result["records"]} == {"pp16": 40.0, "tg4": 20.0}
+    assert result["time_to_first_token_s"] == 0.45 and result["peak_rss_bytes"] == 512 * 2**20
+    assert "--model_path=package/model.litertlm" in log.read_text() and "--benchmark_decode_tokens=4" in log.read_text()
+    # what goes wrong is one line
+    other = tmp_path / "onnxruntime_perf_test"
+    other.write_text("#!/bin/sh\n")
+    assert_one_line_error(_cli("bench", str(pkg), "--native", str(other), *args), "not a benchmark tool mobilize knows",
+                          "benchmark_model, litert_lm_main")  # fmt: skip
+    (tmp_path / "benchmark_model").write_text("#!/bin/sh\necho 'ERROR: Failed to allocate tensors' >&2\nexit 1\n")
+    assert_one_line_error(_cli("bench", str(pkg), "--native", str(tmp_path / "benchmark_model"), *args),
+                          "benchmark_model failed on local: ERROR: Failed to allocate tensors")  # fmt: skip
+    assert_one_line_error(_cli("bench", str(pkg), "--native", str(tmp_path / "litert_lm_main")),
+                          "--native runs a benchmark binary on a --device")  # fmt: skip

@@ -536,8 +536,12 @@ def bench(
     adapter: Path = typer.Option(
         None, "--adapter", help="A LoRA adapter file: its decode cost against the base, interleaved on one session."
     ),
+    native: Path = typer.Option(
+        None, "--native", help="--device: a runtime's own benchmark binary for the device (benchmark_model, "
+        "litert_lm_main), run there on the package's model file: no Python needed on the device.",
+    ),  # fmt: skip
 ) -> None:
-    """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine."""
+    """Time to first token, prefill and decode tokens/s, and peak RSS of a package on this machine (or a device)."""
     from mobilize.harness.package import Package
     from mobilize.harness.perf import measure
 
@@ -548,6 +552,9 @@ def bench(
 
     from mobilize.targets.registry import all_runtimes, runtimes
 
+    if native is not None:
+        return _bench_native(package, native, device, threads, prompt_len, gen_len, repeats, remote_dir, as_json,
+                             runtime)  # fmt: skip
     known = all_runtimes()
     if runtime != "default" and runtime not in known:
         raise MobilizeError(f"unknown --runtime {runtime!r} (default, {', '.join(known)})")
@@ -582,6 +589,29 @@ def bench(
     for r in result["records"]:
         print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
     print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+
+
+def _bench_native(package: Path, native: Path, device: str | None, threads: int, prompt_len: int, gen_len: int,
+                  repeats: int, remote_dir: str | None, as_json: bool, runtime: str) -> None:  # fmt: skip
+    from mobilize.harness.device import native_on_device
+    from mobilize.harness.package import Package
+
+    if device is None or runtime != "default":
+        raise MobilizeError("--native runs a benchmark binary on a --device (it is its own runtime: no --runtime)")
+    pkg = Package.open(package)
+    with console.status(f"benchmarking {package.name} on {device} with {native.name}"):
+        result = native_on_device(pkg.path, device, native, threads, prompt_len, gen_len, repeats, remote_dir)
+    result |= {"package": str(package), "recipe": pkg.manifest.recipe.name, "threads": threads, "runtime": "native"}
+    _say_device(device, result["device"])
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'time to first token':<22} {result['time_to_first_token_s'] * 1000:.1f} ms ({prompt_len}-token prompt)")
+    for r in result["records"]:
+        print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
+    peak = result["peak_rss_bytes"]
+    print(f"{'peak memory':<22} " + (f"{peak / 2**20:.0f} MiB" if peak else "not reported by the tool"))
+    print(f"(by {result['native']['how']})")
 
 
 def _bench_adapter(package: Path, adapter: Path, threads, prompt_len, gen_len, repeats, as_json) -> None:

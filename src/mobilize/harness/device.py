@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from mobilize.errors import MobilizeError
-from mobilize.harness.remote import RUNTIME_MODULES
-from mobilize.manifest import MANIFEST
-from mobilize.safe_io import sha256_file
+from mobilize.harness.remote import EMULATION_MARKER, RUNTIME_MODULES
+from mobilize.manifest import MANIFEST, Manifest
+from mobilize.safe_io import quoted, sha256_file
 
 ZIP_NAME = "mobilize-runtime.zip"
 
@@ -159,21 +159,17 @@ def _size(path: Path) -> int:
 _CHANGED = ("does not match its sha256", "is missing", "is not in the manifest", "the manifest says")
 
 
-def on_device(package: Path, spec: str, python: str, command: str, options: list[str],
-              inputs: dict[str, np.ndarray] | None = None, workdir: str | None = None) -> dict:  # fmt: skip
-    """Push the runtime zip, the package (unless the device holds it already: its manifest's sha256 is this one's)
-    and `inputs` (an .npz), run `harness/remote.py COMMAND` there and return its JSON (with `device`: what ran it,
-    `spec` included). The device checks every file of the package first. Every failure is one MobilizeError line."""
-    device = open_device(spec, workdir)
+def _push_package(device: Device, spec: str, package: Path, extra: int) -> None:
+    """The package in the device's working directory as `package/` (not pushed again where the device holds it
+    already: its manifest's sha256 is this one's), after checking there is room for it and `extra` bytes more."""
     q = shlex.quote
-    zipped = runtime_zip()
     try:
         free = free_kib(device)
         there = device.run(f"sha256sum {q(device.workdir + '/package/' + MANIFEST)}", timeout=60).stdout.split()
     except subprocess.TimeoutExpired:
         raise MobilizeError(f"{spec} did not answer within a minute") from None
     pushed = bool(there) and there[0] == sha256_file(package / MANIFEST)  # (a changed file is caught there)
-    need = len(zipped) + (0 if pushed else _size(package))
+    need = extra + (0 if pushed else _size(package))
     if free is None:
         probe = device.run("true", timeout=60)
         if probe.returncode:
@@ -181,8 +177,27 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
     elif free * 1024 < need + (16 << 20):
         raise MobilizeError(f"the package needs {need / 1e6:,.1f} MB on {spec}; {device.workdir} there has "
                             f"{free * 1024 / 1e6:,.1f} MB free (free some, or pass --remote-dir)")  # fmt: skip
-    stale = ["inputs.npz"] + ([] if pushed else ["package", package.resolve().name])
-    device.run(f"rm -rf {' '.join(q(device.workdir + '/' + n) for n in stale)}", timeout=600)
+    if not pushed:
+        _repush(device, package)
+
+
+def _repush(device: Device, package: Path) -> None:
+    q = shlex.quote
+    stale = " ".join(q(f"{device.workdir}/{n}") for n in ("package", package.resolve().name))
+    device.run(f"rm -rf {stale}", timeout=600)  # an earlier push's files would mix with this package's
+    device.push(package.resolve(), "package")
+
+
+def on_device(package: Path, spec: str, python: str, command: str, options: list[str],
+              inputs: dict[str, np.ndarray] | None = None, workdir: str | None = None) -> dict:  # fmt: skip
+    """Push the runtime zip, the package (unless the device holds it already) and `inputs` (an .npz), run
+    `harness/remote.py COMMAND` there and return its JSON (with `device`: what ran it, `spec` included). The device
+    checks every file of the package first. Every failure is one MobilizeError line."""
+    device = open_device(spec, workdir)
+    q = shlex.quote
+    zipped = runtime_zip()
+    _push_package(device, spec, package, len(zipped))
+    device.run(f"rm -f {q(device.workdir + '/inputs.npz')}", timeout=60)
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / ZIP_NAME
         payload.write_bytes(zipped)
@@ -191,14 +206,11 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
             np.savez(Path(tmp) / "inputs.npz", **inputs)
             device.push(Path(tmp) / "inputs.npz", "inputs.npz")
             options = [*options, "--inputs", "inputs.npz"]
-    if not pushed:
-        device.push(package.resolve(), "package")
     line = (f"cd {q(device.workdir)} && PYTHONPATH={ZIP_NAME} {q(python)} -m mobilize.harness.remote {command} "
             f"package {' '.join(q(o) for o in options)}")  # fmt: skip
     done = device.run(line, timeout=3600)
-    if done.returncode and pushed and any(m in done.stderr for m in _CHANGED):  # a file there was changed: anew
-        device.run(f"rm -rf {q(device.workdir + '/package')}", timeout=600)
-        device.push(package.resolve(), "package")
+    if done.returncode and any(m in done.stderr for m in _CHANGED):  # a file there changed since: pushed anew
+        _repush(device, package)
         done = device.run(line, timeout=3600)
     if done.returncode:
         raise MobilizeError(f"{command} failed on {spec}: {_last_line(done.stderr or done.stdout)}")
@@ -208,6 +220,65 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
         raise MobilizeError(f"{spec} printed no result: {_last_line(done.stdout)}") from None
     result["device"] = {"spec": spec, **result.get("device", {})}
     return result
+
+
+def native_on_device(package: Path, spec: str, binary: Path, threads: int, prompt_len: int, gen_len: int,
+                     repeats: int, workdir: str | None = None) -> dict:  # fmt: skip
+    """A runtime's own benchmark binary (`binary`, built for the device) run there on the package's model file,
+    `repeats` times after a warm-up, its printed timings read into the host bench's JSON: a device that has no
+    Python (a phone over adb) measured all the same. The binaries each target knows: its runtime's native_tools."""
+    from mobilize.harness.perf import summarize
+    from mobilize.targets.registry import runtime
+
+    manifest = Manifest.read(package)
+    tools = runtime(manifest.format).native_tools()
+    name = next((n for n in tools if binary.name.startswith(n)), None)
+    if name is None:
+        known = ", ".join(tools) or "none"
+        raise MobilizeError(f"--native {quoted(binary.name)}: not a benchmark tool mobilize knows for "
+                            f"{manifest.format} packages (known: {known}; the file's name says which)")  # fmt: skip
+    if not binary.is_file():
+        raise MobilizeError(f"--native {quoted(binary)} is not a file")
+    tool = tools[name]
+    if tool.model_file not in manifest.files:
+        raise MobilizeError(f"{name} runs the package's {tool.model_file}, which it does not have (export --bundle "
+                            "litertlm)")  # fmt: skip
+    device = open_device(spec, workdir)
+    q = shlex.quote
+    _push_package(device, spec, package, binary.stat().st_size)
+    device.push(binary.resolve(), name)
+    device.run(f"chmod +x {q(device.workdir + '/' + name)}", timeout=60)
+    runs = []
+    for i in range(repeats + 1):  # the first: a warm-up
+        outputs = []
+        for args in tool.commands(manifest, threads, prompt_len, gen_len):
+            done = device.run(f"cd {q(device.workdir)} && ./{name} {' '.join(q(a) for a in args)}", timeout=3600)
+            if done.returncode:
+                raise MobilizeError(f"{name} failed on {spec}: {_last_line(done.stderr or done.stdout)}")
+            outputs.append(done.stdout + "\n" + done.stderr)
+        if i:
+            runs.append(tool.timing(outputs, manifest, prompt_len, gen_len))
+    result = summarize(prompt_len, gen_len, [r.ttft_s for r in runs], [r.prefill_s for r in runs],
+                       [r.decode_s for r in runs])  # fmt: skip
+    peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+    result["peak_rss_bytes"] = max(peaks) if peaks else None  # the tool's, where it said (not this process's)
+    result["native"] = {"tool": name, "how": tool.note}
+    result["device"] = {"spec": spec, **_describe(device)}
+    return result
+
+
+def _describe(device: Device) -> dict:
+    """What the device is, asked of its shell (no Python there): harness/remote.py's device_info, as far as a shell
+    can tell."""
+    marker = f'echo "$(cat {EMULATION_MARKER} 2>/dev/null)"'  # one line, empty without the marker
+    done = device.run(f"uname -m; uname -sr; getconf _NPROCESSORS_ONLN; {marker}; "
+                      "grep -cE '^(vendor_id|flags)' /proc/cpuinfo", timeout=60)  # fmt: skip
+    lines = (done.stdout.splitlines() + [""] * 5)[:5]
+    machine, system, cpus, marker, x86 = (line.strip() for line in lines)
+    emulated = marker or (f"qemu-user: a {machine} userland on an x86 CPU"
+                          if machine.startswith(("aarch64", "arm")) and x86 not in ("", "0") else None)  # fmt: skip
+    return {"machine": machine, "system": system, "cpus": int(cpus) if cpus.isdigit() else None, "python": None,
+            "emulated": emulated}  # fmt: skip
 
 
 def array(field: dict) -> np.ndarray:

@@ -18,6 +18,11 @@ CACHE_INPUTS = "past_key_values."
 DEVICE_MODULES = ("targets/onnx/runner.py", "targets/onnx/genai_runner.py")
 
 
+def native_tools() -> dict:
+    """No native benchmark binary is wired for ONNX packages (onnxruntime_perf_test times a graph, not a decoder)."""
+    return {}
+
+
 def check(path: Path, manifest: Manifest) -> None:
     """model.onnx's inputs and outputs are the manifest's, its external data lies inside the package's data file,
     and genai_config.json is exactly what export writes for this manifest."""

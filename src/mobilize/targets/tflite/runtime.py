@@ -17,6 +17,13 @@ CACHE_INPUTS = "kv_cache_"
 DEVICE_MODULES = ("targets/tflite/runner.py", "targets/tflite/writer.py", "targets/tflite/litertlm_bench.py")
 
 
+def native_tools():
+    """The runtimes' own benchmark binaries, by name (`bench --device ... --native PATH`): targets/tflite/native.py."""
+    from mobilize.targets.tflite.native import TOOLS
+
+    return TOOLS
+
+
 def check(path: Path, manifest: Manifest) -> None:
     """Every buffer of model.tflite lies inside the file, and its signatures are the manifest's."""
     from mobilize.targets.tflite.writer import check_buffers, tflite_io
