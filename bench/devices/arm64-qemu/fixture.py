@@ -72,10 +72,16 @@ def _run(cmd: list[str], what: str, log: Path | None = None, **kwargs) -> subpro
 def _check_host() -> None:
     if os.geteuid() != 0:
         raise FixtureError("the arm64 fixture needs root (debootstrap, chroot, mount): run it with sudo")
-    missing = [p for p, tool in (("debootstrap", shutil.which("debootstrap")), ("qemu-user-static", QEMU.is_file()))
-               if not tool]  # fmt: skip
-    if missing:
-        raise FixtureError(f"needs {' and '.join(missing)}: apt-get install qemu-user-static debootstrap")
+    def missing() -> list[str]:
+        return [p for p, there in (("debootstrap", shutil.which("debootstrap")), ("qemu-user-static", QEMU.is_file()))
+                if not there]  # fmt: skip
+
+    if missing() and shutil.which("apt-get"):  # Debian's own packages, from its registry
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        _run(["apt-get", "update", "-q"], "apt-get update", env=env)
+        _run(["apt-get", "install", "-y", "-q", *missing()], "apt-get install", env=env)
+    if missing():
+        raise FixtureError(f"needs {' and '.join(missing())}: apt-get install qemu-user-static debootstrap")
 
 
 def ensure_binfmt() -> None:
