@@ -144,8 +144,11 @@ def test_bench_over_adb_with_a_stand_in(package, tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0] == ("-s emulator-5554 shell mkdir -p /data/local/tmp/mobilize-bench && df -k "
                         "/data/local/tmp/mobilize-bench")  # room for the package, checked before anything is pushed
-    assert any(c.startswith("-s emulator-5554 push ") and c.endswith("/data/local/tmp/mobilize-bench/package")
-               for c in calls)  # fmt: skip
+    # pushed into a staging folder, then renamed into place whole
+    pushes = [c for c in calls if c.startswith("-s emulator-5554 push ")]
+    assert any(c.endswith(f"/data/local/tmp/mobilize-bench/.mobilize-push/{package.name}") for c in pushes), pushes
+    assert any(f"mv /data/local/tmp/mobilize-bench/.mobilize-push/{package.name} /data/local/tmp/mobilize-bench/package"
+               in c for c in calls)  # fmt: skip
     assert "mobilize.harness.remote bench package --threads 2" in calls[-1]
     r = _cli("bench", str(package), "--device", "adb:0123", "--remote-python", sys.executable, env=env)
     assert r.returncode == 1 and "cannot reach adb:0123: error: device '0123' not found" in r.stderr
@@ -305,3 +308,24 @@ def test_a_runtimes_own_benchmark_binary_on_a_device(tiny_hf, tmp_path):
                           "benchmark_model failed on local: ERROR: Failed to allocate tensors")  # fmt: skip
     assert_one_line_error(_cli("bench", str(pkg), "--native", str(tmp_path / "litert_lm_main")),
                           "--native runs a benchmark binary on a --device")  # fmt: skip
+
+
+def test_a_package_on_the_device_is_not_pushed_again_unless_changed(package, ssh_config, tmp_path):
+    """The device holds the package from an earlier run: not copied again (its manifest's sha256 says so); a file
+    changed there since is caught by the device's own check and the package pushed anew, whole."""
+    env = {**os.environ, "MOBILIZE_SSH_CONFIG": str(ssh_config)}
+    remote = tmp_path / "remote"
+    args = ["bench", str(package), "--device", "ssh:mobilize-loopback", "--remote-python", sys.executable,
+            "--remote-dir", str(remote), "--prompt-len", "8", "--gen-len", "2", "--repeats", "1", "--json"]  # fmt: skip
+    assert _cli(*args, env=env).returncode == 0
+    model = remote / "package" / "model.tflite"
+    first = model.stat().st_ino
+    assert _cli(*args, env=env).returncode == 0
+    assert model.stat().st_ino == first  # the same file: not pushed again
+    with open(model, "r+b") as f:  # changed on the device since
+        f.seek(100)
+        f.write(b"\xff")
+    r = _cli(*args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert model.read_bytes() == (package / "model.tflite").read_bytes()  # pushed anew
+    assert not (remote / ".mobilize-push").exists()

@@ -293,7 +293,9 @@ def _run_on_device(pkg, prompt: str, max_new_tokens: int, threads: int, runtime:
     tok = pkg.tokenizer()
     ids = tok.encode(prompt).ids
     room = pkg.manifest.target.max_seq_len
-    if not ids or len(ids) >= room:
+    if not ids:
+        raise MobilizeError("the prompt gives no tokens")
+    if len(ids) >= room:
         raise MobilizeError(f"the prompt has {len(ids)} tokens; this package's KV cache holds {room} positions")
     with console.status(f"running {pkg.path.name} on {device}"):
         (tokens,), info = greedy_on_device(pkg.path, device, python, [ids], min(max_new_tokens, room - len(ids)),
@@ -582,13 +584,20 @@ def bench(
     result["runtime"] = runtime
     if device is not None:
         _say_device(device, result["device"])
+    _print_bench(result, prompt_len, as_json)
+
+
+def _print_bench(result: dict, prompt_len: int, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
     print(f"{'time to first token':<22} {result['time_to_first_token_s'] * 1000:.1f} ms ({prompt_len}-token prompt)")
     for r in result["records"]:
         print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
-    print(f"{'peak RSS':<22} {result['peak_rss_bytes'] / 2**20:.0f} MiB")
+    peak = result["peak_rss_bytes"]
+    print(f"{'peak RSS':<22} " + (f"{peak / 2**20:.0f} MiB" if peak else "not reported"))
+    if "native" in result:
+        print(f"(by {result['native']['how']})")
 
 
 def _bench_native(package: Path, native: Path, device: str | None, threads: int, prompt_len: int, gen_len: int,
@@ -603,15 +612,7 @@ def _bench_native(package: Path, native: Path, device: str | None, threads: int,
         result = native_on_device(pkg.path, device, native, threads, prompt_len, gen_len, repeats, remote_dir)
     result |= {"package": str(package), "recipe": pkg.manifest.recipe.name, "threads": threads, "runtime": "native"}
     _say_device(device, result["device"])
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    print(f"{'time to first token':<22} {result['time_to_first_token_s'] * 1000:.1f} ms ({prompt_len}-token prompt)")
-    for r in result["records"]:
-        print(f"{r['test']:<22} {r['avg_ts']:.1f} tok/s (+/- {r['stddev_ts']:.1f}, {len(r['samples_ts'])} runs)")
-    peak = result["peak_rss_bytes"]
-    print(f"{'peak memory':<22} " + (f"{peak / 2**20:.0f} MiB" if peak else "not reported by the tool"))
-    print(f"(by {result['native']['how']})")
+    _print_bench(result, prompt_len, as_json)
 
 
 def _bench_adapter(package: Path, adapter: Path, threads, prompt_len, gen_len, repeats, as_json) -> None:

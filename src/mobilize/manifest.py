@@ -180,7 +180,7 @@ class TargetRecord:
 
     preset: str  # android, ios, host
     max_seq_len: int  # the KV cache's positions
-    threads: int  # intra-op threads the runtime is asked for (the device's big cores)
+    threads: int | None  # intra-op threads the runtime is asked for (the device's big cores; None: not said)
     lowering: Json = dataclasses.field(default_factory=dict)  # the format's own fields (onnx: opset, logits; ...)
     kv_dtype: str | None = None  # what the preset's plan chose (None: no device to plan for)
     plan: Json | None = None  # the plan: what it chose for its device and what it passed over
@@ -189,11 +189,13 @@ class TargetRecord:
     def parse(cls, f: _Fields) -> TargetRecord:
         own = ("name", "max_seq_len", "threads", "kv_dtype", "plan")
         lowering = {k: v for k, v in f.data.items() if k not in own}
-        preset, length, threads = f.string("name"), f.integer("max_seq_len"), f.integer("threads")
+        preset, length, threads = f.string("name"), f.integer("max_seq_len"), f.integer("threads", True)
         return cls(preset, length, threads, lowering, f.string("kv_dtype", True), f.obj("plan", True))
 
     def to_json(self) -> dict[str, Any]:
-        out = {"name": self.preset, "max_seq_len": self.max_seq_len, "threads": self.threads, **self.lowering}
+        out = {"name": self.preset, "max_seq_len": self.max_seq_len, **self.lowering}
+        if self.threads is not None:  # (packages of the first schema-1 exports do not say)
+            out["threads"] = self.threads
         if self.kv_dtype is not None:
             out["kv_dtype"] = self.kv_dtype
         if self.plan is not None:
@@ -210,6 +212,7 @@ class KvCache:
     max_seq_len: int | None = None
     dtype: str = "float32"
     details: Json = dataclasses.field(default_factory=dict)
+    dtype_said: bool = True  # (packages of the first schema-1 exports have float32 caches and do not say so)
 
     @classmethod
     def parse(cls, f: _Fields) -> KvCache:
@@ -218,11 +221,12 @@ class KvCache:
             raise f._error("layout", "'static' or 'dynamic'")
         if layout == "dynamic":
             return cls(layout)
-        dtype = f.string("dtype")
+        said = f.string("dtype", optional=True)
+        dtype = said or "float32"
         if dtype not in KV_DTYPES:
             raise f._error("dtype", " or ".join(map(repr, KV_DTYPES)))
         details = {k: v for k, v in f.data.items() if k not in ("layout", "max_seq_len", "dtype")}
-        return cls(layout, f.integer("max_seq_len"), dtype, details)
+        return cls(layout, f.integer("max_seq_len"), dtype, details, said is not None)
 
     @classmethod
     def static(cls, max_seq_len: int, dtype: str, **details: Any) -> KvCache:
@@ -231,7 +235,8 @@ class KvCache:
     def to_json(self) -> dict[str, Any]:
         if self.layout == "dynamic":
             return {"layout": "dynamic"}
-        return {"layout": self.layout, "max_seq_len": self.max_seq_len, "dtype": self.dtype, **self.details}
+        said = {"dtype": self.dtype} if self.dtype_said else {}
+        return {"layout": self.layout, "max_seq_len": self.max_seq_len, **said, **self.details}
 
 
 @dataclasses.dataclass(frozen=True)

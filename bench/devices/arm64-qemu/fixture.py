@@ -21,9 +21,11 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -55,7 +57,7 @@ def _recipe() -> dict:
 def cache_dir() -> Path:
     digest = hashlib.sha256(RECIPE.read_bytes() + f"version {VERSION}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOBILIZE_CACHE", Path.home() / ".cache" / "mobilize"))
-    return root / "devices" / NAME / digest
+    return (root / "devices" / NAME / digest).resolve()  # (mount points are compared as the kernel lists them)
 
 
 def _run(cmd: list[str], what: str, log: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -144,16 +146,32 @@ def _build(dest: Path) -> Path:
     return dest
 
 
+def _mount_points() -> list[str]:
+    """Every mount point, as /proc/self/mounts lists it (octal escapes for spaces and the like decoded)."""
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), p) for p in points]
+
+
 def _remove(path: Path) -> None:
     """Delete a (partial) root, unmounting first whatever is mounted inside it (an interrupted debootstrap may
-    leave its /proc or a bind of the host's /dev there: deleting through a mount would delete the host's files)."""
-    inside = sorted((line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                     if line.split()[1].startswith(f"{path}/")), key=len, reverse=True)  # fmt: skip
-    for where in inside:
+    leave its /proc or a bind of the host's /dev there: deleting through a mount would delete the host's files),
+    and never crossing into another filesystem while deleting."""
+    path = path.resolve()
+    for where in sorted((p for p in _mount_points() if p.startswith(f"{path}/")), key=len, reverse=True):
         _run(["umount", "-l", where], f"unmounting {where}")
-    if any(line.split()[1].startswith(f"{path}/") for line in Path("/proc/self/mounts").read_text().splitlines()):
+    if not path.exists():
+        return
+    if any(p.startswith(f"{path}/") for p in _mount_points()):
         raise FixtureError(f"{path} still has mounts inside it; not deleting it")
-    shutil.rmtree(path, ignore_errors=True)
+    device = path.stat().st_dev
+    for top, dirs, files in os.walk(path, topdown=False):
+        for name in files + dirs:
+            item = Path(top) / name
+            st = item.lstat()
+            if st.st_dev != device:
+                raise FixtureError(f"{item} is on another filesystem; not deleting {path}")
+            item.rmdir() if stat.S_ISDIR(st.st_mode) else item.unlink()
+    path.rmdir()
 
 
 def _ssh_setup(home: Path, root: Path, recipe: dict) -> None:
@@ -193,7 +211,7 @@ def _mounts(home: Path) -> list[tuple[list[str], Path]]:
 
 
 def _mounted(path: Path) -> bool:
-    return any(line.split()[1] == str(path) for line in Path("/proc/self/mounts").read_text().splitlines())
+    return str(path) in _mount_points()
 
 
 def _free_port() -> int:
@@ -241,6 +259,9 @@ def start(port: int | None = None) -> Path:
         f"Host {NAME}\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {home / 'client_key'}\n"
         "  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
     )
+    if os.environ.get("SUDO_UID", "").isdigit():  # started with sudo: the config and the key are the user's to use
+        for path in (config, home / "client_key"):
+            os.chown(path, int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", "0") or 0))
     return config
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mobilize.errors import MobilizeError
-from mobilize.harness.remote import EMULATION_MARKER, RUNTIME_MODULES
+from mobilize.harness.remote import EMULATION_MARKER, RUNTIME_MODULES, VERIFY_FAILED
 from mobilize.manifest import MANIFEST, Manifest
 from mobilize.safe_io import quoted, sha256_file
 
@@ -54,64 +54,87 @@ def runtime_zip() -> bytes:
 
 
 class Device:
+    """A place to push files to and run shell commands in (its working directory)."""
+
+    spec: str
     workdir: str
 
     def run(self, command: str, timeout: int) -> subprocess.CompletedProcess:
-        raise NotImplementedError
+        try:
+            return self._run(command, timeout)
+        except subprocess.TimeoutExpired:
+            raise MobilizeError(f"{self.spec} did not finish a command within {timeout} s") from None
 
     def push(self, local: Path, name: str) -> None:
+        """`local` (a file or a directory) as `name` in the working directory, whole or not at all: copied into a
+        staging folder there first, then renamed over whatever `name` was (an interrupted copy leaves no half)."""
+        q = shlex.quote
+        stage = f"{self.workdir}/.mobilize-push"
+        self.run(f"rm -rf {q(stage)} && mkdir -p {q(stage)}", 600)
+        try:
+            self._copy(local, stage)
+        except subprocess.TimeoutExpired:
+            raise MobilizeError(f"copying {local.name} to {self.spec} took over an hour") from None
+        dest = f"{self.workdir}/{name}"
+        done = self.run(f"rm -rf {q(dest)} && mv {q(stage + '/' + local.name)} {q(dest)} && rm -rf {q(stage)}", 600)
+        if done.returncode:
+            raise MobilizeError(f"could not copy {local.name} to {self.spec}: {_last_line(done.stderr)}")
+
+    def _run(self, command: str, timeout: int) -> subprocess.CompletedProcess:
+        raise NotImplementedError
+
+    def _copy(self, local: Path, stage: str) -> None:
+        """`local` into the folder `stage` there, under its own name."""
         raise NotImplementedError
 
 
 class LocalDevice(Device):
     def __init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="mobilize-device-")
-        self.workdir = self._tmp.name
+        self.spec, self.workdir = "local", self._tmp.name
 
-    def run(self, command, timeout):
+    def _run(self, command, timeout):
         return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout)
 
-    def push(self, local, name):
-        dest = Path(self.workdir) / name
-        if local.is_dir():
-            shutil.copytree(local, dest, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(local, dest)
+    def _copy(self, local, stage):
+        (shutil.copytree if local.is_dir() else shutil.copyfile)(local, Path(stage) / local.name)
 
 
 class SshDevice(Device):
     def __init__(self, host: str, workdir: str) -> None:
-        self.host, self.workdir = host, workdir
+        self.host, self.workdir, self.spec = host, workdir, f"ssh:{host}"
         config = os.environ.get("MOBILIZE_SSH_CONFIG")
         self.ssh = ["ssh", *(["-F", config] if config else []), "-o", "BatchMode=yes", host]
 
-    def run(self, command, timeout):
+    def _run(self, command, timeout):
         return subprocess.run([*self.ssh, command], capture_output=True, text=True, timeout=timeout)
 
-    def push(self, local, name):
-        q = shlex.quote
-        target = f"mkdir -p {q(self.workdir)} && tar -C {q(self.workdir)} -xf -"
-        tar = subprocess.Popen(["tar", "-C", str(local.parent), "-cf", "-", local.name], stdout=subprocess.PIPE)
-        done = subprocess.run([*self.ssh, target], stdin=tar.stdout, capture_output=True, text=True, timeout=3600)
-        tar.stdout.close()
-        tar.wait()
+    def _copy(self, local, stage):
+        tar = subprocess.Popen(["tar", "-C", str(local.parent), "-cf", "-", "--", local.name], stdout=subprocess.PIPE)
+        try:
+            done = subprocess.run([*self.ssh, f"tar -C {shlex.quote(stage)} -xf -"], stdin=tar.stdout,
+                                  capture_output=True, text=True, timeout=3600)  # fmt: skip
+        finally:
+            tar.stdout.close()
+            try:
+                tar.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                tar.kill()
+                tar.wait()
         if done.returncode or tar.returncode:
             raise MobilizeError(f"could not copy {local.name} to {self.host}: {_last_line(done.stderr)}")
-        if local.name != name:
-            self.run(f"mv {q(self.workdir + '/' + local.name)} {q(self.workdir + '/' + name)}", 60)
 
 
 class AdbDevice(Device):
     def __init__(self, serial: str, workdir: str) -> None:
         self.adb, self.workdir = ["adb", "-s", serial], workdir
-        self.serial = serial
+        self.serial, self.spec = serial, f"adb:{serial}"
 
-    def run(self, command, timeout):
+    def _run(self, command, timeout):
         return subprocess.run([*self.adb, "shell", command], capture_output=True, text=True, timeout=timeout)
 
-    def push(self, local, name):
-        self.run(f"mkdir -p {shlex.quote(self.workdir)}", 60)
-        done = subprocess.run([*self.adb, "push", str(local), f"{self.workdir}/{name}"], capture_output=True,
+    def _copy(self, local, stage):
+        done = subprocess.run([*self.adb, "push", str(local), f"{stage}/{local.name}"], capture_output=True,
                               text=True, timeout=3600)  # fmt: skip
         if done.returncode:
             raise MobilizeError(f"adb push to {self.serial} failed: {_last_line(done.stderr or done.stdout)}")
@@ -155,21 +178,15 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-# What the device's verify says of a package whose files changed there since they were pushed.
-_CHANGED = ("does not match its sha256", "is missing", "is not in the manifest", "the manifest says")
-
-
-def _push_package(device: Device, spec: str, package: Path, extra: int) -> None:
-    """The package in the device's working directory as `package/` (not pushed again where the device holds it
-    already: its manifest's sha256 is this one's), after checking there is room for it and `extra` bytes more."""
+def _push_package(device: Device, spec: str, package: Path, extra: int) -> bool:
+    """The package in the device's working directory as `package/`, after checking there is room for it and `extra`
+    bytes more; not pushed again where the device holds it already (its manifest's sha256 is this one's: whether
+    every file still is, the device checks). Returns whether it was there already."""
     q = shlex.quote
-    try:
-        free = free_kib(device)
-        there = device.run(f"sha256sum {q(device.workdir + '/package/' + MANIFEST)}", timeout=60).stdout.split()
-    except subprocess.TimeoutExpired:
-        raise MobilizeError(f"{spec} did not answer within a minute") from None
-    pushed = bool(there) and there[0] == sha256_file(package / MANIFEST)  # (a changed file is caught there)
-    need = extra + (0 if pushed else _size(package))
+    free = free_kib(device)
+    there = device.run(f"sha256sum {q(device.workdir + '/package/' + MANIFEST)}", timeout=60).stdout.split()
+    held = bool(there) and there[0] == sha256_file(package / MANIFEST)
+    need = extra + (0 if held else _size(package))
     if free is None:
         probe = device.run("true", timeout=60)
         if probe.returncode:
@@ -177,15 +194,9 @@ def _push_package(device: Device, spec: str, package: Path, extra: int) -> None:
     elif free * 1024 < need + (16 << 20):
         raise MobilizeError(f"the package needs {need / 1e6:,.1f} MB on {spec}; {device.workdir} there has "
                             f"{free * 1024 / 1e6:,.1f} MB free (free some, or pass --remote-dir)")  # fmt: skip
-    if not pushed:
-        _repush(device, package)
-
-
-def _repush(device: Device, package: Path) -> None:
-    q = shlex.quote
-    stale = " ".join(q(f"{device.workdir}/{n}") for n in ("package", package.resolve().name))
-    device.run(f"rm -rf {stale}", timeout=600)  # an earlier push's files would mix with this package's
-    device.push(package.resolve(), "package")
+    if not held:
+        device.push(package.resolve(), "package")
+    return held
 
 
 def on_device(package: Path, spec: str, python: str, command: str, options: list[str],
@@ -196,7 +207,7 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
     device = open_device(spec, workdir)
     q = shlex.quote
     zipped = runtime_zip()
-    _push_package(device, spec, package, len(zipped))
+    held = _push_package(device, spec, package, len(zipped))
     device.run(f"rm -f {q(device.workdir + '/inputs.npz')}", timeout=60)
     with tempfile.TemporaryDirectory() as tmp:
         payload = Path(tmp) / ZIP_NAME
@@ -209,8 +220,8 @@ def on_device(package: Path, spec: str, python: str, command: str, options: list
     line = (f"cd {q(device.workdir)} && PYTHONPATH={ZIP_NAME} {q(python)} -m mobilize.harness.remote {command} "
             f"package {' '.join(q(o) for o in options)}")  # fmt: skip
     done = device.run(line, timeout=3600)
-    if done.returncode and any(m in done.stderr for m in _CHANGED):  # a file there changed since: pushed anew
-        _repush(device, package)
+    if done.returncode == VERIFY_FAILED and held:  # a file there changed since it was pushed: pushed anew
+        device.push(package.resolve(), "package")
         done = device.run(line, timeout=3600)
     if done.returncode:
         raise MobilizeError(f"{command} failed on {spec}: {_last_line(done.stderr or done.stdout)}")
@@ -241,11 +252,19 @@ def native_on_device(package: Path, spec: str, binary: Path, threads: int, promp
         raise MobilizeError(f"--native {quoted(binary)} is not a file")
     tool = tools[name]
     if tool.model_file not in manifest.files:
-        raise MobilizeError(f"{name} runs the package's {tool.model_file}, which it does not have (export --bundle "
-                            "litertlm)")  # fmt: skip
+        raise MobilizeError(f"{name} runs the package's {tool.model_file}, which it does not have ({tool.missing})")
     device = open_device(spec, workdir)
     q = shlex.quote
     _push_package(device, spec, package, binary.stat().st_size)
+    model = f"{device.workdir}/package/{tool.model_file}"
+    for attempt in (0, 1):  # no Python there to verify with: the model file's sha256, the one file the tool reads
+        found = device.run(f"sha256sum {q(model)}", timeout=600).stdout.split()
+        if found[:1] == [manifest.files[tool.model_file].sha256]:
+            break
+        if attempt:
+            raise MobilizeError(f"{spec}: package/{tool.model_file} there is not the package's (sha256), even pushed "
+                                "again")  # fmt: skip
+        device.push(package.resolve(), "package")
     device.push(binary.resolve(), name)
     device.run(f"chmod +x {q(device.workdir + '/' + name)}", timeout=60)
     runs = []
@@ -270,15 +289,17 @@ def native_on_device(package: Path, spec: str, binary: Path, threads: int, promp
 def _describe(device: Device) -> dict:
     """What the device is, asked of its shell (no Python there): harness/remote.py's device_info, as far as a shell
     can tell."""
-    marker = f'echo "$(cat {EMULATION_MARKER} 2>/dev/null)"'  # one line, empty without the marker
-    done = device.run(f"uname -m; uname -sr; getconf _NPROCESSORS_ONLN; {marker}; "
-                      "grep -cE '^(vendor_id|flags)' /proc/cpuinfo", timeout=60)  # fmt: skip
-    lines = (done.stdout.splitlines() + [""] * 5)[:5]
-    machine, system, cpus, marker, x86 = (line.strip() for line in lines)
-    emulated = marker or (f"qemu-user: a {machine} userland on an x86 CPU"
-                          if machine.startswith(("aarch64", "arm")) and x86 not in ("", "0") else None)  # fmt: skip
-    return {"machine": machine, "system": system, "cpus": int(cpus) if cpus.isdigit() else None, "python": None,
-            "emulated": emulated}  # fmt: skip
+    asks = ['machine=$(uname -m)', 'system=$(uname -sr)', 'cpus=$(getconf _NPROCESSORS_ONLN 2>/dev/null)',
+            f'marker=$(cat {EMULATION_MARKER} 2>/dev/null)', "x86=$(grep -cE '^(vendor_id|flags)' /proc/cpuinfo)"]
+    done = device.run("; ".join(f'echo "{a}"' for a in asks), timeout=60)
+    said = dict(line.partition("=")[::2] for line in done.stdout.splitlines() if "=" in line)
+    machine, x86 = said.get("machine", "").strip(), said.get("x86", "").strip()
+    emulated = said.get("marker", "").strip() or (f"qemu-user: a {machine} userland on an x86 CPU"
+                                                  if machine.startswith(("aarch64", "arm")) and x86 not in ("", "0")
+                                                  else None)  # fmt: skip
+    cpus = said.get("cpus", "").strip()
+    return {"machine": machine, "system": said.get("system", "").strip(), "cpus": int(cpus) if cpus.isdigit() else None,
+            "python": None, "emulated": emulated}  # fmt: skip
 
 
 def array(field: dict) -> np.ndarray:

@@ -203,28 +203,32 @@ def evaluate_on_device(
     ids = tok.encode(text).ids
     if len(ids) < 2:
         raise MobilizeError("the evaluation text is shorter than two tokens")
-    pieces, skips, lp_refs, targets = [], [], [], []
-    for skip, piece in _chunks(tok, ids, chunk):
+    pieces, skips, tops, lp_tops, lp_targets, argmaxes, targets = [], [], [], [], [], [], []
+    for skip, piece in _chunks(tok, ids, chunk):  # the reference's rows kept as what the figures need (not 262k wide)
+        lp = log_softmax(score(ref, piece[:-1]))[skip:]
+        target = np.asarray(piece[skip + 1 :])
+        k = min(KL_TOP, lp.shape[-1])
+        top = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
         pieces.append(piece[:-1])
         skips.append(skip)
-        lp_refs.append(log_softmax(score(ref, piece[:-1]))[skip:])
-        targets.append(np.asarray(piece[skip + 1 :]))
-    lp_ref, target = np.concatenate(lp_refs), np.concatenate(targets)
-    top = np.argsort(-lp_ref, axis=-1)[:, :KL_TOP]
+        tops.append(top)
+        lp_tops.append(np.take_along_axis(lp, top, axis=-1))
+        lp_targets.append(lp[np.arange(len(target)), target])
+        argmaxes.append(lp.argmax(-1))
+        targets.append(target)
+    top, lp_top, target = np.concatenate(tops), np.concatenate(lp_tops), np.concatenate(targets)
     want = np.concatenate([top, target[:, None]], axis=1)
     prompts = [tok.encode(p).ids for p in PROMPTS]
     dev, continued, device = score_on_device(package.path, spec, python, pieces, skips, want, prompts, new_tokens,
                                              set(), threads, workdir)  # fmt: skip
     lp_pkg = dev["picked"].astype(np.float64) - dev["lse"][:, None]
-    rows = np.arange(len(target))
     k = top.shape[1]  # (a vocabulary smaller than KL_TOP: all of it)
-    lp_top = np.take_along_axis(lp_ref, top, axis=-1)
     p_ref, p_pkg = np.exp(lp_top), np.exp(lp_pkg[:, :k])
     rest_ref = np.clip(1.0 - p_ref.sum(-1), 1e-12, None)
     rest_pkg = np.clip(1.0 - p_pkg.sum(-1), 1e-12, None)
     kl = (p_ref * (lp_top - lp_pkg[:, :k])).sum(-1) + rest_ref * np.log(rest_ref / rest_pkg)
-    sums = {"nll_package": -float(lp_pkg[:, -1].sum()), "nll_reference": -float(lp_ref[rows, target].sum()),
-            "agree": float((dev["argmax"] == lp_ref.argmax(-1)).sum()), "kl": float(kl.sum()),
+    sums = {"nll_package": -float(lp_pkg[:, -1].sum()), "nll_reference": -float(np.concatenate(lp_targets).sum()),
+            "agree": float((dev["argmax"] == np.concatenate(argmaxes)).sum()), "kl": float(kl.sum()),
             "count": float(len(target))}  # fmt: skip
     matches = []
     for p, a in zip(prompts, continued, strict=True):

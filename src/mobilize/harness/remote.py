@@ -49,6 +49,13 @@ def emulation(marker: str = EMULATION_MARKER, cpuinfo: str = "/proc/cpuinfo", ma
     return None
 
 
+VERIFY_FAILED = 3  # the exit code when the package's files here are not its manifest's
+
+
+class _NotAsPushed(Exception):
+    """The package's files here are not what its manifest says."""
+
+
 def device_info() -> dict:
     return {
         "machine": platform.machine(),
@@ -65,18 +72,6 @@ def _array(a) -> dict:
 
     a = np.ascontiguousarray(a)
     return {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode()}
-
-
-def _greedy(runner, prompt: list[int], n: int, eos: set[int]) -> list[int]:
-    import numpy as np
-
-    runner.reset()
-    token = int(np.argmax(runner.prefill(prompt)[-1]))
-    out = [token]
-    while len(out) < n and token not in eos:
-        token = int(np.argmax(runner.decode(token)))
-        out.append(token)
-    return out
 
 
 def _score(runner, inputs) -> dict:
@@ -117,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = _run(args)
+    except _NotAsPushed as e:  # the host pushes the package again
+        print(f"mobilize (on the device): error: {e}", file=sys.stderr)
+        return VERIFY_FAILED
     except MobilizeError as e:
         print(f"mobilize (on the device): error: {e}", file=sys.stderr)
         return 1
@@ -132,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> dict:
     import numpy  # noqa: F401  (first: a device without numpy is told so before anything else)
 
+    from mobilize.errors import MobilizeError
     from mobilize.harness.package import Package
     from mobilize.package.verify import verify_package
     from mobilize.targets.registry import runtimes
 
-    manifest = verify_package(args.package, check_io=False)  # the bytes; the host checked the I/O
+    try:
+        manifest = verify_package(args.package, check_io=False)  # the bytes; the host checked the I/O
+    except MobilizeError as e:
+        raise _NotAsPushed(str(e)) from None
     package = Package(Path(args.package), manifest)
     available = runtimes(manifest.format)
     name = args.runtime or next(iter(available))
@@ -158,7 +160,9 @@ def _run(args) -> dict:
     if "prompt_ids" in inputs:  # greedy continuations (after scoring, for eval: one push)
         eos = set(inputs["eos"].tolist())
         prompts = [inputs["prompt_ids"][a:b].tolist() for a, b in inputs["prompt_bounds"]]
-        result["tokens"] = [_greedy(runner, p, int(inputs["new_tokens"]), eos) for p in prompts]
+        from mobilize.harness.runner import greedy
+
+        result["tokens"] = [greedy(runner, p, int(inputs["new_tokens"]), eos) for p in prompts]
     return result
 
 

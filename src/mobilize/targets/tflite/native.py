@@ -33,6 +33,7 @@ class NativeTool:
     printed (stdout and stderr)."""
 
     model_file: str
+    missing: str  # what to do when the package has no `model_file`
     commands: Callable[[Manifest, int, int, int], list[list[str]]]
     timing: Callable[[list[str], Manifest, int, int], Timing]
     note: str
@@ -69,8 +70,9 @@ def _prefill_signature(manifest: Manifest, prompt_len: int) -> int:
 
 
 def _benchmark_model_commands(manifest: Manifest, threads: int, prompt_len: int, gen_len: int) -> list[list[str]]:
-    common = ["--graph=package/model.tflite", f"--num_threads={threads or manifest.target.threads}",
-              "--warmup_runs=1", "--report_peak_memory_footprint=true"]  # fmt: skip
+    n = threads or manifest.target.threads
+    common = ["--graph=package/model.tflite", *([f"--num_threads={n}"] if n else []), "--warmup_runs=1",
+              "--report_peak_memory_footprint=true"]  # fmt: skip
     length = _prefill_signature(manifest, prompt_len)
     runs = max(1, math.ceil(prompt_len / length))
     return [
@@ -97,8 +99,9 @@ _LM_PEAK = r"Peak (?:system ram usage|private footprint):\s*([0-9.]+)\s*MB"
 
 
 def _litert_lm_commands(manifest: Manifest, threads: int, prompt_len: int, gen_len: int) -> list[list[str]]:
-    return [["--model_path=package/model.litertlm", "--backend=cpu",
-             f"--num_cpu_threads={threads or manifest.target.threads}", "--benchmark",
+    n = threads or manifest.target.threads
+    return [["--model_path=package/model.litertlm", "--backend=cpu", *([f"--num_cpu_threads={n}"] if n else []),
+             "--benchmark",
              f"--benchmark_prefill_tokens={prompt_len}", f"--benchmark_decode_tokens={gen_len}", "--async=false",
              "--report_peak_memory_footprint=true"]]  # fmt: skip
 
@@ -113,12 +116,12 @@ def _litert_lm_timing(outputs: list[str], manifest: Manifest, prompt_len: int, g
 
 TOOLS = {
     "benchmark_model": NativeTool(
-        "model.tflite", _benchmark_model_commands, _benchmark_model_timing,
+        "model.tflite", "a TFLite package has one", _benchmark_model_commands, _benchmark_model_timing,
         "LiteRT's benchmark_model: the decode signature and one prefill signature timed apart on random inputs; "
         "prefill is that signature's time per call times the calls a prompt of this length takes",
     ),
     "litert_lm_main": NativeTool(
-        "model.litertlm", _litert_lm_commands, _litert_lm_timing,
+        "model.litertlm", "export it with --bundle litertlm", _litert_lm_commands, _litert_lm_timing,
         "LiteRT-LM's litert_lm_main --benchmark: the engine's prefill and decode of dummy tokens",
     ),
 }  # fmt: skip
