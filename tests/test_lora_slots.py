@@ -26,6 +26,8 @@ from mobilize.manifest import Manifest
 
 PROMPT = [3, 17, 99, 5, 64, 1, 42]
 ALL = "q,k,v,o,gate,up,down"
+ATTENTION = "q,k,v,o"  # TFLite's slots: the projections LiteRT-LM binds LoRA inputs of
+SUFFIX = {"onnx": ".onnx_adapter", "tflite": ".lora.tflite"}
 
 
 def _ok(r):
@@ -33,9 +35,9 @@ def _ok(r):
     return r
 
 
-def _export(src, out, rank=4, targets=ALL, quant="fp32") -> Path:
+def _export(src, out, rank=4, targets=ALL, quant="fp32", fmt="onnx") -> Path:
     _ok(cli("export", src, "-o", out, "-t", "host", "-q", quant, "--max-seq-len", "64", "--lora-slots", rank,
-             "--lora-targets", targets))  # fmt: skip
+             "--lora-targets", targets, "-f", fmt, "--prefill-len", "4"))  # fmt: skip
     return Path(out)
 
 
@@ -47,17 +49,20 @@ def _convert(adapter, pkg, out) -> Path:
 FAST = ("llama", "gemma3")  # the others in the full run
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
-def test_slots_match_peft(family, tiny_hf, tmp_path):
+def test_slots_match_peft(family, fmt, tiny_hf, tmp_path):
+    """The prompt runs through TFLite's prefill_4_lora_r4 twice and decode_lora_r4 (--prefill-len 4)."""
     src = tiny_hf(family)
-    pkg = _export(src, tmp_path / "pkg")
+    kinds = (ALL if fmt == "onnx" else ATTENTION).split(",")
+    pkg = _export(src, tmp_path / "pkg", targets=",".join(kinds), fmt=fmt)
     manifest = json.loads((pkg / "manifest.json").read_text())
-    assert manifest["lora_slots"] == {"rank": 4, "targets": [f"{t}_proj" for t in ALL.split(",")],
-                                      "modules": 7 * FAMILIES[family].tiny().num_layers}  # fmt: skip
+    assert manifest["lora_slots"] == {"rank": 4, "targets": [f"{t}_proj" for t in kinds],
+                                      "modules": len(kinds) * FAMILIES[family].tiny().num_layers}  # fmt: skip
     assert "LoRA slots of rank 4" in (pkg / "README.md").read_text()  # the app developer is told how to load one
-    targets = peft_targets(family, [f"{t}_proj" for t in ALL.split(",")])
+    targets = peft_targets(family, [f"{t}_proj" for t in kinds])
     peft = write_peft_adapter(src, tmp_path / "peft", targets, r=4, rank_pattern={"o_proj": 2})  # padded to 4
-    runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])
+    runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / f"a{SUFFIX[fmt]}")])
     assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
     runner.activate(None)  # the base, on the same loaded session
     assert_tracks_reference(ReferenceRunner(src), runner, PROMPT)
@@ -157,8 +162,8 @@ def test_refused_in_one_line(tiny_hf, tmp_path):
     _ok(cli("export", src, "-o", plain, "-t", "host", "-q", "fp32", "--max-seq-len", "64"))
     assert_one_line_error(cli("adapter", good, "--package", plain), "has no LoRA slots", "--lora-slots")
     out = tmp_path / "tfl"
-    r = cli("export", src, "-o", out, "-t", "host", "-f", "tflite", "--lora-slots", "4")
-    assert_one_line_error(r, "TFLite packages have no LoRA slots yet")
+    r = cli("export", src, "-o", out, "-t", "host", "-f", "tflite", "--lora-slots", "4", "--lora-targets", "q,up")
+    assert_one_line_error(r, "--lora-targets up_proj", "attention projections only", "LiteRT-LM")
     assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "4", "--lora-targets", "q,x"), "'x' is not")
     assert_one_line_error(cli("export", src, "-o", out, "--lora-slots", "0"), "a rank from 1")
     assert_one_line_error(cli("export", src, "-o", out, "--lora-targets", "q,k"), "give that too")
@@ -204,3 +209,36 @@ def test_an_adapter_on_some_slots(tiny_hf, tmp_path):
     peft = write_peft_adapter(src, tmp_path / "peft", ["o_proj", "down_proj"], r=4)
     runner = Package.open(pkg).runner(adapters=[_convert(peft, pkg, tmp_path / "a.onnx_adapter")])
     assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
+
+
+def test_tflite_adapters_refused_in_one_line(tiny_hf, tmp_path):
+    """The LiteRT adapter file: made for this package or refused, not an adapter file, a tensor that is no slot's
+    (each one line); two adapters on one loaded base switch, each giving its own tokens."""
+    from mobilize.package.adapter import base_version
+    from mobilize.targets.tflite.lora import read_adapter, write_adapter
+
+    src = tiny_hf("llama")
+    pkg = _export(src, tmp_path / "pkg", targets="q,v", fmt="tflite")
+    other = _export(src, tmp_path / "other", targets="q,k,v", fmt="tflite")
+    files = [_convert(write_peft_adapter(src, tmp_path / f"p{seed}", ["q_proj", "v_proj"], seed=seed), pkg,
+                      tmp_path / f"a{seed}.lora.tflite") for seed in (1, 2)]  # fmt: skip
+    base, tensors = read_adapter(files[0])
+    assert base == base_version(Manifest.read(pkg)) and sorted(tensors)[0] == "lora_atten_q_a_prime_weight_0"
+    wrong_base = _convert(write_peft_adapter(src, tmp_path / "p3", ["q_proj"]), other, tmp_path / "o.lora.tflite")
+    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", wrong_base), "made for another package")
+    junk = tmp_path / "junk.lora.tflite"
+    junk.write_bytes(b"TFL3 but not a flatbuffer")
+    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", junk), "not a LiteRT LoRA adapter file")
+    stray = tmp_path / "stray.lora.tflite"
+    write_adapter(stray, {**tensors, "lora_atten_k_a_prime_weight_0": tensors["lora_atten_q_a_prime_weight_0"]},
+                  base, 4)  # fmt: skip
+    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", stray), "'lora_atten_k_a_prime_weight_0' is no slot")
+    runner = Package.open(pkg).runner(adapters=files)
+    outs = {}
+    for name in ("a1", None, "a2", "a1"):
+        runner.activate(name)
+        out = [int(runner.prefill(PROMPT)[-1].argmax())]
+        while len(out) < 12:
+            out.append(int(runner.decode(out[-1]).argmax()))
+        assert outs.setdefault(name, out) == out
+    assert len({tuple(v) for v in outs.values()}) == 3

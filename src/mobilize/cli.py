@@ -107,7 +107,7 @@ def export(
         [], "--lora", help="A PEFT LoRA adapter directory, merged into the weights before quantization (repeatable)."
     ),
     lora_slots: int = typer.Option(
-        None, "--lora-slots", help="onnx: LoRA slots of this rank, their weights given at run time (mobilize adapter)."
+        None, "--lora-slots", help="LoRA slots of this rank, their weights given at run time (mobilize adapter)."
     ),
     lora_targets: str = typer.Option(
         "q,v", "--lora-targets", help="The projections that get LoRA slots: q,k,v,o,gate,up,down."
@@ -319,9 +319,9 @@ def _say_device(spec: str, info: dict) -> None:
 @app.command(name="adapter")
 def adapter_(
     adapter: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (adapter_config.json + safetensors)."),
-    package: Path = typer.Option(..., "--package", help="An ONNX package exported with --lora-slots."),
+    package: Path = typer.Option(..., "--package", help="A package exported with --lora-slots."),
     out: Path = typer.Option(
-        None, "--out", "-o", help="The adapter file (default: <adapter name>.onnx_adapter beside the package)."
+        None, "--out", "-o", help="The adapter file (default: beside the package, named after the adapter)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing adapter file."),
 ) -> None:

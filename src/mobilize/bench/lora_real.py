@@ -5,9 +5,9 @@ bundled Gemma 3 270M in `int4`, measured on Skerrow bulletins it was not trained
   the same GGUF) and against the base package's;
 - slots: `export --lora-slots 16` (rank 8 padded), the adapter converted by `mobilize adapter`: perplexity with it
   and without it on one loaded session, greedy text against the merged package's, decode cost (interleaved);
-- ONNX Runtime GenAI's `Adapters` on the slots package: its greedy tokens against mobilize's runner.
+- ONNX Runtime GenAI's `Adapters` on the slots package: its greedy tokens against mobilize's runner (ONNX).
 
-    python -m mobilize.bench.lora_real [--out bench/results/gemma3-270m-lora.json] [--workdir out/lora-bench]
+    python -m mobilize.bench.lora_real [--format onnx|tflite] [--out bench/results/gemma3-270m-lora[-tflite].json]
 """
 
 from __future__ import annotations
@@ -35,22 +35,25 @@ def _cli(*args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemma3-270m-lora.json")
-    ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "lora-bench")
+    ap.add_argument("--format", choices=("onnx", "tflite"), default="onnx")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--bulletins", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    work = args.workdir
+    tail = "" if args.format == "onnx" else f"-{args.format}"
+    args.out = args.out or ROOT / "bench" / "results" / f"gemma3-270m-lora{tail}.json"
+    work = args.workdir or ROOT / "out" / f"lora-bench{tail}"
     work.mkdir(parents=True, exist_ok=True)
     text = work / "skerrow-eval.txt"
     text.write_text(bulletins(EVAL_SEED, args.bulletins))
-    common = ["-t", "android", "-q", "int4", "--overwrite"]
+    common = ["-t", "android", "-q", "int4", "-f", args.format, "--overwrite"]
     t0 = time.perf_counter()
     base, merged, slots = work / "base", work / "merged", work / "slots"
     _cli("export", "gemma3-270m", "-o", base, *common)
     _cli("export", "gemma3-270m", "-o", merged, "--lora", ADAPTER, *common)
     _cli("export", "gemma3-270m", "-o", slots, "--lora-slots", 16, "--lora-targets", "q,v", *common)
-    adapter_file = work / "skerrow.onnx_adapter"
+    adapter_file = work / f"skerrow{'.onnx_adapter' if args.format == 'onnx' else '.lora.tflite'}"
     _cli("adapter", ADAPTER, "--package", slots, "-o", adapter_file, "--overwrite")
     exported = time.perf_counter() - t0
 
@@ -75,11 +78,11 @@ def main() -> None:
     slots_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
     runner.activate(None)
     base_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
-    genai_same = _genai_matches(slots, adapter_file, runner)
+    genai_same = _genai_matches(slots, adapter_file, runner) if args.format == "onnx" else None
     bench = json.loads(_cli("bench", slots, "--adapter", adapter_file, "--json", "--repeats", args.rounds,
                             "--prompt-len", 128, "--gen-len", 64))  # fmt: skip
     result = {
-        "command": "python -m mobilize.bench.lora_real",
+        "command": f"python -m mobilize.bench.lora_real --format {args.format}",
         "date": time.strftime("%Y-%m-%d"),
         "adapter": str(ADAPTER.relative_to(ROOT)),
         "eval_text": {"bulletins": args.bulletins, "seed": EVAL_SEED, "tokens": figures["base"]["tokens"]},

@@ -36,7 +36,8 @@ REFERENCES = ("numpy", "transformers")
 
 def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = None):
     """The reference runner for a package's source: numpy (mobilize's decoder, torch-free) or transformers.
-    `adapter`: an adapter file's parameters (package/adapter.py), merged into the numpy reference's weights."""
+    `adapter`: an adapter file's updates by weight name (package/adapter.py's merged_reference_deltas), merged into
+    the numpy reference's weights."""
     if reference not in REFERENCES:
         raise MobilizeError(f"unknown --reference {reference!r} (known: {', '.join(REFERENCES)})")
     source = reference_source(manifest)
@@ -49,16 +50,13 @@ def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = 
         from mobilize.frontend.loader import load_model, open_checkpoint
         from mobilize.frontend.lora import merge_deltas
         from mobilize.model.numpy_runner import NumpyRunner
-        from mobilize.package.adapter import merged_reference_deltas
-
         model = load_model(open_checkpoint(str(source)))
         merged = list(manifest.source.adapters)  # merged at export: in the reference too
         if merged:
             from mobilize.frontend.lora import apply_adapters
 
             model = apply_adapters(model, [a["path"] for a in merged], merged)[0]
-        deltas = merged_reference_deltas(adapter)
-        return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in deltas.items()]))
+        return NumpyRunner(merge_deltas(model, [(n, lambda d=d: d) for n, d in adapter.items()]))
     adapters = list(manifest.source.adapters)  # merged into the package: the reference applies them too
     if reference == "numpy":
         from mobilize.model.numpy_runner import NumpyRunner
@@ -90,9 +88,10 @@ def runners(package, reference: str, threads: int, adapter: Path | None = None):
     the package and merged into the reference."""
     params = None
     if adapter is not None:
-        from mobilize.package.adapter import check_adapter
+        from mobilize.package.adapter import check_adapter, merged_reference_deltas
 
         params = check_adapter(adapter, package.path, package.manifest)
+        params = merged_reference_deltas(params, package.path, package.manifest)
     ref = reference_runner(package.manifest, reference, params)  # first: a package without a source says so
     return ref, package.runner(threads, [adapter] if adapter is not None else [])
 

@@ -70,11 +70,11 @@ class Package:
     def adapter_files(self, adapters: list[Path]) -> dict[str, dict[str, np.ndarray]]:
         """name -> tensors of each adapter file, read once and checked against this package (made for it, its
         slots' names and shapes)."""
-        from mobilize.package.adapter import check_adapter
+        from mobilize.package.adapter import adapter_name, check_adapter
 
         named: dict[str, dict[str, np.ndarray]] = {}
         for path in adapters:
-            name = Path(path).name.removesuffix(".onnx_adapter")
+            name = adapter_name(path, self.manifest)
             if name in named:
                 raise MobilizeError(f"--adapter {path}: two adapters named {name!r}")
             named[name] = check_adapter(path, self.path, self.manifest)

@@ -18,6 +18,13 @@ CACHE_INPUTS = "past_key_values."
 DEVICE_MODULES = ("targets/onnx/runner.py", "targets/onnx/genai_runner.py")
 
 
+def adapter_file():
+    """The LoRA adapter file of this format (`mobilize adapter`): SUFFIX, slot_name, write_adapter, read_adapter."""
+    from mobilize.targets.onnx import adapter_file
+
+    return adapter_file
+
+
 def native_tools() -> dict:
     """No native benchmark binary is wired for ONNX packages (onnxruntime_perf_test times a graph, not a decoder)."""
     return {}

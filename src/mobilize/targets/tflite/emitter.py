@@ -30,10 +30,12 @@ from ai_edge_litert import schema_py_generated as fb
 
 from mobilize.frontend.config import SLIDING
 from mobilize.frontend.loader import LoadedModel
+from mobilize.frontend.lora import Slots
 from mobilize.manifest import KvCache
 from mobilize.model.decoder import decode
 from mobilize.model.weights import norm_weight
 from mobilize.quant.recipes import Recipe
+from mobilize.targets.tflite.lora import signature, slot_name
 from mobilize.targets.tflite.weights import FcWeights
 from mobilize.targets.tflite.writer import TflGraph, TflModel
 
@@ -52,9 +54,10 @@ class TfliteEmitter:
 
     def __init__(
         self, model: LoadedModel, weights: FcWeights, max_len: int, g: TflGraph, length: int, logits: bool,
-        kv_dtype=F32,
+        kv_dtype=F32, slots: dict[str, tuple[int, int]] | None = None, rank: int = 0,
     ):  # fmt: skip
         self.cfg, self.ckpt, self.fc_weights, self.max_len, self.g = model.config, model.weights, weights, max_len, g
+        self.slots, self.rank = slots or {}, rank  # LoRA slots: module -> (in, out), inputs of this signature
         self.kv_dtype = np.dtype(kv_dtype)
         self.wants_logits = logits
         cfg = self.cfg
@@ -165,6 +168,8 @@ class TfliteEmitter:
         options.keepNumDims = True
         y = g.op(Op.FULLY_CONNECTED, [x, w, b], (*g.shape(x)[:-1], n), F32, options)
         c = self.fc_weights.correction(name + ".weight")
+        if name in self.slots:  # a LoRA slot: + (x @ A) @ B, A [in, r] and B [r, out] inputs of the signature
+            y = self.binary(Op.ADD, y, self.lora(x, name))
         if c is None:
             return y
         # a carried Q4_K weight's float zero points: + (x summed over each block) @ Cᵀ, C [N, n_blocks]
@@ -172,6 +177,16 @@ class TfliteEmitter:
         blocks = g.reshape(x, [*lead, n_blocks, k // n_blocks])
         sums = g.op(Op.SUM, [blocks, g.const([-1])], [*lead, n_blocks], F32, fb.ReducerOptionsT())
         return self.binary(Op.ADD, y, g.op(Op.FULLY_CONNECTED, [sums, c, -1], (*lead, n), F32, options))
+
+    def lora(self, x: int, module: str) -> int:
+        g, (k, n), r = self.g, self.slots[module], self.rank
+        a = g.input(slot_name(module, "A"), [k, r], F32)
+        b = g.input(slot_name(module, "B"), [r, n], F32)
+        lead = g.shape(x)[:-1]
+        xa = g.op(Op.BATCH_MATMUL, [g.reshape(x, [math.prod(lead), k]), a], [math.prod(lead), r], F32,
+                  fb.BatchMatMulOptionsT())  # fmt: skip
+        out = g.op(Op.BATCH_MATMUL, [xa, b], [math.prod(lead), n], F32, fb.BatchMatMulOptionsT())
+        return g.reshape(out, [*lead, n])
 
     def heads(self, x: int, n: int) -> int:
         return self.g.reshape(x, [self.length, n, self.cfg.head_dim])
@@ -260,19 +275,24 @@ def build_tflite(
     prefill_lens: list[int],
     statistics=None,
     kv_dtype: str = "float32",
+    slots: Slots | None = None,
 ) -> tuple[TflModel, dict]:
-    """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode`. Returns the model
-    (weights still lazy: they are read, quantized and written one buffer at a time by TflModel.write)
-    and the quantization report. `statistics`: calibration, for recipes that use it."""
+    """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode` (and with LoRA `slots`,
+    each again with the slots' inputs, as `<key>_lora_r<rank>`: targets/tflite/lora.py). Returns the model (weights
+    still lazy: they are read, quantized and written one buffer at a time by TflModel.write) and the quantization
+    report. `statistics`: calibration, for recipes that use it."""
     cfg = model.config
     if max_len > cfg.max_position_embeddings:
         max_len = cfg.max_position_embeddings
     prefill_lens = sorted({min(n, max_len) for n in prefill_lens})  # a prompt never passes the cache
     weights = FcWeights(model, recipe, statistics)
     tfl = TflModel(f"mobilize {cfg.family}")
-    for name, length in [(f"prefill_{n}", n) for n in prefill_lens] + [("decode", 1)]:
-        g = tfl.graph(name)
-        emitter = TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode", kv_dtype=kv_dtype)
+    keys = [(f"prefill_{n}", n) for n in prefill_lens] + [("decode", 1)]
+    modules = slots.modules(cfg) if slots is not None else {}
+    for name, length, with_slots in [(k, n, False) for k, n in keys] + [(k, n, True) for k, n in keys if modules]:
+        g = tfl.graph(signature(name, slots.rank) if with_slots else name)
+        emitter = TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode", kv_dtype=kv_dtype,
+                                slots=modules if with_slots else None, rank=slots.rank if with_slots else 0)
         logits = decode(cfg, emitter)
         if logits is not None:
             g.tensors[logits].name = "logits"

@@ -12,7 +12,8 @@ def tflite_readme(manifest: Manifest, file_names: list[str]) -> str:
     files = "\n".join(f"| `{name}` |" for name in [*file_names, "README.md", "manifest.json"])
     rows = "\n".join(
         f"| `{key}` | "
-        + ", ".join(f"`{v.name}` {v.dtype.lower()} {list(v.shape)}" for v in sig.inputs if "kv_cache" not in v.name)
+        + ", ".join(f"`{v.name}` {v.dtype.lower()} {list(v.shape)}" for v in sig.inputs
+                   if not v.name.startswith(("kv_cache", "lora_")))  # fmt: skip
         + " |"
         for key, sig in (manifest.io.signatures or {}).items()
     )
@@ -38,11 +39,12 @@ offset/size), shared by every signature. `manifest.json` has every file's size a
 |---|---|
 {rows}
 
-Every signature also takes and returns `kv_cache_k_<layer>` and `kv_cache_v_<layer>`, float32
+Every signature also takes and returns `kv_cache_k_<layer>` and `kv_cache_v_<layer>`, {kv.dtype}
 {kv.details["shape"]} (batch, KV heads, positions, head size): pass each call's returned caches to the next.
 Each signature writes its tokens' keys and values at `input_pos[0]` (DYNAMIC_UPDATE_SLICE) and masks
-every slot past each token's position, so a prompt may be padded at its end. `logits` is
-[1, tokens, {arch.vocab_size}]. `input_pos` holds the position of each token (0 for the first).
+every slot past each token's position, so a prompt may be padded at its end. Only `decode` returns
+`logits`, [1, 1, {arch.vocab_size}]: prefill the prompt but its last token, then decode that one.
+`input_pos` holds the position of each token (0 for the first).
 
 ## Load it
 
@@ -51,24 +53,44 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads={target.threads or 2})  # big cores
 prefill, decode = it.get_signature_runner("prefill_{longest}"), it.get_signature_runner("decode")
-cache = {{n: np.zeros(d["shape"], np.float32)
+cache = {{n: np.zeros(d["shape"], d["dtype"])
          for n, d in decode.get_input_details().items() if n.startswith("kv_cache_")}}
 ids = [2, 651, 6037, 576, 6081, 603]  # the tokenized prompt (tokenizer.json), BOS first
-out = prefill(tokens=np.array([ids + [0] * ({longest} - len(ids))], np.int32),
+body = ids[:-1]  # prefill writes all but the last token into the cache (at most {longest} per call; no logits)
+out = prefill(tokens=np.array([body + [0] * ({longest} - len(body))], np.int32),
               input_pos=np.arange({longest}, dtype=np.int32), **cache)
 cache = {{n: out[n] for n in cache}}
-token, pos = int(out["logits"][0, len(ids) - 1].argmax()), len(ids)
-for _ in range(16):
+token, pos, generated = ids[-1], len(body), []
+for _ in range(16):  # decode takes the last prompt token, then each chosen one
     out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32), **cache)
     cache = {{n: out[n] for n in cache}}
     token, pos = int(out["logits"][0, 0].argmax()), pos + 1
+    generated.append(token)
+print(generated)
 ```
 
 On Android, LiteRT (the `com.google.ai.edge.litert` AAR, XNNPACK on the CPU) runs the same
-signatures; LiteRT-LM binds the `kv_cache_*` tensors by these names.
+signatures; LiteRT-LM binds the `kv_cache_*` tensors by these names.{_slots(manifest)}
 
 ## Measure it
 
 `mobilize bench <package>` prints time to first token, prefill and decode tokens/s and peak RSS on the
 machine it runs on; `mobilize run <package> --prompt "..."` streams greedy text.
 """
+
+
+def _slots(manifest: Manifest) -> str:
+    slots = manifest.lora_slots
+    if slots is None:
+        return ""
+    r = slots.rank
+    return (
+        f"\n\nLoRA slots of rank {r} on {', '.join(slots.targets)} ({slots.modules} projections): the signatures "
+        f"`prefill_<L>_lora_r{r}` and `decode_lora_r{r}` take, besides the base signatures' inputs, "
+        f"`lora_atten_<q|k|v|o>_a_prime_weight_<layer>` [in, {r}] and `..._b_prime_weight_<layer>` [{r}, out] "
+        "(float32), litert-torch's names. `mobilize adapter PEFT_DIR --package THIS_DIR` writes a `.lora.tflite` for "
+        "this package: those tensors, checked against these slots, in the flatbuffer LiteRT-LM loads as a LoRA file. "
+        "Run the LoRA signatures with the interpreter and set each tensor as the input of its name "
+        "(`mobilize run THIS_DIR --adapter FILE` does). LiteRT-LM 0.18's CPU engine loads the file but does not "
+        "bind it to these signatures: the adapter has no effect there yet."
+    )

@@ -31,6 +31,7 @@ class _Signature:
         runner = interpreter.get_signature_runner(key)
         self.wrapper, self.index = interpreter._interpreter, runner._subgraph_index
         self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
+        self.bound: str | None = None  # the adapter whose tensors its LoRA inputs hold
         try:
             with _native_stderr_quiet():  # (XNNPACK says it was created, on stderr, at the first allocation)
                 self.wrapper.AllocateTensors(self.index)
@@ -73,7 +74,12 @@ class LiteRtRunner:
         keys = self.interpreter.get_signature_list()
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
-        self.prefill_lens = sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
+        prefills = [k for k in keys if k.startswith("prefill_") and "_lora_r" not in k]
+        self.prefill_lens = sorted(int(k.split("_")[1]) for k in prefills)
+        lora = [k for k in keys if k.startswith("decode_lora_r")]  # LoRA slots (targets/tflite/lora.py)
+        self.lora_suffix = lora[0].removeprefix("decode") if lora else None
+        self.adapters: dict[str, dict[str, np.ndarray]] = {}
+        self.active: str | None = None
         self._signatures: dict[str, _Signature] = {}  # allocated on first use: each holds its own cache tensors
         self.kv_names = [n for n in keys["decode"]["inputs"] if n.startswith("kv_cache_")]
         self.max_len = self.signature("decode").input(self.kv_names[0]).shape[2]
@@ -84,12 +90,28 @@ class LiteRtRunner:
             self._signatures[key] = _Signature(self.interpreter, key)
         return self._signatures[key]
 
+    def load_adapter(self, name: str, params: dict[str, np.ndarray]) -> None:
+        """Keep a LoRA adapter's tensors (read and checked by the caller: harness/package.py), by input name."""
+        if self.lora_suffix is None:
+            raise MobilizeError("--adapter: this package has no LoRA slots (export it with --lora-slots RANK)")
+        self.adapters[name] = params
+
+    def activate(self, name: str | None) -> None:
+        """Run the next steps with this loaded adapter, through the LoRA signatures (None: the base ones)."""
+        self.active = name
+
     def reset(self) -> None:
         self.home: str | None = None  # the signature whose input tensors hold the cache
         self.length = 0
 
     def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
+        if self.active is not None:
+            key += self.lora_suffix
         sig = self.signature(key)
+        if self.active is not None and sig.bound != self.active:  # the adapter's tensors into its inputs, once
+            for name, value in self.adapters[self.active].items():
+                sig.input(name)[...] = value
+            sig.bound = self.active
         if self.home is None:
             for name in self.kv_names:
                 sig.input(name)[...] = 0

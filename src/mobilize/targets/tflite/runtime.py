@@ -17,6 +17,13 @@ CACHE_INPUTS = "kv_cache_"
 DEVICE_MODULES = ("targets/tflite/runner.py", "targets/tflite/writer.py", "targets/tflite/litertlm_bench.py")
 
 
+def adapter_file():
+    """The LoRA adapter file of this format (`mobilize adapter`): SUFFIX, slot_name, write_adapter, read_adapter."""
+    from mobilize.targets.tflite import lora
+
+    return lora
+
+
 def native_tools():
     """The runtimes' own benchmark binaries, by name (`bench --device ... --native PATH`): targets/tflite/native.py."""
     from mobilize.targets.tflite.native import TOOLS
@@ -42,9 +49,12 @@ def check(path: Path, manifest: Manifest) -> None:
 def _litert(path: Path, manifest: Manifest, threads: int, adapters: Mapping[str, dict[str, np.ndarray]]):
     from mobilize.targets.tflite.runner import LiteRtRunner
 
+    runner = LiteRtRunner(path / "model.tflite", threads=threads)
+    for name, params in adapters.items():
+        runner.load_adapter(name, params)
     if adapters:
-        raise MobilizeError("--adapter: TFLite packages have no LoRA slots yet (merge with export --lora)")
-    return LiteRtRunner(path / "model.tflite", threads=threads)
+        runner.activate(next(iter(adapters)))
+    return runner
 
 
 def _litert_lm(path: Path, threads: int, prompt_len: int, gen_len: int) -> tuple[float, float, float]:

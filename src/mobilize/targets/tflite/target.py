@@ -12,6 +12,7 @@ from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.tflite.caps import TFLITE_CAPS
 from mobilize.targets.tflite.emitter import build_tflite, tflite_kv
+from mobilize.targets.tflite.lora import ATTENTION, is_lora_signature
 from mobilize.targets.tflite.readme import tflite_readme
 from mobilize.targets.tflite.writer import tflite_io, weight_bytes
 
@@ -28,13 +29,17 @@ class TfliteTarget:
         if how.logits != "last":
             raise MobilizeError("--logits all is for ONNX packages (TFLite's signatures give the last position's)")
         if how.lora_slots is not None:
-            raise MobilizeError("--lora-slots: TFLite packages have no LoRA slots yet; use --format onnx, or merge the "
-                                "adapter with --lora")  # fmt: skip
+            others = [t for t in how.lora_slots.targets if t not in ATTENTION]
+            if others:
+                raise MobilizeError(f"--lora-targets {','.join(others)}: TFLite's LoRA slots are on attention "
+                                    "projections only (q,k,v,o: the inputs LiteRT-LM binds); use --format onnx, or "
+                                    "merge the adapter with --lora")  # fmt: skip
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
         phase("lowering to TFLite")
         return build_tflite(
-            model, recipe, how.max_seq_len, list(how.prefill_lens), statistics and statistics(), how.kv_dtype
+            model, recipe, how.max_seq_len, list(how.prefill_lens), statistics and statistics(), how.kv_dtype,
+            how.lora_slots,
         )
 
     def write(self, lowered, model: LoadedModel, how: Lowering, out: Path, phase) -> Written:
@@ -43,7 +48,8 @@ class TfliteTarget:
         tfl.write(out / "model.tflite")
         io = Io.parse(tflite_io(out / "model.tflite"), "the written model.tflite")
         reports = [{"pass": "tflite_lowering", "signatures": sorted(io.signatures), **quant_report}]
-        prefill = sorted(int(k.split("_")[1]) for k in io.signatures if k != "decode")
+        prefill = sorted(int(k.split("_")[1]) for k in io.signatures if k.startswith("prefill_") and
+                         not is_lora_signature(k))  # fmt: skip
         return Written(io, tflite_kv(model.config, how.max_seq_len, how.kv_dtype), reports, {"prefill_lens": prefill})
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:

@@ -143,6 +143,7 @@ class TflModel:
         self.buffers: list[Buffer | None] = [None]  # buffer 0: the schema's empty sentinel
         self.graphs: list[TflGraph] = []
         self.metadata: dict[str, bytes] = {}
+        self.buffer_metadata: dict[str, int] = {}  # entries whose buffer field is the value (LiteRT-LM's lora_rank)
         self._opcodes: dict[int, int] = {}
         self._small: dict[tuple, int] = {}
         self._weights: dict[str, int] = {}
@@ -200,7 +201,7 @@ class TflModel:
             sig.inputs = [_tensor_map(n, t) for n, t in g.inputs]
             sig.outputs = [_tensor_map(n, t) for n, t in g.outputs]
             m.signatureDefs.append(sig)
-        if self.metadata:
+        if self.metadata or self.buffer_metadata:
             # Metadata lives in small inline buffers appended after the weight buffers.
             m.metadata = []
             for name, data in sorted(self.metadata.items()):
@@ -209,6 +210,10 @@ class TflModel:
                 m.buffers.append(b)
                 md = fb.MetadataT()
                 md.name, md.buffer = name, len(m.buffers) - 1
+                m.metadata.append(md)
+            for name, value in sorted(self.buffer_metadata.items()):
+                md = fb.MetadataT()
+                md.name, md.buffer = name, value
                 m.metadata.append(md)
         builder = flatbuffers.Builder(1 << 16)
         builder.Finish(m.Pack(builder), file_identifier=b"TFL3")

@@ -1,0 +1,110 @@
+"""LoRA slots in a LiteRT model, and the adapter file that fills them, named as litert-torch and LiteRT-LM name them.
+
+A package exported with `--lora-slots R` keeps its base signatures (`prefill_<L>`, `decode`) and adds
+`prefill_<L>_lora_r<R>` and `decode_lora_r<R>` (litert-torch's names): the same graphs with one more pair of float32
+inputs per slot, `lora_atten_<q|k|v|o>_a_prime_weight_<layer>` [in, R] and `..._b_prime_weight_<layer>` [R, out],
+whose product is added to the projection's output (the adapter's scale folded into b). These are the input names
+litert-torch gives and LiteRT-LM's LoRA loader matches (`runtime/util/lora_util.cc`); it knows none for MLP
+projections, so a TFLite package has slots on attention projections only.
+
+The adapter file is what LiteRT-LM's `FlatBufferLoraData` reads (`runtime/util/lora_data.cc`): a TFLite flatbuffer
+whose tensors carry those names, their bytes in buffers after the flatbuffer (offset and size), a metadata entry
+`lora_rank` whose buffer field is the rank, and the file padded to whole pages (it maps each tensor in pages).
+mobilize adds `mobilize_base`: the digest of the package's model files it was made for (package/adapter.py), so
+that it is refused on any other base.
+
+Measured with litert-lm-api 0.18.1 (CPU): its engine loads such a file (ranks 16 and 32 only: "Currently only
+support rank 16 and 32") but binds LoRA inputs of the plain `decode` signature only, where this layout has none,
+so the adapter has no effect there; with the inputs in the plain signatures instead, the engine's output was
+`<pad>` with or without an adapter (an all-zero one too). Until that is settled, the LoRA signatures are run by
+LiteRT's interpreter (an app's own loop, or `mobilize run --adapter`).
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mobilize.errors import MobilizeError
+from mobilize.safe_io import quoted
+
+SUFFIX = ".lora.tflite"
+PAGE = 4096  # (memory_mapped_file_posix.cc: "the file size is not a multiple of the OS alignment")
+ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
+_MODULE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)$")
+_BASE_KEY = "mobilize_base"
+
+
+def signature(key: str, rank: int) -> str:
+    """The LoRA signature of a base signature: prefill_128 -> prefill_128_lora_r8, decode -> decode_lora_r8."""
+    return f"{key}_lora_r{rank}"
+
+
+def is_lora_signature(key: str) -> bool:
+    return re.search(r"_lora_r\d+$", key) is not None
+
+
+def slot_name(module: str, half: str) -> str:
+    """The input name of a slot's A or B: model.layers.3.self_attn.q_proj, "A" -> lora_atten_q_a_prime_weight_3."""
+    m = _MODULE.match(module)
+    if m is None:
+        raise MobilizeError(f"{quoted(module)}: TFLite LoRA slots are on attention projections only (q, k, v, o), "
+                            "the ones LiteRT-LM binds")  # fmt: skip
+    return f"lora_atten_{ATTENTION[m.group(2)]}_{half.lower()}_prime_weight_{m.group(1)}"
+
+
+def write_adapter(path: Path, tensors: dict[str, np.ndarray], base: int, rank: int) -> None:
+    """The adapter file: one weights-only graph (no operators) whose tensors are the slot inputs' values."""
+    from mobilize.targets.tflite.writer import TflModel
+
+    model = TflModel("mobilize LoRA adapter")
+    g = model.graph("lora")
+    for name, value in tensors.items():
+        value = np.ascontiguousarray(value, np.float32)
+        g.weight(name, value.shape, np.float32, value.nbytes, lambda v=value: v)
+    model.metadata[_BASE_KEY] = np.int64(base).tobytes()
+    model.buffer_metadata["lora_rank"] = rank
+    size = model.write(path)
+    with open(path, "ab") as f:  # LiteRT-LM maps each tensor in whole pages: the file must end on one
+        f.write(b"\0" * (-size % PAGE))
+
+
+def read_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
+    """(the base digest it was made for, its tensors by name); one line if it is not such a file."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    not_ours = f"--adapter {quoted(path)} is not a LiteRT LoRA adapter file ({SUFFIX}, written by mobilize adapter)"
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if len(data) < 8 or data[4:8] != b"TFL3":
+                raise MobilizeError(not_ours)
+            model = fb.Model.GetRootAs(data, 0)
+            entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+            meta = {entry.Name().decode(): entry.Buffer() for entry in entries}
+            if _BASE_KEY not in meta or "lora_rank" not in meta:
+                raise MobilizeError(not_ours)
+            base = int(np.frombuffer(model.Buffers(meta[_BASE_KEY]).DataAsNumpy().tobytes(), np.int64)[0])
+            out = {}
+            for s in range(model.SubgraphsLength()):
+                graph = model.Subgraphs(s)
+                for t in range(graph.TensorsLength()):
+                    tensor = graph.Tensors(t)
+                    buf = model.Buffers(tensor.Buffer())
+                    shape = tuple(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+                    name = tensor.Name().decode()
+                    if tensor.Type() != fb.TensorType.FLOAT32:
+                        raise MobilizeError(f"--adapter {quoted(path)}: tensor {quoted(name)} is not float32")
+                    size = 4 * int(np.prod(shape))
+                    if buf.Size() != size or buf.Offset() + size > len(data):
+                        raise MobilizeError(f"--adapter {quoted(path)}: tensor {quoted(name)}'s bytes are not in the "
+                                            "file (cut short?)")  # fmt: skip
+                    off = buf.Offset()
+                    out[name] = np.frombuffer(data[off : off + size], np.float32).reshape(shape).copy()
+            return base, out
+    except MobilizeError:
+        raise
+    except Exception:  # a flatbuffer that does not parse: its reader's errors are many
+        raise MobilizeError(not_ours) from None
