@@ -184,6 +184,7 @@ def test_the_runtime_zip_verifies_both_formats_by_itself(tiny_hf, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_run_and_eval_on_a_device_give_what_they_give_here(tiny_hf, tmp_path):
     """`run --device` and `eval --device` (here `local`: the same runtime as this machine's) print what the same
     commands print without it: tokens computed there, decoded here; the text scored there, the figures here."""
@@ -310,6 +311,7 @@ def test_a_runtimes_own_benchmark_binary_on_a_device(tiny_hf, tmp_path):
                           "--native runs a benchmark binary on a --device")  # fmt: skip
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_a_package_on_the_device_is_not_pushed_again_unless_changed(package, ssh_config, tmp_path):
     """The device holds the package from an earlier run: not copied again (its manifest's sha256 says so); a file
     changed there since is caught by the device's own check and the package pushed anew, whole."""

@@ -68,6 +68,7 @@ def test_slots_match_peft(family, fmt, tiny_hf, tmp_path):
     assert_tracks_reference(ReferenceRunner(src), runner, PROMPT)
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_genai_switches_adapters(tiny_hf, tmp_path):
     """Two adapters loaded by onnxruntime_genai.Adapters on one model, switched between generations: each gives
     the tokens mobilize's runner gives with it, the base its own, and the two differ. The second covers one of the
@@ -143,6 +144,7 @@ def _half_adapter(like: Path, pkg: Path, out: Path) -> None:
     fmt.export_adapter(str(out))
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_refused_in_one_line(tiny_hf, tmp_path):
     src = tiny_hf("llama")
     pkg = _export(src, tmp_path / "pkg", rank=4, targets="q,v")
@@ -176,6 +178,7 @@ def test_refused_in_one_line(tiny_hf, tmp_path):
     assert existing.read_bytes() == b"keep me" and not out.exists()
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_eval_and_bench_with_an_adapter(tiny_hf, tmp_path):
     """eval --adapter: the package with the adapter against the reference with it merged (agrees: KL ~0), and
     recording the base's own eval in its manifest keeps the adapter loadable; bench --adapter: base and adapter
@@ -211,6 +214,7 @@ def test_an_adapter_on_some_slots(tiny_hf, tmp_path):
     assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
 
 
+@pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_tflite_adapters_refused_in_one_line(tiny_hf, tmp_path):
     """The LiteRT adapter file: made for this package or refused, not an adapter file, a tensor that is no slot's
     (each one line); two adapters on one loaded base switch, each giving its own tokens."""
