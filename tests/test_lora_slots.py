@@ -230,19 +230,25 @@ def test_tflite_adapters_refused_in_one_line(tiny_hf, tmp_path):
     assert base == base_version(Manifest.read(pkg)) and sorted(tensors)[0] == "lora_atten_q_a_prime_weight_0"
     wrong_base = _convert(write_peft_adapter(src, tmp_path / "p3", ["q_proj"]), other, tmp_path / "o.lora.tflite")
     assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", wrong_base), "made for another package")
-    junk = tmp_path / "junk.lora.tflite"
-    junk.write_bytes(b"TFL3 but not a flatbuffer")
-    assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", junk), "not a LiteRT LoRA adapter file")
+    for name, data in (("junk", b"TFL3 but not a flatbuffer"), ("garbled", b"\x10\0\0\0TFL3" + bytes(range(200)))):
+        junk = tmp_path / f"{name}.lora.tflite"  # (the second has the identifier where a flatbuffer has it)
+        junk.write_bytes(data)
+        assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", junk), "not a LiteRT LoRA adapter file")
     stray = tmp_path / "stray.lora.tflite"
     write_adapter(stray, {**tensors, "lora_atten_k_a_prime_weight_0": tensors["lora_atten_q_a_prime_weight_0"]},
                   base, 4)  # fmt: skip
     assert_one_line_error(cli("run", pkg, "-p", "x", "--adapter", stray), "'lora_atten_k_a_prime_weight_0' is no slot")
-    runner = Package.open(pkg).runner(adapters=files)
-    outs = {}
-    for name in ("a1", None, "a2", "a1"):
+    partial, explicit = tmp_path / "a3.lora.tflite", tmp_path / "a4.lora.tflite"  # q only: v must be zeros, not
+    write_adapter(partial, {k: v for k, v in tensors.items() if "_q_" in k}, base, 4)  # what a1 left in the inputs
+    write_adapter(explicit, {k: v if "_q_" in k else np.zeros_like(v) for k, v in tensors.items()}, base, 4)
+    runner = Package.open(pkg).runner(adapters=[*files, partial, explicit])
+    outs, logits = {}, {}
+    for name in ("a1", None, "a2", "a1", "a3", "a4"):
         runner.activate(name)
         out = [int(runner.prefill(PROMPT)[-1].argmax())]
+        logits[name] = runner.decode(out[-1])
         while len(out) < 12:
             out.append(int(runner.decode(out[-1]).argmax()))
         assert outs.setdefault(name, out) == out
-    assert len({tuple(v) for v in outs.values()}) == 3
+    assert len({tuple(outs[k]) for k in ("a1", None, "a2")}) == 3
+    np.testing.assert_array_equal(logits["a3"], logits["a4"])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mobilize.bench.lora_domain import EVAL_SEED, bulletins
 from mobilize.bench.train_lora import DEFAULT_OUT as ADAPTER
+from mobilize.targets.registry import runtime
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPT = "Bulletin 1207 of the Skerrow Isles Coastwatch, issued at 0600 on the"
@@ -53,7 +54,7 @@ def main() -> None:
     _cli("export", "gemma3-270m", "-o", base, *common)
     _cli("export", "gemma3-270m", "-o", merged, "--lora", ADAPTER, *common)
     _cli("export", "gemma3-270m", "-o", slots, "--lora-slots", 16, "--lora-targets", "q,v", *common)
-    adapter_file = work / f"skerrow{'.onnx_adapter' if args.format == 'onnx' else '.lora.tflite'}"
+    adapter_file = work / f"skerrow{runtime(args.format).adapter_file().SUFFIX}"
     _cli("adapter", ADAPTER, "--package", slots, "-o", adapter_file, "--overwrite")
     exported = time.perf_counter() - t0
 

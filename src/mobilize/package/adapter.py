@@ -122,17 +122,14 @@ def check_adapter(path: str | Path, package: Path, manifest: Manifest) -> dict[s
                                 f"{list(value.shape)}; the slot takes float32 {list(expected[name][2])}")  # fmt: skip
     if not params:
         raise MobilizeError(f"--adapter {quoted(path)} holds no tensors")
-    pairs = {}
+    slot_name = runtime(manifest.format).adapter_file().slot_name
     for name in params:
         module, half, _ = expected[name]
-        pairs.setdefault(module, {})[half] = name
-    lone = next((halves for halves in pairs.values() if len(halves) == 1), None)
-    if lone is not None:
-        (half, name), = lone.items()
-        module = expected[name][0]
-        other = next(n for n, (m, h, _) in expected.items() if m == module and h != half)
-        raise MobilizeError(f"--adapter {quoted(path)}: {quoted(name)} comes without {quoted(other)}")
-    return params
+        other = slot_name(module, "B" if half == "A" else "A")
+        if other not in params:
+            raise MobilizeError(f"--adapter {quoted(path)}: {quoted(name)} comes without {quoted(other)}")
+    # slots the file leaves out hold zeros (a runtime's inputs keep what they were last given otherwise)
+    return {name: params.get(name, np.zeros(shape, np.float32)) for name, (_, _, shape) in expected.items()}
 
 
 def merged_reference_deltas(params: dict[str, np.ndarray], package: Path, manifest: Manifest) -> dict[str, np.ndarray]:

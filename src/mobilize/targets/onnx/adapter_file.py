@@ -38,7 +38,7 @@ def read_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
 
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
-    except Exception:  # ORT's own types: not the format, truncated
+        # copies: the arrays are views of memory the reader owns, freed with it
+        return fmt.get_model_version(), {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}
+    except Exception:  # ORT's own types: not the format, truncated, a tensor type numpy has not
         raise MobilizeError(f"--adapter {quoted(path)} is not an ONNX Runtime adapter file ({SUFFIX})") from None
-    # copies: the arrays are views of memory the reader owns, freed with it
-    return fmt.get_model_version(), {k: np.array(v.numpy(), copy=True) for k, v in fmt.get_parameters().items()}

@@ -22,7 +22,9 @@ LiteRT's interpreter (an app's own loop, or `mobilize run --adapter`).
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
 import re
 from pathlib import Path
 
@@ -41,10 +43,6 @@ _BASE_KEY = "mobilize_base"
 def signature(key: str, rank: int) -> str:
     """The LoRA signature of a base signature: prefill_128 -> prefill_128_lora_r8, decode -> decode_lora_r8."""
     return f"{key}_lora_r{rank}"
-
-
-def is_lora_signature(key: str) -> bool:
-    return re.search(r"_lora_r\d+$", key) is not None
 
 
 def slot_name(module: str, half: str) -> str:
@@ -70,6 +68,8 @@ def write_adapter(path: Path, tensors: dict[str, np.ndarray], base: int, rank: i
     size = model.write(path)
     with open(path, "ab") as f:  # LiteRT-LM maps each tensor in whole pages: the file must end on one
         f.write(b"\0" * (-size % PAGE))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
@@ -86,22 +86,33 @@ def read_adapter(path: Path) -> tuple[int, dict[str, np.ndarray]]:
             meta = {entry.Name().decode(): entry.Buffer() for entry in entries}
             if _BASE_KEY not in meta or "lora_rank" not in meta:
                 raise MobilizeError(not_ours)
-            base = int(np.frombuffer(model.Buffers(meta[_BASE_KEY]).DataAsNumpy().tobytes(), np.int64)[0])
+            buffers = model.BuffersLength()
+
+            def buffer(index: int):
+                if not 0 < index < buffers:
+                    raise MobilizeError(not_ours)
+                return model.Buffers(index)
+
+            base = int(np.frombuffer(buffer(meta[_BASE_KEY]).DataAsNumpy().tobytes(), np.int64)[0])
+            rank = meta["lora_rank"]
             out = {}
             for s in range(model.SubgraphsLength()):
                 graph = model.Subgraphs(s)
                 for t in range(graph.TensorsLength()):
                     tensor = graph.Tensors(t)
-                    buf = model.Buffers(tensor.Buffer())
-                    shape = tuple(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
                     name = tensor.Name().decode()
-                    if tensor.Type() != fb.TensorType.FLOAT32:
-                        raise MobilizeError(f"--adapter {quoted(path)}: tensor {quoted(name)} is not float32")
-                    size = 4 * int(np.prod(shape))
-                    if buf.Size() != size or buf.Offset() + size > len(data):
-                        raise MobilizeError(f"--adapter {quoted(path)}: tensor {quoted(name)}'s bytes are not in the "
-                                            "file (cut short?)")  # fmt: skip
+                    where = f"--adapter {quoted(path)}: tensor {quoted(name)}"
+                    shape = tuple(int(d) for d in tensor.ShapeAsNumpy()) if tensor.ShapeLength() else ()
+                    if tensor.Type() != fb.TensorType.FLOAT32 or len(shape) != 2 or min(shape) < 1:
+                        raise MobilizeError(f"{where} is not a float32 matrix")
+                    if name in out:
+                        raise MobilizeError(f"{where} appears twice")
+                    if shape[1 if "_a_prime_" in name else 0] != rank:
+                        raise MobilizeError(f"{where} is {list(shape)}, not of the file's lora_rank {rank}")
+                    buf, size = buffer(tensor.Buffer()), 4 * math.prod(shape)
                     off = buf.Offset()
+                    if buf.Size() != size or off <= 1 or off + size > len(data):
+                        raise MobilizeError(f"{where}: its bytes are not in the file (cut short?)")
                     out[name] = np.frombuffer(data[off : off + size], np.float32).reshape(shape).copy()
             return base, out
     except MobilizeError:

@@ -63,8 +63,9 @@ _TFLITE_PEAK = r"Overall peak memory footprint \(MB\) via periodic monitoring:\s
 
 
 def _prefill_signature(manifest: Manifest, prompt_len: int) -> int:
-    keys = [k for k in manifest.io.signatures or {} if k.startswith("prefill_") and "_lora_r" not in k]
-    lens = sorted(int(k.removeprefix("prefill_")) for k in keys)
+    from mobilize.targets.tflite.runner import prefill_lengths
+
+    lens = prefill_lengths(manifest.io.signatures or {})
     if not lens:
         raise MobilizeError("the package's model.tflite has no prefill_<L> signature")
     return max((n for n in lens if n <= prompt_len), default=lens[0])

@@ -26,6 +26,11 @@ import numpy as np
 from mobilize.errors import MobilizeError, runtime_reason
 
 
+def prefill_lengths(keys) -> list[int]:
+    """The lengths L of a model's base `prefill_<L>` signatures (not the LoRA ones, `prefill_<L>_lora_r<R>`)."""
+    return sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_") and "_lora_r" not in k)
+
+
 class _Signature:
     def __init__(self, interpreter, key: str) -> None:
         runner = interpreter.get_signature_runner(key)
@@ -74,8 +79,7 @@ class LiteRtRunner:
         keys = self.interpreter.get_signature_list()
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
-        prefills = [k for k in keys if k.startswith("prefill_") and "_lora_r" not in k]
-        self.prefill_lens = sorted(int(k.split("_")[1]) for k in prefills)
+        self.prefill_lens = prefill_lengths(keys)
         lora = [k for k in keys if k.startswith("decode_lora_r")]  # LoRA slots (targets/tflite/lora.py)
         self.lora_suffix = lora[0].removeprefix("decode") if lora else None
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -98,6 +102,8 @@ class LiteRtRunner:
 
     def activate(self, name: str | None) -> None:
         """Run the next steps with this loaded adapter, through the LoRA signatures (None: the base ones)."""
+        if name is not None and name not in self.adapters:
+            raise MobilizeError(f"no adapter named {name!r} is loaded")
         self.active = name
 
     def reset(self) -> None:

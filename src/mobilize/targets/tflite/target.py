@@ -12,8 +12,9 @@ from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.tflite.caps import TFLITE_CAPS
 from mobilize.targets.tflite.emitter import build_tflite, tflite_kv
-from mobilize.targets.tflite.lora import ATTENTION, is_lora_signature
+from mobilize.targets.tflite.lora import ATTENTION
 from mobilize.targets.tflite.readme import tflite_readme
+from mobilize.targets.tflite.runner import prefill_lengths
 from mobilize.targets.tflite.writer import tflite_io, weight_bytes
 
 
@@ -48,8 +49,7 @@ class TfliteTarget:
         tfl.write(out / "model.tflite")
         io = Io.parse(tflite_io(out / "model.tflite"), "the written model.tflite")
         reports = [{"pass": "tflite_lowering", "signatures": sorted(io.signatures), **quant_report}]
-        prefill = sorted(int(k.split("_")[1]) for k in io.signatures if k.startswith("prefill_") and
-                         not is_lora_signature(k))  # fmt: skip
+        prefill = prefill_lengths(io.signatures)
         return Written(io, tflite_kv(model.config, how.max_seq_len, how.kv_dtype), reports, {"prefill_lens": prefill})
 
     def weight_bytes(self, package_dir: Path) -> tuple[int, int]:
