@@ -86,14 +86,14 @@ def _check_adapters(manifest: Manifest, adapters: list[dict]) -> None:
 def runners(package, reference: str, threads: int, adapter: Path | None = None):
     """(the reference, the package's runner); `adapter`: a LoRA adapter file for the package's slots, active in
     the package and merged into the reference."""
-    params = None
-    if adapter is not None:
-        from mobilize.package.adapter import check_adapter, merged_reference_deltas
+    checked, deltas = {}, None
+    if adapter is not None:  # read and checked once, for both
+        from mobilize.package.adapter import merged_reference_deltas
 
-        params = check_adapter(adapter, package.path, package.manifest)
-        params = merged_reference_deltas(params, package.path, package.manifest)
-    ref = reference_runner(package.manifest, reference, params)  # first: a package without a source says so
-    return ref, package.runner(threads, [adapter] if adapter is not None else [])
+        checked = package.adapter_files([adapter])
+        deltas = merged_reference_deltas(next(iter(checked.values())), package.path, package.manifest)
+    ref = reference_runner(package.manifest, reference, deltas)  # first: a package without a source says so
+    return ref, package.runner(threads, checked=checked)
 
 
 def evaluate(

@@ -51,11 +51,13 @@ class Package:
             ids |= {i for i in (eos if isinstance(eos, list) else [eos]) if type(i) is int}
         return ids
 
-    def runner(self, threads: int = 0, adapters: list[Path] = (), runtime: str | None = None):
+    def runner(self, threads: int = 0, adapters: list[Path] = (), runtime: str | None = None,
+               checked: dict[str, dict[str, np.ndarray]] | None = None):  # fmt: skip
         """A runner over the package in `runtime` (None: its format's default; targets/<format>/runtime.py, imported
         here: a device has only its format's runtime); `threads` 0: the package's own (its preset's device's big
         cores, as its genai_config.json asks). `adapters`: LoRA adapter files, each checked against the package's
-        slots and loaded (named by file stem), the first one active."""
+        slots and loaded (named by file stem), the first one active; or `checked`: what `adapter_files` made of
+        them already."""
         available = runtimes(self.manifest.format)
         name = runtime or next(iter(available))
         if name not in available:
@@ -64,7 +66,8 @@ class Package:
         chosen = available[name]
         if chosen.runner is None:
             raise MobilizeError(f"--runtime {name} is measured by its own engine: `mobilize bench` only")
-        checked = self.adapter_files(adapters) if adapters else {}  # (a device's copy has no package/adapter.py)
+        if checked is None:  # (a device's copy has no package/adapter.py: no adapters there)
+            checked = self.adapter_files(adapters) if adapters else {}
         return chosen.runner(self.path, self.manifest, threads or self.manifest.target.threads, checked)
 
     def adapter_files(self, adapters: list[Path]) -> dict[str, dict[str, np.ndarray]]:
