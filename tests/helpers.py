@@ -57,9 +57,12 @@ _LAYER_GEMMA = _LAYER | {
 }
 
 
-def write_tiny_gguf(cfg: DecoderConfig, hf_dir: Path, out: Path, quant: dict[str, str] | None = None) -> Path:
+def write_tiny_gguf(
+    cfg: DecoderConfig, hf_dir: Path, out: Path, quant: dict[str, str] | None = None, vocab: dict | None = None
+) -> Path:
     """Convert a tiny HF checkpoint to GGUF as llama.cpp does (q/k row order for llama, +1 on Gemma norms).
-    `quant` maps a GGUF tensor-name suffix to a ggml type name (e.g. {"ffn_up.weight": "Q8_0"})."""
+    `quant` maps a GGUF tensor-name suffix to a ggml type name (e.g. {"ffn_up.weight": "Q8_0"}); `vocab` holds
+    `tokenizer.*` keys to write as they are (another GGUF's, as `read_gguf` reads them)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -78,6 +81,15 @@ def write_tiny_gguf(cfg: DecoderConfig, hf_dir: Path, out: Path, quant: dict[str
     w.add_vocab_size(cfg.vocab_size)
     if cfg.sliding_window:
         w.add_sliding_window(cfg.sliding_window)
+    for key, value in (vocab or {}).items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
     tensors = load_file(str(hf_dir / "model.safetensors"))
     table = _LAYER_GEMMA if cfg.family == "gemma3" else _LAYER
     for name, t in tensors.items():

@@ -18,6 +18,7 @@ from pathlib import Path
 from mobilize import cache_root
 from mobilize.errors import CheckpointError, MobilizeError
 from mobilize.frontend.families.registry import FAMILIES
+from mobilize.frontend.gguf_pretokenizers import known_names, pre_tokenizer
 from mobilize.frontend.sources.base import Checkpoint
 from mobilize.partials import remove_dead
 from mobilize.safe_io import MAX_JSON_BYTES as MAX_SMALL_JSON_BYTES
@@ -166,7 +167,7 @@ def _check_json(path: Path) -> bytes:
     return text
 
 
-_CONVERTER = "mobilize tokenizer converter 6"  # in the cache key: a conversion that changes is not reused
+_CONVERTER = "mobilize tokenizer converter 7"  # in the cache key: a conversion that changes is not reused
 
 
 def _cached_dir(meta: dict) -> Path:
@@ -307,7 +308,11 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
             # vocabularies never do
             gemma = meta["general.architecture"] in _GEMMA_ARCHITECTURES
             prefix = meta.get("tokenizer.ggml.add_space_prefix", not gemma)
-            backend = _sentencepiece_backend(tokens, meta.get("tokenizer.ggml.token_type") or (), named, prefix)
+            # llama.cpp (as SentencePiece) merges the pair whose piece scores highest; Gemma's scores do not follow
+            # its merge order, its file order does
+            scores = None if gemma else meta.get("tokenizer.ggml.scores")
+            types = meta.get("tokenizer.ggml.token_type") or ()
+            backend = _sentencepiece_backend(tokens, types, named, prefix, scores)
         else:
             gguf_tok = _transformers_gguf_builders()
             tok_dict = {
@@ -316,11 +321,16 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
                 if f"tokenizer.{key}" in meta
             }
             backend, _ = gguf_tok.convert_gguf_tokenizer(meta["general.architecture"], tok_dict)
+            if meta.get("tokenizer.ggml.model") == "gpt2":
+                _split_as_llama_cpp(file_name, meta.get("tokenizer.ggml.pre"), backend)
+            backend = _file_tokens_only(backend, len(tokens))
     except MobilizeError:
         raise
     except Exception as e:  # the builders' errors are many and unrelated; name the file and the cause
         raise MobilizeError(f"{file_name}: its tokenizer could not be converted ({type(e).__name__}: {e})") from None
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+    pre = pre_tokenizer(meta.get("tokenizer.ggml.pre")) if meta.get("tokenizer.ggml.model") == "gpt2" else None
+    default_bos = meta.get("tokenizer.ggml.model") == "llama" or (pre is not None and pre.add_bos)  # llama.cpp's
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", default_bos)
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     template, used = "$A", []
     if add_bos and "bos_token" in specials:
@@ -349,20 +359,56 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
 _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
+def _split_as_llama_cpp(file_name: str, name: str | None, backend) -> None:
+    """A byte-level BPE's pre-tokenizer and `ignore_merges`, as llama.cpp reads the file's `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = pre_tokenizer(name)
+    if pre is None:
+        raise MobilizeError(
+            f"{file_name}: its tokenizer's pre-tokenizer {name!r} (tokenizer.ggml.pre) is not one mobilize splits "
+            f"text as llama.cpp does; known: {', '.join(known_names())}"
+        )
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
+    backend.model.ignore_merges = pre.ignore_merges
+
+
+def _file_tokens_only(backend, count: int):
+    """Without the tokens the builder adds beyond the file's (GPT-2's `<|endoftext|>` as the unknown token, for a
+    vocabulary such as Llama 3's that has none): their ids would index past the model's embedding."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    kept = [t for t in spec["added_tokens"] if t["id"] < count]
+    if len(kept) == len(spec["added_tokens"]):
+        return backend
+    dropped = {t["content"] for t in spec["added_tokens"]} - {t["content"] for t in kept}
+    spec["added_tokens"] = kept
+    if spec["model"].get("unk_token") in dropped:
+        spec["model"]["unk_token"] = None
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def _is_sentencepiece(meta: dict) -> bool:
     """A SentencePiece BPE vocabulary (llama.cpp's "llama" model, no merges listed): Llama 1/2, Mistral, Gemma."""
     return meta.get("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in meta
 
 
-def _sentencepiece_backend(file_tokens: list[str], token_types, special_ids: list[int], prefix: bool = False):
+def _sentencepiece_backend(
+    file_tokens: list[str], token_types, special_ids: list[int], prefix: bool = False, scores: list | None = None
+):
     """A GGUF's SentencePiece vocabulary as a `tokenizers` BPE: for Gemma the same tokenizer.json transformers'
     GGUF builder gives (tested byte for byte on gemma3-270m), in ~2 s instead of ~5 s (its import, and its
     merge search, which sorts every candidate pair). The file lists no merges: every split of a token into
     two tokens is one, ranked by the merged token's position in the file, longer left parts first (Gemma's
-    scores do not follow its merge order). Tokens of two or more spaces are stored as spaces but looked up
-    as U+2581 runs. Control tokens (type 3) become special added tokens, user-defined ones (type 4) plain
-    added tokens, kept whole in the text as llama.cpp does; so do the tokens the file names as unknown, BOS,
-    EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them).
+    scores do not follow its merge order), or, given `scores` (one per token, as long as the file's list), by the
+    merged token's score, best first, then its position: SentencePiece's and llama.cpp's order (Llama 2's runs of
+    spaces score -1e9, so " Hello" is "▁" "▁Hello", not "▁▁" "Hello"). Tokens of two or more spaces are stored as
+    spaces but looked up as U+2581 runs. Control tokens (type 3) become special added tokens, user-defined ones
+    (type 4) plain added tokens, kept whole in the text as llama.cpp does; so do the tokens the file names as
+    unknown, BOS, EOS and padding, and `<mask>`, whatever their type (as transformers' Gemma tokenizer adds them).
 
     `prefix` is SentencePiece's dummy prefix (Llama 2, Mistral): one U+2581 before the text, always, also when
     the text starts with a space (" Hi" is "▁▁Hi", as SentencePiece and llama.cpp encode it; transformers' GGUF
@@ -372,7 +418,11 @@ def _sentencepiece_backend(file_tokens: list[str], token_types, special_ids: lis
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in file_tokens]
     vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token keeps its last position
     merges = []
-    for i, t in enumerate(tokens):
+    order = range(len(tokens))
+    if scores is not None and len(scores) == len(tokens):
+        order = sorted(order, key=lambda i: (-scores[i], i))
+    for i in order:
+        t = tokens[i]
         if vocab[t] != i:
             continue
         for cut in range(len(t) - 1, 0, -1):
