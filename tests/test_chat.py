@@ -132,3 +132,30 @@ def test_a_tokenizer_genai_reads_otherwise_stops_the_export(tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["tokenizer_parity"] == {"skipped": "--ignore-tokenizer-parity"}
+
+
+def test_litert_lm_tokenizes_as_the_package(tiny_hf, tmp_path):
+    """A TFLite export with its LiteRT-LM bundle checks the engine's own tokenizer against tokenizer.json, with the
+    BOS the engine puts before a session's prompt: the bundle names a start token only if the tokenizer adds one
+    (this one names `<s>` as BOS and never adds it, as Qwen's files do with `<|endoftext|>`). A tokenizer.json
+    that then adds a BOS the bundle does not is one line from the check."""
+    from tokenizers import Tokenizer, processors
+
+    from mobilize.errors import MobilizeError
+    from mobilize.targets.tflite.tokenizer_parity import check_with_litert_lm
+
+    src = _instruct(tiny_hf, tmp_path / "src", in_jinja=True)
+    opts = dict(format="tflite", quant="fp32", max_seq_len=64, bundle="litertlm")
+    pkg = export(ExportOptions(str(src), tmp_path / "pkg", **opts))
+    parity = json.loads((pkg / "manifest.json").read_text())["tokenizer_parity"]
+    assert "strings encode the same" in parity["litert-lm"], parity
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(src / "tokenizer.json"))
+    with_bos = export(ExportOptions(str(src), tmp_path / "bos", **opts))  # now the bundle names <s>: the same again
+    parity = json.loads((with_bos / "manifest.json").read_text())["tokenizer_parity"]
+    assert "strings encode the same" in parity["litert-lm"], parity
+    tok.save(str(pkg / "tokenizer.json"))  # the first bundle (no start token) beside a tokenizer that adds one
+    with pytest.raises(MobilizeError) as e:
+        check_with_litert_lm(pkg)
+    assert "\n" not in str(e.value) and "LiteRT-LM encodes" in str(e.value), e.value

@@ -60,3 +60,45 @@ def test_real_adapter(fmt, tmp_path):
     for t in texts:  # the bulletin's own words (the greedy day name is a near tie: 0.18 logits between three)
         assert "Wind" in t and "Sea" in t, t
     assert "Wind" not in base_text, base_text
+
+
+def _litert_lm_greedy(bundle: Path, adapter: Path, cache: Path, n: int) -> str:
+    """LiteRT-LM's engine (its own process's, a fresh one per adapter: an engine keeps the last adapter it bound)
+    on the bundle with a LoRA file, greedy, no prompt template."""
+    import litert_lm
+
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    cache.mkdir(exist_ok=True)
+    engine = litert_lm.Engine(str(bundle), backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=str(cache),
+                              activation_data_type=litert_lm.ActivationDataType.FLOAT32)  # fmt: skip
+    greedy = litert_lm.SamplerConfig(top_k=1, top_p=0.0, temperature=1.0, seed=0)
+    session = engine.create_session(apply_prompt_template=False, max_output_tokens=n, sampler_config=greedy,
+                                    lora_config=litert_lm.LoraConfig(lora_path=str(adapter)))  # fmt: skip
+    session.run_prefill([PROMPT])
+    return session.run_decode().texts[0]
+
+
+def test_litert_lm_runs_the_slots_and_the_adapter(tmp_path):
+    """LiteRT-LM's engine on a TFLite slots package's bundle (rank 16, the engine's smallest): with the package's
+    no-adapter.lora.tflite it writes the base model's text, with the real adapter the domain's; every token it picks,
+    fed back through mobilize's runner with the same adapter, is within 1.5 logits of that runner's best (the two
+    runtimes' int8 activations round differently: a near tie may break the other way)."""
+    import numpy as np
+
+    slots = _export(tmp_path / "slots", "tflite", "--lora-slots", "16", "--lora-targets", "q,v", "--bundle", "litertlm")
+    skerrow = tmp_path / "skerrow.lora.tflite"
+    assert cli("adapter", ADAPTER, "--package", slots, "-o", skerrow).returncode == 0
+    pkg = Package.open(slots)
+    tok = pkg.tokenizer()
+    ids = tok.encode(PROMPT).ids
+    texts = {}
+    for name, adapter in (("base", slots / "no-adapter.lora.tflite"), ("skerrow", skerrow)):
+        text = texts[name] = _litert_lm_greedy(slots / "model.litertlm", adapter, tmp_path / "cache", 24)
+        theirs = tok.encode(text, add_special_tokens=False).ids
+        assert len(theirs) >= 12, text
+        runner = pkg.runner(2, [adapter])
+        logits = np.atleast_2d(runner.prefill(ids))[-1]
+        for t in theirs:
+            assert logits.max() - logits[t] <= 1.5, (name, text, tok.decode([t]))
+            logits = runner.decode(t).reshape(-1)
+    assert "Wind" in texts["skerrow"] and "Wind" not in texts["base"], texts

@@ -52,7 +52,8 @@ FAST = ("llama", "gemma3")  # the others in the full run
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 @pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
 def test_slots_match_peft(family, fmt, tiny_hf, tmp_path):
-    """The prompt runs through TFLite's prefill_4_lora_r4 twice and decode_lora_r4 (--prefill-len 4)."""
+    """The prompt runs through prefill_4 twice and decode (--prefill-len 4), the slots' inputs in each; a TFLite
+    package's own no-adapter.lora.tflite (what LiteRT-LM runs its base with) gives the base model."""
     src = tiny_hf(family)
     kinds = (ALL if fmt == "onnx" else ATTENTION).split(",")
     pkg = _export(src, tmp_path / "pkg", targets=",".join(kinds), fmt=fmt)
@@ -66,6 +67,11 @@ def test_slots_match_peft(family, fmt, tiny_hf, tmp_path):
     assert_tracks_reference(ReferenceRunner(src, adapters=[peft]), runner, PROMPT)
     runner.activate(None)  # the base, on the same loaded session
     assert_tracks_reference(ReferenceRunner(src), runner, PROMPT)
+    if fmt == "tflite":
+        empty = Package.open(pkg).runner(adapters=[pkg / "no-adapter.lora.tflite"])
+        assert_tracks_reference(ReferenceRunner(src), empty, PROMPT)
+    else:
+        assert not [p for p in pkg.iterdir() if "adapter" in p.name]
 
 
 @pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)

@@ -18,11 +18,12 @@ from mobilize.harness.package import Package
 IDS = [1, 17, 99, 5, 64, 3]
 
 
-@pytest.mark.parametrize("kv", ["float32", "float16"])
-def test_tflite_readme_code_runs(kv, tiny_hf, tmp_path):
+@pytest.mark.parametrize("kv,slots", [("float32", []), ("float16", []), ("float32", ["--lora-slots", "4"])])
+def test_tflite_readme_code_runs(kv, slots, tiny_hf, tmp_path):
+    """Also for a package with LoRA slots, whose signatures take the slots' inputs too (zeros: the base model)."""
     pkg = tmp_path / "pkg"
     r = cli("export", tiny_hf("llama"), "-o", pkg, "-f", "tflite", "-t", "host", "-q", "fp32", "--max-seq-len", "64",
-            "--prefill-len", "8", "--kv-dtype", kv)  # fmt: skip
+            "--prefill-len", "8", "--kv-dtype", kv, *slots)  # fmt: skip
     assert r.returncode == 0, r.stderr
     code = re.search(r"```python\n(.*?)```", (pkg / "README.md").read_text(), re.S).group(1)
     assert code.count("path/to/this/package") == 1 and code.count("ids = [") == 1

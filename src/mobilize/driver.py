@@ -28,6 +28,7 @@ from mobilize.frontend.tokenizer import (
     write_tokenizer,
 )
 from mobilize.manifest import MANIFEST, SIGNATURE, Architecture, FileEntry, Manifest, Recipe, Source, TargetRecord
+from mobilize.package.adapter import write_empty_adapter
 from mobilize.package.fit import describe, device_named, fit, predict
 from mobilize.package.install import check_destination, destination, install, sweep
 from mobilize.package.readme import package_readme
@@ -198,6 +199,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             lora_slots=None if slots is None else slots.record(model.config),
         )
         target.finish(model, manifest, how, tmp, phase)
+        write_empty_adapter(tmp, manifest)
         if tokenizer_files and opts.tokenizer_parity:
             phase("checking the tokenizer against the runtime's")
             manifest = manifest.replace(tokenizer_parity=target.check_tokenizer(tmp))

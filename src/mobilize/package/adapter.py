@@ -22,7 +22,7 @@ from mobilize.errors import MobilizeError
 from mobilize.frontend.config import config_from_record, expected_shapes
 from mobilize.frontend.lora import Slots, read_adapter
 from mobilize.manifest import Manifest
-from mobilize.safe_io import quoted
+from mobilize.safe_io import quoted, sha256_file
 from mobilize.targets.registry import runtime
 
 
@@ -40,7 +40,23 @@ def base_version(manifest: Manifest) -> int:
     models = sorted((name, entry.sha256) for name, entry in manifest.files.items() if name.startswith("model."))
     if not models:
         raise MobilizeError("the package's manifest lists no model files")
+    return _version(models)
+
+
+def _version(models: list[tuple[str, str]]) -> int:
     return int(hashlib.sha256(repr(models).encode()).hexdigest()[:7], 16)
+
+
+def write_empty_adapter(package: Path, manifest: Manifest) -> str | None:
+    """At export, for a format whose runtime needs an adapter to run a slots package at all (its `EMPTY` file name):
+    the all-zero adapter, for the model files already written in `package`. Returns its name, or None."""
+    file = runtime(manifest.format).adapter_file()
+    if manifest.lora_slots is None or file.EMPTY is None:
+        return None
+    models = sorted((p.name, sha256_file(p)) for p in package.iterdir() if p.name.startswith("model."))
+    zeros = {name: np.zeros(shape, np.float32) for name, (_, _, shape) in slot_tensors(package, manifest).items()}
+    file.write_adapter(package / file.EMPTY, zeros, _version(models), manifest.lora_slots.rank)
+    return file.EMPTY
 
 
 def slot_tensors(package: Path, manifest: Manifest) -> dict[str, tuple[str, str, tuple[int, int]]]:

@@ -15,6 +15,7 @@ from mobilize.frontend.lora import slot_inputs
 from mobilize.safe_io import quoted
 
 SUFFIX = ".onnx_adapter"
+EMPTY = None  # ONNX Runtime (and GenAI) run the slots as zeros when no adapter is active
 FORMAT_VERSION = 1
 
 

@@ -35,7 +35,7 @@ from mobilize.manifest import KvCache
 from mobilize.model.decoder import decode
 from mobilize.model.weights import norm_weight
 from mobilize.quant.recipes import Recipe
-from mobilize.targets.tflite.lora import signature, slot_name
+from mobilize.targets.tflite.lora import slot_name
 from mobilize.targets.tflite.weights import FcWeights
 from mobilize.targets.tflite.writer import TflGraph, TflModel
 
@@ -289,10 +289,10 @@ def build_tflite(
     tfl = TflModel(f"mobilize {cfg.family}")
     keys = [(f"prefill_{n}", n) for n in prefill_lens] + [("decode", 1)]
     modules = slots.modules(cfg) if slots is not None else {}
-    for name, length, with_slots in [(k, n, False) for k, n in keys] + [(k, n, True) for k, n in keys if modules]:
-        g = tfl.graph(signature(name, slots.rank) if with_slots else name)
+    for name, length in keys:
+        g = tfl.graph(name)
         emitter = TfliteEmitter(model, weights, max_len, g, length, logits=name == "decode", kv_dtype=kv_dtype,
-                                slots=modules if with_slots else None, rank=slots.rank if with_slots else 0)
+                                slots=modules or None, rank=slots.rank if modules else 0)
         logits = decode(cfg, emitter)
         if logits is not None:
             g.tensors[logits].name = "logits"

@@ -1,23 +1,27 @@
 """LoRA slots in a LiteRT model, and the adapter file that fills them, named as litert-torch and LiteRT-LM name them.
 
-A package exported with `--lora-slots R` keeps its base signatures (`prefill_<L>`, `decode`) and adds
-`prefill_<L>_lora_r<R>` and `decode_lora_r<R>` (litert-torch's names): the same graphs with one more pair of float32
+A package exported with `--lora-slots R` has its signatures (`prefill_<L>`, `decode`) take one more pair of float32
 inputs per slot, `lora_atten_<q|k|v|o>_a_prime_weight_<layer>` [in, R] and `..._b_prime_weight_<layer>` [R, out],
 whose product is added to the projection's output (the adapter's scale folded into b). These are the input names
 litert-torch gives and LiteRT-LM's LoRA loader matches (`runtime/util/lora_util.cc`); it knows none for MLP
-projections, so a TFLite package has slots on attention projections only.
+projections, so a TFLite package has slots on attention projections only. All-zero inputs are the base model.
+
+The inputs are in the plain signatures because that is where LiteRT-LM's CPU executor binds them: it reads the LoRA
+input names of `decode` and binds the adapter's buffers to them in `decode` and in every signature whose name starts
+with "prefill" (measured with litert-lm-api 0.18.1, and read in its executor). litert-torch's separate
+`prefill_<L>_lora_r<R>` / `decode_lora_r<R>` signatures are not used there, and worse, "prefill_128_lora_r16" counts
+as a prefill signature of length 128: a package holding both ran the base's prompts through LoRA graphs whose inputs
+nothing had set (other text than the base's, measured).
+
+LiteRT-LM leaves the slots' inputs unset when a session has no adapter: the engine then writes `<pad>` (measured). A
+package with slots therefore carries `no-adapter.lora.tflite` (`EMPTY`), the all-zero adapter: a session given it
+runs the base model. mobilize's own runner sets zeros itself when no adapter is active.
 
 The adapter file is what LiteRT-LM's `FlatBufferLoraData` reads (`runtime/util/lora_data.cc`): a TFLite flatbuffer
 whose tensors carry those names, their bytes in buffers after the flatbuffer (offset and size), a metadata entry
-`lora_rank` whose buffer field is the rank, and the file padded to whole pages (it maps each tensor in pages).
-mobilize adds `mobilize_base`: the digest of the package's model files it was made for (package/adapter.py), so
-that it is refused on any other base.
-
-Measured with litert-lm-api 0.18.1 (CPU): its engine loads such a file (ranks 16 and 32 only: "Currently only
-support rank 16 and 32") but binds LoRA inputs of the plain `decode` signature only, where this layout has none,
-so the adapter has no effect there; with the inputs in the plain signatures instead, the engine's output was
-`<pad>` with or without an adapter (an all-zero one too). Until that is settled, the LoRA signatures are run by
-LiteRT's interpreter (an app's own loop, or `mobilize run --adapter`).
+`lora_rank` whose buffer field is the rank (16 or 32 for LiteRT-LM 0.18: "Currently only support rank 16 and 32"), and
+the file padded to whole pages (it maps each tensor in pages). mobilize adds `mobilize_base`: the digest of the
+package's model files it was made for (package/adapter.py), so that it is refused on any other base.
 """
 
 from __future__ import annotations
@@ -34,15 +38,11 @@ from mobilize.errors import MobilizeError
 from mobilize.safe_io import quoted
 
 SUFFIX = ".lora.tflite"
+EMPTY = "no-adapter.lora.tflite"  # in a package with slots: what a LiteRT-LM session runs the base with
 PAGE = 4096  # (memory_mapped_file_posix.cc: "the file size is not a multiple of the OS alignment")
 ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
 _MODULE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkvo]_proj)$")
 _BASE_KEY = "mobilize_base"
-
-
-def signature(key: str, rank: int) -> str:
-    """The LoRA signature of a base signature: prefill_128 -> prefill_128_lora_r8, decode -> decode_lora_r8."""
-    return f"{key}_lora_r{rank}"
 
 
 def slot_name(module: str, half: str) -> str:

@@ -53,16 +53,17 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 it = Interpreter(model_path="path/to/this/package/model.tflite", num_threads={target.threads or 2})  # big cores
 prefill, decode = it.get_signature_runner("prefill_{longest}"), it.get_signature_runner("decode")
-cache = {{n: np.zeros(d["shape"], d["dtype"])
-         for n, d in decode.get_input_details().items() if n.startswith("kv_cache_")}}
+inputs = decode.get_input_details()
+cache = {{n: np.zeros(d["shape"], d["dtype"]) for n, d in inputs.items() if n.startswith("kv_cache_")}}
+lora = {{n: np.zeros(d["shape"], d["dtype"]) for n, d in inputs.items() if n.startswith("lora_")}}  # LoRA slots, if any
 ids = [2, 651, 6037, 576, 6081, 603]  # the tokenized prompt (tokenizer.json), BOS first
 body = ids[:-1]  # prefill writes all but the last token into the cache (at most {longest} per call; no logits)
 out = prefill(tokens=np.array([body + [0] * ({longest} - len(body))], np.int32),
-              input_pos=np.arange({longest}, dtype=np.int32), **cache)
+              input_pos=np.arange({longest}, dtype=np.int32), **cache, **lora)
 cache = {{n: out[n] for n in cache}}
 token, pos, generated = ids[-1], len(body), []
 for _ in range(16):  # decode takes the last prompt token, then each chosen one
-    out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32), **cache)
+    out = decode(tokens=np.array([[token]], np.int32), input_pos=np.array([pos], np.int32), **cache, **lora)
     cache = {{n: out[n] for n in cache}}
     token, pos = int(out["logits"][0, 0].argmax()), pos + 1
     generated.append(token)
@@ -85,12 +86,13 @@ def _slots(manifest: Manifest) -> str:
         return ""
     r = slots.rank
     return (
-        f"\n\nLoRA slots of rank {r} on {', '.join(slots.targets)} ({slots.modules} projections): the signatures "
-        f"`prefill_<L>_lora_r{r}` and `decode_lora_r{r}` take, besides the base signatures' inputs, "
-        f"`lora_atten_<q|k|v|o>_a_prime_weight_<layer>` [in, {r}] and `..._b_prime_weight_<layer>` [{r}, out] "
-        "(float32), litert-torch's names. `mobilize adapter PEFT_DIR --package THIS_DIR` writes a `.lora.tflite` for "
-        "this package: those tensors, checked against these slots, in the flatbuffer LiteRT-LM loads as a LoRA file. "
-        "Run the LoRA signatures with the interpreter and set each tensor as the input of its name "
-        "(`mobilize run THIS_DIR --adapter FILE` does). LiteRT-LM 0.18's CPU engine loads the file but does not "
-        "bind it to these signatures: the adapter has no effect there yet."
+        f"\n\nLoRA slots of rank {r} on {', '.join(slots.targets)} ({slots.modules} projections): every signature "
+        f"takes, besides the base model's inputs, `lora_atten_<q|k|v|o>_a_prime_weight_<layer>` [in, {r}] and "
+        f"`..._b_prime_weight_<layer>` [{r}, out] (float32), the names litert-torch gives and LiteRT-LM binds; all "
+        "zeros is the base model. `mobilize adapter PEFT_DIR --package THIS_DIR` writes a `.lora.tflite` for this "
+        "package: those tensors, checked against these slots, in the flatbuffer LiteRT-LM loads as a LoRA file. In "
+        "LiteRT-LM, give every session an adapter (`LoraConfig(lora_path=...)`, rank 16 or 32): "
+        "`no-adapter.lora.tflite`, all zeros, runs the base model; a session with none leaves the inputs unset "
+        "(the engine then writes `<pad>`). With the interpreter, set each tensor as the input of its name in every "
+        "signature (`mobilize run THIS_DIR --adapter FILE` does)."
     )

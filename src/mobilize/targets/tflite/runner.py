@@ -27,8 +27,8 @@ from mobilize.errors import MobilizeError, runtime_reason
 
 
 def prefill_lengths(keys) -> list[int]:
-    """The lengths L of a model's base `prefill_<L>` signatures (not the LoRA ones, `prefill_<L>_lora_r<R>`)."""
-    return sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_") and "_lora_r" not in k)
+    """The lengths L of a model's `prefill_<L>` signatures."""
+    return sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
 
 
 class _Signature:
@@ -80,8 +80,8 @@ class LiteRtRunner:
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
         self.prefill_lens = prefill_lengths(keys)
-        lora = [k for k in keys if k.startswith("decode_lora_r")]  # LoRA slots (targets/tflite/lora.py)
-        self.lora_suffix = lora[0].removeprefix("decode") if lora else None
+        # LoRA slots: inputs of every signature (targets/tflite/lora.py), zeros while no adapter is active
+        self.lora_inputs = [n for n in keys["decode"]["inputs"] if n.startswith("lora_")]
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
         self.active: str | None = None
         self._signatures: dict[str, _Signature] = {}  # allocated on first use: each holds its own cache tensors
@@ -96,7 +96,7 @@ class LiteRtRunner:
 
     def load_adapter(self, name: str, params: dict[str, np.ndarray]) -> None:
         """Keep a LoRA adapter's tensors (read and checked by the caller: harness/package.py), by input name."""
-        if self.lora_suffix is None:
+        if not self.lora_inputs:
             raise MobilizeError("--adapter: this package has no LoRA slots (export it with --lora-slots RANK)")
         self.adapters[name] = params
 
@@ -111,13 +111,15 @@ class LiteRtRunner:
         self.length = 0
 
     def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
-        if self.active is not None:
-            key += self.lora_suffix
         sig = self.signature(key)
-        if self.active is not None and sig.bound != self.active:  # the adapter's tensors into its inputs, once
-            for name, value in self.adapters[self.active].items():
-                sig.input(name)[...] = value
-            sig.bound = self.active
+        if self.lora_inputs and sig.bound != (self.active or ""):  # the adapter's tensors into its inputs, once
+            values = self.adapters[self.active] if self.active is not None else {}
+            for name in self.lora_inputs:
+                if name in values:
+                    sig.input(name)[...] = values[name]
+                else:
+                    sig.input(name)[...] = 0
+            sig.bound = self.active or ""
         if self.home is None:
             for name in self.kv_names:
                 sig.input(name)[...] = 0

@@ -12,7 +12,7 @@ from mobilize.errors import MobilizeError
 from mobilize.manifest import Io, Manifest
 from mobilize.targets.registry import Runtime
 
-MODEL_FILES = ("model.tflite", "model.litertlm")
+MODEL_FILES = ("model.tflite", "model.litertlm", "no-adapter.lora.tflite")
 CACHE_INPUTS = "kv_cache_"
 DEVICE_MODULES = ("targets/tflite/runner.py", "targets/tflite/writer.py", "targets/tflite/litertlm_bench.py")
 

@@ -78,7 +78,9 @@ class TfliteTarget:
         return tflite_readme(manifest, file_names)
 
     def check_tokenizer(self, package: Path) -> dict:
-        return {"litert-lm": "not checked: LiteRT-LM's tokenizer has no Python binding to compare with"}
+        from mobilize.targets.tflite.tokenizer_parity import check_with_litert_lm
+
+        return check_with_litert_lm(package)
 
     def finish(self, model: LoadedModel, manifest: Manifest, how: Lowering, out: Path, phase) -> None:
         if how.bundle != "litertlm":
@@ -89,7 +91,19 @@ class TfliteTarget:
         ids = special_token_ids(model.ckpt)
         eos = ids["eos_token_id"]
         eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        write_litertlm(out, manifest, ids["bos_token_id"], eos, out / "model.litertlm")
+        write_litertlm(out, manifest, _bos_added(out, ids["bos_token_id"]), eos, out / "model.litertlm")
+
+
+def _bos_added(package: Path, bos: int | None) -> int | None:
+    """The BOS id if the model's tokenizer puts one before a text (Gemma, Llama), else None: LiteRT-LM puts the
+    bundle's start token before every session's first prompt, and Qwen's files name `<|endoftext|>` as BOS without
+    ever adding it."""
+    if bos is None or not (package / "tokenizer.json").is_file():
+        return bos
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(package / "tokenizer.json")).encode("a").ids
+    return bos if ids[:1] == [bos] else None
 
 
 TARGET = TfliteTarget()
