@@ -63,8 +63,8 @@ def test_real_adapter(fmt, tmp_path):
 
 
 def _litert_lm_greedy(bundle: Path, adapter: Path, cache: Path, n: int) -> str:
-    """LiteRT-LM's engine (its own process's, a fresh one per adapter: an engine keeps the last adapter it bound)
-    on the bundle with a LoRA file, greedy, no prompt template."""
+    """LiteRT-LM's engine (a fresh one per adapter, closed after: an engine keeps the last adapter it bound) on the
+    bundle with a LoRA file, greedy, no prompt template."""
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
@@ -74,8 +74,12 @@ def _litert_lm_greedy(bundle: Path, adapter: Path, cache: Path, n: int) -> str:
     greedy = litert_lm.SamplerConfig(top_k=1, top_p=0.0, temperature=1.0, seed=0)
     session = engine.create_session(apply_prompt_template=False, max_output_tokens=n, sampler_config=greedy,
                                     lora_config=litert_lm.LoraConfig(lora_path=str(adapter)))  # fmt: skip
-    session.run_prefill([PROMPT])
-    return session.run_decode().texts[0]
+    try:
+        session.run_prefill([PROMPT])
+        return session.run_decode().texts[0]
+    finally:
+        session.close()
+        engine.close()
 
 
 def test_litert_lm_runs_the_slots_and_the_adapter(tmp_path):

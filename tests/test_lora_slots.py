@@ -19,6 +19,7 @@ from helpers import (
     write_peft_adapter,
 )
 
+from mobilize.errors import MobilizeError
 from mobilize.frontend.families.registry import FAMILIES
 from mobilize.harness.package import Package
 from mobilize.harness.reference import ReferenceRunner
@@ -258,3 +259,23 @@ def test_tflite_adapters_refused_in_one_line(tiny_hf, tmp_path):
         assert outs.setdefault(name, out) == out
     assert len({tuple(outs[k]) for k in ("a1", None, "a2")}) == 3
     np.testing.assert_array_equal(logits["a3"], logits["a4"])
+
+
+def test_litert_lm_ranks_and_the_old_layout_in_one_line(tiny_hf, tmp_path):
+    """A LiteRT-LM bundle with slots of a rank its engine does not run is refused at export; a package with session
+    14's separate `*_lora_r<R>` signatures is refused by the runner, saying to export it again."""
+    from mobilize.targets.tflite.runner import LiteRtRunner
+
+    src = tiny_hf("llama")
+    r = cli("export", src, "-o", tmp_path / "pkg", "-t", "host", "-f", "tflite", "--lora-slots", "8",
+            "--bundle", "litertlm")  # fmt: skip
+    assert_one_line_error(r, "--lora-slots 8 with --bundle litertlm", "rank 16 or 32")
+    assert not (tmp_path / "pkg").exists()
+    r = cli("export", src, "-o", tmp_path / "slots", "-t", "host", "-f", "tflite", "-q", "fp32", "--max-seq-len", "64",
+            "--prefill-len", "16", "--lora-slots", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    old = tmp_path / "old.tflite"  # a signature key of that layout's form (the same length: the flatbuffer holds)
+    old.write_bytes((tmp_path / "slots" / "model.tflite").read_bytes().replace(b"prefill_16", b"p_lora_r16"))
+    with pytest.raises(MobilizeError) as e:
+        LiteRtRunner(str(old))
+    assert "export it again" in str(e.value) and "\n" not in str(e.value)

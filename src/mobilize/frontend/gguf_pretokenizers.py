@@ -105,9 +105,9 @@ _NAMES = {
 
 
 def pre_tokenizer(name: str | None) -> PreTokenizer | None:
-    """llama.cpp's split for a file's `tokenizer.ggml.pre` (absent: its "default", with a warning there), or None
-    for a name it is not known to mean."""
-    kind = _NAMES.get("default" if name is None else name)
+    """llama.cpp's split for a file's `tokenizer.ggml.pre` (absent or empty: its "default", with a warning there),
+    or None for a name it is not known to mean."""
+    kind = _NAMES.get(name or "default")
     return None if kind is None else _TYPES[kind]
 
 

@@ -277,8 +277,8 @@ def build_tflite(
     kv_dtype: str = "float32",
     slots: Slots | None = None,
 ) -> tuple[TflModel, dict]:
-    """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode` (and with LoRA `slots`,
-    each again with the slots' inputs, as `<key>_lora_r<rank>`: targets/tflite/lora.py). Returns the model (weights
+    """The LiteRT model of a loaded checkpoint: `prefill_<L>` for each L, then `decode` (with LoRA `slots`, each
+    takes the slots' inputs too: targets/tflite/lora.py). Returns the model (weights
     still lazy: they are read, quantized and written one buffer at a time by TflModel.write) and the quantization
     report. `statistics`: calibration, for recipes that use it."""
     cfg = model.config

@@ -38,6 +38,7 @@ from mobilize.errors import MobilizeError
 from mobilize.safe_io import quoted
 
 SUFFIX = ".lora.tflite"
+LITERT_LM_RANKS = (16, 32)  # "Currently only support rank 16 and 32" (litert-lm-api 0.18.1)
 EMPTY = "no-adapter.lora.tflite"  # in a package with slots: what a LiteRT-LM session runs the base with
 PAGE = 4096  # (memory_mapped_file_posix.cc: "the file size is not a multiple of the OS alignment")
 ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}

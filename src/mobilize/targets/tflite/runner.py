@@ -31,12 +31,15 @@ def prefill_lengths(keys) -> list[int]:
     return sorted(int(k.split("_")[1]) for k in keys if k.startswith("prefill_"))
 
 
+_ZEROS = object()  # what a signature's LoRA inputs hold while no adapter is active
+
+
 class _Signature:
     def __init__(self, interpreter, key: str) -> None:
         runner = interpreter.get_signature_runner(key)
         self.wrapper, self.index = interpreter._interpreter, runner._subgraph_index
         self.inputs, self.outputs = dict(runner._inputs), dict(runner._outputs)
-        self.bound: str | None = None  # the adapter whose tensors its LoRA inputs hold
+        self.bound: object = None  # the adapter whose tensors its LoRA inputs hold (_ZEROS: none)
         try:
             with _native_stderr_quiet():  # (XNNPACK says it was created, on stderr, at the first allocation)
                 self.wrapper.AllocateTensors(self.index)
@@ -79,6 +82,9 @@ class LiteRtRunner:
         keys = self.interpreter.get_signature_list()
         if "decode" not in keys:
             raise MobilizeError(f"{model_path}: no 'decode' signature (found {sorted(keys)})")
+        if any("_lora_r" in k for k in keys):  # sessions 14's layout, which LiteRT-LM does not bind
+            raise MobilizeError(f"{model_path}: its LoRA slots are separate *_lora_r<R> signatures, a layout mobilize "
+                                "no longer runs (LiteRT-LM binds slots in the plain signatures); export it again")
         self.prefill_lens = prefill_lengths(keys)
         # LoRA slots: inputs of every signature (targets/tflite/lora.py), zeros while no adapter is active
         self.lora_inputs = [n for n in keys["decode"]["inputs"] if n.startswith("lora_")]
@@ -101,7 +107,7 @@ class LiteRtRunner:
         self.adapters[name] = params
 
     def activate(self, name: str | None) -> None:
-        """Run the next steps with this loaded adapter, through the LoRA signatures (None: the base ones)."""
+        """Run the next steps with this loaded adapter in the slots' inputs (None: zeros, the base model)."""
         if name is not None and name not in self.adapters:
             raise MobilizeError(f"no adapter named {name!r} is loaded")
         self.active = name
@@ -112,14 +118,15 @@ class LiteRtRunner:
 
     def _call(self, key: str, tokens: list[int], start: int) -> np.ndarray | None:
         sig = self.signature(key)
-        if self.lora_inputs and sig.bound != (self.active or ""):  # the adapter's tensors into its inputs, once
-            values = self.adapters[self.active] if self.active is not None else {}
+        wanted = _ZEROS if self.active is None else self.active
+        if self.lora_inputs and sig.bound != wanted:  # the adapter's tensors (or zeros) into its inputs, once
+            values = {} if self.active is None else self.adapters[self.active]
             for name in self.lora_inputs:
                 if name in values:
                     sig.input(name)[...] = values[name]
                 else:
                     sig.input(name)[...] = 0
-            sig.bound = self.active or ""
+            sig.bound = wanted
         if self.home is None:
             for name in self.kv_names:
                 sig.input(name)[...] = 0

@@ -12,7 +12,7 @@ from mobilize.quant.recipes import Recipe
 from mobilize.targets.base import Lowering, Statistics, Written
 from mobilize.targets.tflite.caps import TFLITE_CAPS
 from mobilize.targets.tflite.emitter import build_tflite, tflite_kv
-from mobilize.targets.tflite.lora import ATTENTION
+from mobilize.targets.tflite.lora import ATTENTION, LITERT_LM_RANKS
 from mobilize.targets.tflite.readme import tflite_readme
 from mobilize.targets.tflite.runner import prefill_lengths
 from mobilize.targets.tflite.writer import tflite_io, weight_bytes
@@ -35,6 +35,9 @@ class TfliteTarget:
                 raise MobilizeError(f"--lora-targets {','.join(others)}: TFLite's LoRA slots are on attention "
                                     "projections only (q,k,v,o: the inputs LiteRT-LM binds); use --format onnx, or "
                                     "merge the adapter with --lora")  # fmt: skip
+            if how.bundle == "litertlm" and how.lora_slots.rank not in LITERT_LM_RANKS:
+                raise MobilizeError(f"--lora-slots {how.lora_slots.rank} with --bundle litertlm: LiteRT-LM runs LoRA "
+                                    "of rank 16 or 32 only (a smaller adapter is padded to the slots' rank)")
 
     def lower(self, model: LoadedModel, recipe: Recipe, how: Lowering, statistics: Statistics, phase):
         phase("lowering to TFLite")

@@ -46,6 +46,7 @@ def check_with_litert_lm(package: Path) -> dict[str, Any]:
             finally:
                 engine.close()
         except Exception as e:  # its errors are RuntimeErrors with its message
-            raise MobilizeError(f"LiteRT-LM cannot read this package's bundle: {runtime_reason(e)}") from None
+            raise MobilizeError(f"LiteRT-LM cannot read this package's bundle: {runtime_reason(e)} "
+                                "(--ignore-tokenizer-parity writes the package anyway)") from None
     first_difference("LiteRT-LM", strings, [ours.encode(s).ids for s in strings], theirs)
     return {"litert-lm": f"{len(strings)} strings encode the same (with the BOS the engine adds to a session)"}
