@@ -86,6 +86,20 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(vocab_dir, tmp_path):
     assert "\n" not in message and "'made-up-pre' (tokenizer.ggml.pre)" in message and "llama-bpe" in message
 
 
+def test_unknown_pre_tokenizer_stops_the_export_first(vocab_dir, tmp_path):
+    """Through the CLI, a GGUF whose byte-level vocabulary names an unknown pre-tokenizer is refused before the
+    export loads or writes anything (the refusal does not wait for the tokenizer's turn)."""
+    from helpers import assert_one_line_error, cli
+
+    meta, _ = read_gguf(str(vocab_dir / "ggml-vocab-qwen2.gguf"))
+    vocab = {k: v for k, v in meta.items() if k.startswith("tokenizer.")} | {"tokenizer.ggml.pre": "made-up-pre"}
+    cfg = dataclasses.replace(FAMILIES["qwen2"].tiny(), vocab_size=len(vocab["tokenizer.ggml.tokens"]))
+    gguf = write_tiny_gguf(cfg, write_tiny_hf(cfg, tmp_path / "hf"), tmp_path / "q.gguf", vocab=vocab)
+    r = cli("export", gguf, "-o", tmp_path / "pkg", "-t", "host", "-q", "fp32", "--max-seq-len", "32")
+    assert_one_line_error(r, "'made-up-pre' (tokenizer.ggml.pre)", "qwen2")
+    assert "lowering" not in r.stdout + r.stderr and not (tmp_path / "pkg").exists()
+
+
 @pytest.mark.slow
 def test_llama3_vocabulary_gguf_exports_and_genai_agrees(vocab_dir, tmp_path):
     """A tiny Llama 3.2-shaped GGUF (tied head) carrying Llama 3's real vocabulary keys as llama.cpp's converter

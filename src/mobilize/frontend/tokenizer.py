@@ -238,6 +238,8 @@ def convert_in_background(ckpt: Checkpoint) -> Callable[[], None]:
     meta = ckpt.gguf_metadata
     if ckpt.format != "gguf" or not meta or "tokenizer.ggml.tokens" not in meta:
         return lambda: None
+    if meta.get("tokenizer.ggml.model") == "gpt2":  # a pre-tokenizer it cannot split as llama.cpp: before any work
+        _known_split(Path(ckpt.files[0]).name, meta.get("tokenizer.ggml.pre"))
     if _complete(_cached_dir(meta)):
         return lambda: None
     keys = {k: v for k, v in meta.items() if k.startswith("tokenizer.") or k == "general.architecture"}
@@ -359,16 +361,21 @@ def _from_gguf(file_name: str, meta: dict, out: Path) -> list[str]:
 _GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
-def _split_as_llama_cpp(file_name: str, name: str | None, backend) -> None:
-    """A byte-level BPE's pre-tokenizer and `ignore_merges`, as llama.cpp reads the file's `tokenizer.ggml.pre`."""
-    from tokenizers import Regex, pre_tokenizers
-
+def _known_split(file_name: str, name: str | None):
     pre = pre_tokenizer(name)
     if pre is None:
         raise MobilizeError(
             f"{file_name}: its tokenizer's pre-tokenizer {name!r} (tokenizer.ggml.pre) is not one mobilize splits "
             f"text as llama.cpp does; known: {', '.join(known_names())}"
         )
+    return pre
+
+
+def _split_as_llama_cpp(file_name: str, name: str | None, backend) -> None:
+    """A byte-level BPE's pre-tokenizer and `ignore_merges`, as llama.cpp reads the file's `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    pre = _known_split(file_name, name)
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
