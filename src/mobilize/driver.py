@@ -199,7 +199,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             lora_slots=None if slots is None else slots.record(model.config),
         )
         target.finish(model, manifest, how, tmp, phase)
-        write_empty_adapter(tmp, manifest)
+        digest = functools.cache(sha256_file)  # each file hashed once: the empty adapter's base, the manifest
+        write_empty_adapter(tmp, manifest, digest)
         if tokenizer_files and opts.tokenizer_parity:
             phase("checking the tokenizer against the runtime's")
             manifest = manifest.replace(tokenizer_parity=target.check_tokenizer(tmp))
@@ -213,7 +214,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
                 raise MobilizeError(f"the package would not fit: {describe(manifest.fit)}; nothing was written "
                                     "(--ignore-fit writes it anyway)")  # fmt: skip
         (tmp / "README.md").write_text(package_readme(manifest, sorted(p.name for p in tmp.iterdir())))
-        files = {p.name: FileEntry(p.stat().st_size, sha256_file(p)) for p in sorted(tmp.iterdir())}
+        files = {p.name: FileEntry(p.stat().st_size, digest(p)) for p in sorted(tmp.iterdir())}
         manifest = manifest.replace(files=files)
         (tmp / MANIFEST).write_text(manifest.text())
         if signer is not None:

@@ -387,10 +387,10 @@ def _file_tokens_only(backend, count: int):
     vocabulary such as Llama 3's that has none): their ids would index past the model's embedding."""
     from tokenizers import Tokenizer
 
+    if backend.get_vocab_size(with_added_tokens=True) <= count:
+        return backend
     spec = json.loads(backend.to_str())
     kept = [t for t in spec["added_tokens"] if t["id"] < count]
-    if len(kept) == len(spec["added_tokens"]):
-        return backend
     dropped = {t["content"] for t in spec["added_tokens"]} - {t["content"] for t in kept}
     spec["added_tokens"] = kept
     if spec["model"].get("unk_token") in dropped:

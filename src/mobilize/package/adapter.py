@@ -47,13 +47,14 @@ def _version(models: list[tuple[str, str]]) -> int:
     return int(hashlib.sha256(repr(models).encode()).hexdigest()[:7], 16)
 
 
-def write_empty_adapter(package: Path, manifest: Manifest) -> str | None:
+def write_empty_adapter(package: Path, manifest: Manifest, digest=sha256_file) -> str | None:
     """At export, for a format whose runtime needs an adapter to run a slots package at all (its `EMPTY` file name):
-    the all-zero adapter, for the model files already written in `package`. Returns its name, or None."""
+    the all-zero adapter, for the model files already written in `package` (`digest`: their sha256, the export's
+    own, so that each is hashed once). Returns its name, or None."""
     file = runtime(manifest.format).adapter_file()
     if manifest.lora_slots is None or file.EMPTY is None:
         return None
-    models = sorted((p.name, sha256_file(p)) for p in package.iterdir() if p.name.startswith("model."))
+    models = sorted((p.name, digest(p)) for p in package.iterdir() if p.name.startswith("model."))
     zeros = {name: np.zeros(shape, np.float32) for name, (_, _, shape) in slot_tensors(package, manifest).items()}
     file.write_adapter(package / file.EMPTY, zeros, _version(models), manifest.lora_slots.rank)
     return file.EMPTY

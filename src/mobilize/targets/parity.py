@@ -19,9 +19,10 @@ _BODIES = [
 _PREFIXES = ("", " ", "  ", "\t", "\n", " \n ")
 
 
-def parity_strings(specials: list[str]) -> list[str]:
-    """The checked strings: every body after each whitespace prefix, with a trailing space, and the special
-    tokens' texts inside a sentence."""
+def parity_strings(tokenizer) -> list[str]:
+    """The checked strings: every body after each whitespace prefix, with a trailing space, and the texts of the
+    `tokenizers.Tokenizer`'s special tokens (up to 32) inside a sentence."""
+    specials = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special})[:32]
     strings = [p + b for p in _PREFIXES for b in _BODIES] + [b + " " for b in _BODIES]
     return strings + [f"{s}text" for s in specials] + [f"a {s} b" for s in specials] + ["".join(specials)]
 

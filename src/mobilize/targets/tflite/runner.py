@@ -122,10 +122,7 @@ class LiteRtRunner:
         if self.lora_inputs and sig.bound != wanted:  # the adapter's tensors (or zeros) into its inputs, once
             values = {} if self.active is None else self.adapters[self.active]
             for name in self.lora_inputs:
-                if name in values:
-                    sig.input(name)[...] = values[name]
-                else:
-                    sig.input(name)[...] = 0
+                sig.input(name)[...] = values.get(name, 0)
             sig.bound = wanted
         if self.home is None:
             for name in self.kv_names:

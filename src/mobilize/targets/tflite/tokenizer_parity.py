@@ -34,8 +34,7 @@ def check_with_litert_lm(package: Path) -> dict[str, Any]:
     from tokenizers import Tokenizer
 
     ours = Tokenizer.from_file(str(package / "tokenizer.json"))
-    specials = sorted({t.content for t in ours.get_added_tokens_decoder().values() if t.special})[:32]
-    strings = parity_strings(specials)
+    strings = parity_strings(ours)
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     with tempfile.TemporaryDirectory(prefix="mobilize-litert-lm-") as cache:
         try:
