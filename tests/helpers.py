@@ -176,6 +176,36 @@ def peft_targets(family: str, targets) -> list[str]:
     return out + [f.rsplit(".", 1)[1] for f, ps in fused.items() if any(p.rsplit(".", 1)[1] in targets for p in ps)]
 
 
+BPE_VOCAB = 320  # the 256 bytes of a byte-level BPE, its specials, some merges
+
+
+def write_tiny_bpe(family: str, dst: Path) -> Path:
+    """A tiny checkpoint of `family` with a byte-level BPE tokenizer trained on the calibration text (as GPT-2's,
+    Llama 3's and Qwen's are, and as ONNX Runtime GenAI and LiteRT-LM read them), turn markers among its specials,
+    <s> its BOS (not added by the tokenizer) and </s> its EOS."""
+    import dataclasses
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    write_tiny_hf(dataclasses.replace(FAMILIES[family].tiny(), vocab_size=BPE_VOCAB), dst)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = Path(__file__).parents[1] / "src" / "mobilize" / "quant" / "data" / "calibration.txt"
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train([str(text)], trainer)
+    tok.save(str(dst / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>"}  # fmt: skip
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    cfg = json.loads((dst / "config.json").read_text()) | {"bos_token_id": 1, "eos_token_id": 2}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "generation_config.json").unlink(missing_ok=True)
+    return dst
+
+
 def with_word_tokenizer(hf_dir: Path, out: Path, text: Path, n_words: int, seed: int = 0) -> Path:
     """A copy of a tiny checkpoint with a word-level tokenizer (w0..w127 are ids 0..127), and a text of `n_words`
     random such words written to `text`: what `mobilize eval` needs of a tiny model."""

@@ -141,7 +141,10 @@ def test_export_calibrates_where_the_recipe_says(fmt, quant, tiny_hf, tmp_path):
     # the same checkpoint without a tokenizer: rounded to nearest, and the manifest says why
     plain = export(ExportOptions(str(tiny_hf("gemma3")), tmp_path / "plain", format=fmt, quant=quant))
     calibration = json.loads((plain / "manifest.json").read_text())["build_report"]["calibration"]
-    assert calibration == {"used": False, "why": "the source has no tokenizer.json: rounded to nearest"}
+    why = "the source has no tokenizer.json: rounded to nearest" + (", inputs not smoothed" if fmt == "tflite" else "")
+    assert calibration == {"used": False, "why": why}
+    if fmt == "tflite":  # and with it, TFLite smooths the inputs (quant/smooth.py)
+        assert report["calibration"]["smoothing"]["alpha"] == 0.5
 
 
 def test_calibration_child_that_fails_returns_none(tmp_path):

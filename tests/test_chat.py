@@ -25,40 +25,17 @@ MESSAGES = [
 ]
 
 
-VOCAB = 320  # the 256 bytes of a byte-level BPE, its specials, some merges
-
-
 def _instruct(tiny_hf, dst: Path, in_jinja: bool) -> Path:
-    """A tiny instruction-tuned llama: a byte-level BPE tokenizer (as GPT-2's, Llama 3's and Qwen's are, and as
-    ONNX Runtime GenAI reads them) with turn markers, its template in tokenizer_config.json or, as transformers
-    4.43+ saves it, in chat_template.jinja."""
-    import dataclasses
+    """A tiny instruction-tuned llama with a byte-level BPE tokenizer and turn markers (helpers.write_tiny_bpe), its
+    template in tokenizer_config.json or, as transformers 4.43+ saves it, in chat_template.jinja."""
+    from helpers import write_tiny_bpe
 
-    from helpers import write_tiny_hf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from mobilize.frontend.families.registry import FAMILIES
-
-    write_tiny_hf(dataclasses.replace(FAMILIES["llama"].tiny(), vocab_size=VOCAB), dst)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = Path(__file__).parents[1] / "src" / "mobilize" / "quant" / "data" / "calibration.txt"
-    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train([str(text)], trainer)
-    tok.save(str(dst / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-              "unk_token": "<unk>"}  # fmt: skip
+    write_tiny_bpe("llama", dst)
     if in_jinja:
         (dst / "chat_template.jinja").write_text(TEMPLATE)
     else:
-        config["chat_template"] = TEMPLATE
-    (dst / "tokenizer_config.json").write_text(json.dumps(config))
-    cfg = json.loads((dst / "config.json").read_text()) | {"bos_token_id": 1, "eos_token_id": 2}
-    (dst / "config.json").write_text(json.dumps(cfg))
-    (dst / "generation_config.json").unlink()
+        config = json.loads((dst / "tokenizer_config.json").read_text())
+        (dst / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": TEMPLATE}))
     return dst
 
 

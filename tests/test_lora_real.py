@@ -42,11 +42,11 @@ def test_real_adapter(fmt, tmp_path):
 
     tuned, base = ev("--adapter", adapter), ev()
     assert tuned["perplexity"] < 0.6 * base["perplexity"], (tuned, base)
-    # The adapter's path adds at most a point to the base's own int4 error (measured here: ONNX +2.1% with it, +1.7%
-    # without; TFLite +4.7% with, +5.2% without); ONNX is within the +3% asked
+    # The adapter's path adds at most a point to the base's own int4 error, and both formats are within the +3% asked
+    # (measured here: ONNX +2.1% with it, +1.7% without; TFLite +2.6% with, +3.9% without, its inputs smoothed)
     assert tuned["perplexity_increase"] < base["perplexity_increase"] + 0.01
-    assert tuned["top1_agreement"] > (0.9 if fmt == "onnx" else 0.88)
-    assert tuned["perplexity_increase"] < (0.03 if fmt == "onnx" else 0.07)
+    assert tuned["top1_agreement"] > 0.9
+    assert tuned["perplexity_increase"] < 0.03
 
     merged = _export(tmp_path / "merged", fmt, "--lora", ADAPTER)  # (its perplexity: bench/results/)
     pkg = Package.open(slots)

@@ -17,6 +17,7 @@ from helpers import (
     peft_targets,
     with_word_tokenizer,
     write_peft_adapter,
+    write_tiny_bpe,
 )
 
 from mobilize.errors import MobilizeError
@@ -75,6 +76,91 @@ def test_slots_match_peft(family, fmt, tiny_hf, tmp_path):
         assert not [p for p in pkg.iterdir() if "adapter" in p.name]
 
 
+def _genai_generator(model, adapters, name: str | None, prompt: list[int], max_length: int):
+    """A greedy ONNX Runtime GenAI generator with adapter `name` active (None: none), the prompt appended."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    gen = og.Generator(model, params)
+    if name:
+        gen.set_active_adapter(adapters, name)
+    gen.append_tokens(prompt)
+    return gen
+
+
+@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+def test_genai_adapter_logits_match_peft(family, tiny_hf, tmp_path):
+    """ONNX Runtime GenAI on an fp32 slots package (all seven projections), the converted PEFT adapter loaded through
+    og.Adapters and made active: its logits after the prompt and after each of 4 greedy steps are transformers +
+    peft's to 1e-4; with no adapter active, the base model's."""
+    import onnxruntime_genai as og
+
+    src = tiny_hf(family)
+    pkg = _export(src, tmp_path / "pkg")
+    peft = write_peft_adapter(src, tmp_path / "peft", peft_targets(family, [f"{t}_proj" for t in ALL.split(",")]))
+    model = og.Model(str(pkg))
+    adapters = og.Adapters(model)
+    adapters.load(str(_convert(peft, pkg, tmp_path / "a.onnx_adapter")), "a")
+    max_length = json.loads((pkg / "genai_config.json").read_text())["search"]["max_length"]
+    for name, reference in (("a", ReferenceRunner(src, adapters=[peft])), (None, ReferenceRunner(src))):
+        gen = _genai_generator(model, adapters, name, PROMPT, max_length)
+        expected = np.atleast_2d(reference.prefill(PROMPT))[-1]
+        for _ in range(4):
+            np.testing.assert_allclose(np.asarray(gen.get_logits()).reshape(-1), expected, atol=1e-4, rtol=0)
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            assert token == int(expected.argmax())
+            expected = reference.decode(token).reshape(-1)
+
+
+@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
+def test_litert_lm_scores_match_peft(family, tmp_path):
+    """LiteRT-LM's own engine on a TFLite fp32 slots package's bundle (rank 16, the engine's smallest; the adapter's
+    rank 8 padded), scoring a target text after a prompt: with the converted PEFT adapter, transformers + peft's
+    log-probabilities to 1e-4; with the package's no-adapter.lora.tflite, the base model's.
+
+    LiteRT-LM 0.18.1's `run_text_scoring` feeds the prompt's last token again, one position early, over the
+    previous token's cache entry (measured: its scores are exactly ours for the context p[:-2] + [p[-1]]); so the
+    prompt's last token is prefilled a second time, as its own text, which puts it where the scoring expects it."""
+    import litert_lm
+
+    from mobilize.driver import ExportOptions, export
+
+    src = write_tiny_bpe(family, tmp_path / "src")
+    pkg = export(ExportOptions(str(src), tmp_path / "pkg", target="host", format="tflite", quant="fp32",
+                               max_seq_len=64, prefill_lens=(8,), bundle="litertlm", lora_slots=16,
+                               lora_targets=ATTENTION))  # fmt: skip
+    peft = write_peft_adapter(src, tmp_path / "peft", peft_targets(family, [f"{t}_proj" for t in "qkvo"]), r=8)
+    adapter = _convert(peft, pkg, tmp_path / "a.lora.tflite")
+    tok = Package.open(pkg).tokenizer()
+    prompt, target = "The river runs", " past the old mill and on to the sea"
+    ids, wanted = tok.encode(prompt).ids, tok.encode(target, add_special_tokens=False).ids
+    last = tok.decode(ids[-1:])
+    assert tok.encode(last, add_special_tokens=False).ids == ids[-1:]  # (the workaround needs it to round-trip)
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    (tmp_path / "cache").mkdir()
+    for lora, reference in ((adapter, ReferenceRunner(src, adapters=[peft])),
+                            (pkg / "no-adapter.lora.tflite", ReferenceRunner(src))):  # fmt: skip
+        engine = litert_lm.Engine(str(pkg / "model.litertlm"), backend=litert_lm.Backend.CPU(thread_count=2),
+                                  cache_dir=str(tmp_path / "cache"),
+                                  activation_data_type=litert_lm.ActivationDataType.FLOAT32)  # fmt: skip
+        session = engine.create_session(apply_prompt_template=False,
+                                        lora_config=litert_lm.LoraConfig(lora_path=str(lora)))  # fmt: skip
+        try:
+            session.run_prefill([prompt, last])
+            got = np.asarray(session.run_text_scoring([target]).token_scores[0], dtype=np.float64)
+        finally:
+            session.close()
+            engine.close()
+        logits = np.asarray(reference.prefill(ids + wanted), dtype=np.float64)[len(ids) - 1 : -1]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        expected = logp[np.arange(len(wanted)), wanted]
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
 @pytest.mark.slow  # (the fast subset keeps under 3 minutes; CI runs it)
 def test_genai_switches_adapters(tiny_hf, tmp_path):
     """Two adapters loaded by onnxruntime_genai.Adapters on one model, switched between generations: each gives
@@ -96,12 +182,7 @@ def test_genai_switches_adapters(tiny_hf, tmp_path):
     prompt = list(range(1, 20))
 
     def genai(name):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=max_length, do_sample=False)
-        gen = og.Generator(model, params)
-        if name:
-            gen.set_active_adapter(adapters, name)
-        gen.append_tokens(prompt)
+        gen = _genai_generator(model, adapters, name, prompt, max_length)
         out = []
         while not gen.is_done() and len(out) < 16:
             gen.generate_next_token()

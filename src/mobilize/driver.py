@@ -35,7 +35,15 @@ from mobilize.package.readme import package_readme
 from mobilize.package.signing import load_signing_key, sign_manifest
 from mobilize.partials import ACTIVE
 from mobilize.quant.calibrate import RANKING_TOKENS, CalibrationInBackground, calibrate
-from mobilize.quant.plan import estimate_weight_bytes, needs_statistics, searches_scales, unavailable
+from mobilize.quant.plan import (
+    carried_exactly,
+    estimate_weight_bytes,
+    needs_statistics,
+    searches_scales,
+    smooths,
+    unavailable,
+)
+from mobilize.quant.smooth import smooth
 from mobilize.safe_io import fingerprint, quoted, sha256_file
 from mobilize.targets import registry
 from mobilize.targets.base import Lowering
@@ -158,8 +166,10 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
         if wants_statistics and not calibrating:
-            calibration["why"] = "the source has no tokenizer.json: rounded to nearest"
-        elif calibrating and target.lazy_statistics:
+            calibration["why"] = "the source has no tokenizer.json: rounded to nearest" + (
+                ", inputs not smoothed" if smooths(recipe, target.caps) else ""
+            )
+        elif calibrating and target.lazy_statistics and not smooths(recipe, target.caps):
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if searches_scales(recipe, target.caps) else RANKING_TOKENS
@@ -178,6 +188,11 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             tokenizer_files = tokenizer()
             phase("calibrating")
             computed, calibration = calibrate(model, tmp / "tokenizer.json")
+            if smooths(recipe, target.caps):  # (the weights smoothed here, lazily: each is read as it is written)
+                carried = carried_exactly(model, recipe, target.caps)  # (those stay on their grid, unsmoothed)
+                model, computed, smoothing = smooth(model, computed, recipe.smooth_alpha, carried)
+                model = dataclasses.replace(model, smoothing=smoothing)
+                calibration = {**calibration, "smoothing": smoothing.record()}
             statistics = lambda: computed  # noqa: E731
         lowered = target.lower(model, recipe, how, statistics, phase)
         written = target.write(lowered, model, how, tmp, phase)

@@ -193,6 +193,8 @@ class LoadedModel:
     ckpt: Checkpoint
     config: DecoderConfig
     weights: dict[str, TensorRef]
+    # quant/smooth.py's Smoothing where the weights were smoothed (LoRA slots put its factors back on their branch)
+    smoothing: Any = None
 
 
 def load_model(ckpt: Checkpoint) -> LoadedModel:

@@ -252,7 +252,7 @@ def _merged(ref: TensorRef, name: str, delta) -> TensorRef:
 
     # The source's type stays (a GGUF's Q6_K says the planner may keep 8 bits, as it would for the base); its raw
     # blocks go: the values are no longer on the source's grid.
-    return dataclasses.replace(ref, load=load, raw=None)
+    return dataclasses.replace(ref, load=load, raw=None, altered="a LoRA merged")
 
 
 def _fused_shapes(cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:

@@ -27,13 +27,14 @@ class SourceGrid:
     block_size: int
     exact: bool = True  # its grid can be read (block_grid): the values are known to lie on it
     codes: bool = False  # 8-bit codes readable straight from the bytes (Q8_0, not packed with other tensors)
+    altered: str = ""  # off the grid: what moved the values (a LoRA merged, input channels smoothed)
 
     @classmethod
-    def of(cls, kind: str, exact: bool = True, codes: bool = False) -> SourceGrid | None:
+    def of(cls, kind: str, exact: bool = True, codes: bool = False, altered: str = "") -> SourceGrid | None:
         """The grid of one ggml type (None for types without one: F32, F16, Q4_0, ...)."""
         if kind not in GRID_FORMS:
             return None
-        return cls((kind,), *GRID_FORMS[kind], exact=exact, codes=codes)
+        return cls((kind,), *GRID_FORMS[kind], exact=exact, codes=codes, altered=altered)
 
     @property
     def kind(self) -> str:
@@ -101,6 +102,8 @@ class TargetCaps:
     # correction subgraph costs more per token than its bytes save)
     widen_below: int = 0
     channel_bits: tuple[int, ...] = ()  # widths stored with one scale per output channel (a recipe's block 0)
+    # its kernels quantize each row of a quantized weight's float input to int8 on the fly (one scale per token)
+    row_quantized_activations: bool = False
 
 
 def bits_per_weight(bits: int, block: int, zero_point: str, scale_dtype: str) -> float:
@@ -143,10 +146,29 @@ def searches_scales(recipe: Recipe, caps: TargetCaps) -> bool:
     return recipe.calibrate == "always" or recipe.calibrate == "symmetric" and symmetric
 
 
+def smooths(recipe: Recipe, caps: TargetCaps) -> bool:
+    """Whether the linear layers' input channels are smoothed (quant/smooth.py): quantized weights on a target whose
+    kernels quantize their activations per row."""
+    return caps.row_quantized_activations and recipe.matmul is not None and recipe.smooth_alpha > 0
+
+
+def carried_exactly(model, recipe: Recipe, caps: TargetCaps) -> set[str]:
+    """The layers' linear weights this target stores on their source's own grid (a GGUF's blocks kept as they are)."""
+    quant, out = recipe.matmul, set()
+    for name, ref in model.weights.items():
+        if ".layers." in name and len(ref.shape) == 2:
+            grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, altered=ref.altered)
+            form = plan_weight(tuple(ref.shape), grid, quant, recipe.carry_source_blocks, caps, True)
+            if form is not None and form.source in ("grid", "codes"):
+                out.add(name)
+    return out
+
+
 def needs_statistics(recipe: Recipe, caps: TargetCaps) -> bool:
-    """Whether an export runs calibration: to search scales, or to choose a split head's channels."""
+    """Whether an export runs calibration: to search scales, to choose a split head's channels, or to smooth."""
     head = head_quant(recipe, caps)
-    return searches_scales(recipe, caps) or (head is not None and head.split_rest is not None and caps.split)
+    split = head is not None and head.split_rest is not None and caps.split
+    return searches_scales(recipe, caps) or split or smooths(recipe, caps)
 
 
 def unavailable(recipe: Recipe, caps: TargetCaps) -> str | None:
@@ -194,12 +216,14 @@ def plan_weight(
                           statistics if calibrated is None else calibrated, note=note)  # fmt: skip
 
     if g is not None and not g.exact and q.carry_wider:
-        # a source type without its blocks: a weight with a LoRA merged in, off the grid the base was carried on.
+        # a source type without its blocks: a weight with a LoRA merged in (or smoothed), off the grid the base was
+        # carried on.
         # 8 bits in the source's own blocks, asymmetric: re-rounded coarser it loses the update's small steps
         # (measured on the real adapter: 8-bit blocks of 128 gave +5.4% perplexity over PEFT's reference on its
         # domain, the base kept exactly plus the update +2.9%)
-        note = f"{g.kind} with a LoRA merged: 8-bit blocks of {g.block_size}"
-        return rounded(8, g.block_size, False, note, calibrated=False)
+        form = rounded(8, g.block_size, False, "-", calibrated=False)  # (its note said below, with the form)
+        how = f"8-bit blocks of {form.block_size}" if form.block_size else "8-bit per output channel"
+        return dataclasses.replace(form, note=f"{g.kind} with {g.altered or 'a LoRA merged'}: {how}")
     if g is not None and g.bits > q.bits:  # a wider source grid (5-8 bits) under a 4-bit recipe
         if not q.carry_wider:
             note = f"source grid has {g.bits} bits: re-rounded to {q.bits}"
@@ -281,7 +305,8 @@ def estimate_weight_bytes(model, recipe: Recipe, caps: TargetCaps, statistics: b
             n = 4 * math.prod(shape)
             total, per_token = total + n, per_token + n
             continue
-        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, codes=ref.dtype == "Q8_0" and ref.raw is not None)
+        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, codes=ref.dtype == "Q8_0" and ref.raw is not None,
+                             altered=ref.altered)
         if name == EMBEDDING:
             form = plan_embedding(shape, grid, recipe.embedding, recipe.carry_source_blocks, caps)
             table = 4 * math.prod(shape) if form is None else form.nbytes(*shape)

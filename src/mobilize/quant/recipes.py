@@ -48,6 +48,10 @@ class Recipe:
     # symmetric recipe, or a target that has none; quant/plan.py's `searches_scales`) or "always". It costs export
     # time (gemma3-270m: ~5 s forward + ~5 s search on the head).
     calibrate: str = "never"
+    # Where the target's kernels quantize each row of activations to int8 (LiteRT's), divide each input channel
+    # of the linear layers by a factor folded into the weights (quant/smooth.py: SmoothQuant's alpha; 0: never).
+    # Needs calibration (a tokenizer); a smoothed weight leaves its source grid.
+    smooth_alpha: float = 0.5
 
 
 CALIBRATE = ("never", "symmetric", "always")

@@ -24,6 +24,8 @@ class TensorRef:
     load: Callable[[], np.ndarray]
     # GGUF block formats: the stored bytes as uint8 [rows, bytes_per_row], for carrying blocks over exactly.
     raw: Callable[[], np.ndarray] | None = None
+    # What changed the values since the source (a LoRA merged, ...): off the source's grid, said in the plan's note
+    altered: str = ""
 
     def rows(self, part: slice, name: str | None = None) -> TensorRef:
         """Rows `part` of a matrix, still lazy (a block format's raw bytes too: its rows are whole blocks)."""

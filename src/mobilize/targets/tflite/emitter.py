@@ -58,6 +58,7 @@ class TfliteEmitter:
     ):  # fmt: skip
         self.cfg, self.ckpt, self.fc_weights, self.max_len, self.g = model.config, model.weights, weights, max_len, g
         self.slots, self.rank = slots or {}, rank  # LoRA slots: module -> (in, out), inputs of this signature
+        self.smoothing = model.smoothing
         self.kv_dtype = np.dtype(kv_dtype)
         self.wants_logits = logits
         cfg = self.cfg
@@ -182,11 +183,20 @@ class TfliteEmitter:
         g, (k, n), r = self.g, self.slots[module], self.rank
         a = g.input(slot_name(module, "A"), [k, r], F32)
         b = g.input(slot_name(module, "B"), [r, n], F32)
+        sm = self.smoothing  # a smoothed projection: the branch sees the input and writes the output as they were
+        if sm is not None and sm.input_factor(module) is not None:
+            x = self.binary(Op.MUL, x, self._factor(module, "lora_input_factor", k, lambda: sm.input_factor(module)))
         lead = g.shape(x)[:-1]
         xa = g.op(Op.BATCH_MATMUL, [g.reshape(x, [math.prod(lead), k]), a], [math.prod(lead), r], F32,
                   fb.BatchMatMulOptionsT())  # fmt: skip
-        out = g.op(Op.BATCH_MATMUL, [xa, b], [math.prod(lead), n], F32, fb.BatchMatMulOptionsT())
-        return g.reshape(out, [*lead, n])
+        out = g.reshape(g.op(Op.BATCH_MATMUL, [xa, b], [math.prod(lead), n], F32, fb.BatchMatMulOptionsT()), [*lead, n])
+        if sm is not None and sm.output_divisor(module) is not None:
+            out = self.binary(Op.MUL, out, self._factor(module, "lora_output_factor", n,
+                                                        lambda: 1 / sm.output_divisor(module)))  # fmt: skip
+        return out
+
+    def _factor(self, module: str, what: str, size: int, values) -> int:
+        return self.g.weight(f"{module}.{what}", (size,), F32, 4 * size, lambda: np.asarray(values(), dtype=F32))
 
     def heads(self, x: int, n: int) -> int:
         return self.g.reshape(x, [self.length, n, self.cfg.head_dim])
