@@ -188,7 +188,7 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             tokenizer_files = tokenizer()
             phase("calibrating")
             computed, calibration = calibrate(model, tmp / "tokenizer.json")
-            if smooths(recipe, target.caps):  # (the weights smoothed here, lazily: each is read as it is written)
+            if smooths(recipe, target.caps):  # (lazily: a layer's weights read for its factors, then as written)
                 carried = carried_exactly(model, recipe, target.caps)  # (those stay on their grid, unsmoothed)
                 model, computed, smoothing = smooth(model, computed, recipe.smooth_alpha, carried)
                 model = dataclasses.replace(model, smoothing=smoothing)

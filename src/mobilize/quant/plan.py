@@ -157,7 +157,8 @@ def carried_exactly(model, recipe: Recipe, caps: TargetCaps) -> set[str]:
     quant, out = recipe.matmul, set()
     for name, ref in model.weights.items():
         if ".layers." in name and len(ref.shape) == 2:
-            grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, altered=ref.altered)
+            exact = ref.raw is not None
+            grid = SourceGrid.of(ref.dtype, exact=exact, codes=ref.dtype == "Q8_0" and exact, altered=ref.altered)
             form = plan_weight(tuple(ref.shape), grid, quant, recipe.carry_source_blocks, caps, True)
             if form is not None and form.source in ("grid", "codes"):
                 out.add(name)

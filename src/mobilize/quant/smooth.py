@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
+from mobilize.errors import MobilizeError
 from mobilize.frontend.loader import LoadedModel
 from mobilize.model.weights import norm_weight, stored_norm_weight
 
@@ -95,7 +96,15 @@ def smooth(model: LoadedModel, statistics: Mapping[str, np.ndarray], alpha: floa
         inputs, rows = GROUPS[group]
         return [f"model.layers.{i}.{m}.weight" for m in (*inputs, *([rows] if rows else []))]
 
-    active = {(i, g): not any(w in carried for w in touched(i, g)) for i in range(cfg.num_layers) for g in GROUPS}
+    def measured(i: int, group: str) -> bool:  # calibration saw the group's input (finite everywhere)
+        ms = statistics.get(f"model.layers.{i}.{GROUPS[group][0][0]}.weight")
+        if ms is not None and not np.isfinite(ms).all():
+            raise MobilizeError(f"calibration gave non-finite activations at layer {i} (the model overflows on its "
+                                "text in float32): cannot smooth its inputs")  # fmt: skip
+        return ms is not None
+
+    active = {(i, g): measured(i, g) and not any(w in carried for w in touched(i, g))
+              for i in range(cfg.num_layers) for g in GROUPS}  # fmt: skip
 
     @functools.cache
     def factors(i: int) -> dict[str, np.ndarray]:
@@ -148,7 +157,7 @@ def _altered(ref, change: Callable[[np.ndarray], np.ndarray]):
     def load() -> np.ndarray:
         return np.ascontiguousarray(change(ref.load().astype(F32)), dtype=F32)
 
-    return dataclasses.replace(ref, load=load, raw=None, altered=ALTERED)
+    return dataclasses.replace(ref, load=load, raw=None, altered=" and ".join(filter(None, (ref.altered, ALTERED))))
 
 
 def _factor(mean_square: np.ndarray, consumers: list[np.ndarray], alpha: float) -> np.ndarray:

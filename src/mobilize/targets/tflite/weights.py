@@ -56,6 +56,9 @@ class FcWeights:
         self.cfg, self.ckpt, self.recipe = model.config, model.weights, recipe
         # calibration (quant/calibrate.py): re-rounded 4-bit blocks weigh each input channel's error by it
         self.statistics = statistics
+        # a linear layer's scales are searched with the statistics only where the recipe asks (they may be here for
+        # the head's split or the smoothing alone)
+        self.searched = searches_scales(recipe, TFLITE_CAPS)
         self.stats: dict[str, dict] = {}
         self._corrections: dict[str, int] = {}
         self._scales: dict[tuple[str, int], np.ndarray] = {}
@@ -86,7 +89,7 @@ class FcWeights:
     def _fc_tensor(self, g: TflGraph, name: str, quant: WeightQuant | None, key: str) -> int:
         ref = self.ckpt[name]
         n, k = shape = ref.shape
-        stats = statistics_for(self.statistics, name) if self.statistics is not None else None
+        stats = statistics_for(self.statistics, name) if self.statistics is not None and self.searched else None
         grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, altered=ref.altered)
         form = plan_weight(shape, grid, quant, self.recipe.carry_source_blocks, TFLITE_CAPS, stats is not None)
         if form is None:
@@ -131,6 +134,8 @@ class FcWeights:
         stats = statistics_for(self.statistics, name) if self.statistics is not None else None
         if stats is not None and cols is not None:
             stats = stats[cols] if searched else None
+        elif cols is None and not self.searched:
+            stats = None
         weight = None if stats is None else stats.reshape(nb, block)
 
         def codes():
