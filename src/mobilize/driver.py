@@ -163,13 +163,14 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     how = Lowering(max_seq_len, opts.opset, opts.logits, opts.prefill_lens, opts.bundle, kv_dtype, slots)
     meanwhile = None
     try:
+        smoothing = smooths(recipe, target.caps)  # (it needs the statistics before the weights: no lazy calibration)
         statistics, calibration = None, {"used": False, "why": f"recipe {recipe.name} rounds to nearest"}
         tokenizer_files = None  # written last, unless calibration needs it to tokenize its text
         if wants_statistics and not calibrating:
             calibration["why"] = "the source has no tokenizer.json: rounded to nearest" + (
-                ", inputs not smoothed" if smooths(recipe, target.caps) else ""
+                ", inputs not smoothed" if smoothing else ""
             )
-        elif calibrating and target.lazy_statistics and not smooths(recipe, target.caps):
+        elif calibrating and target.lazy_statistics and not smoothing:
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if searches_scales(recipe, target.caps) else RANKING_TOKENS
@@ -188,11 +189,11 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             tokenizer_files = tokenizer()
             phase("calibrating")
             computed, calibration = calibrate(model, tmp / "tokenizer.json")
-            if smooths(recipe, target.caps):  # (lazily: a layer's weights read for its factors, then as written)
+            if smoothing:  # (lazily: a layer's weights read for its factors, then as written)
                 carried = carried_exactly(model, recipe, target.caps)  # (those stay on their grid, unsmoothed)
-                model, computed, smoothing = smooth(model, computed, recipe.smooth_alpha, carried)
-                model = dataclasses.replace(model, smoothing=smoothing)
-                calibration = {**calibration, "smoothing": smoothing.record()}
+                model, computed, smoothed = smooth(model, computed, recipe.smooth_alpha, carried)
+                model = dataclasses.replace(model, smoothing=smoothed)
+                calibration = {**calibration, "smoothing": smoothed.record()}
             statistics = lambda: computed  # noqa: E731
         lowered = target.lower(model, recipe, how, statistics, phase)
         written = target.write(lowered, model, how, tmp, phase)

@@ -36,6 +36,13 @@ class SourceGrid:
             return None
         return cls((kind,), *GRID_FORMS[kind], exact=exact, codes=codes, altered=altered)
 
+    @classmethod
+    def of_ref(cls, ref, codes: bool = False) -> SourceGrid | None:
+        """The grid of a checkpoint tensor: exact while its raw blocks are there (`codes`: a Q8_0's are read as
+        they are, where the caller can)."""
+        exact = ref.raw is not None
+        return cls.of(ref.dtype, exact=exact, codes=codes and ref.dtype == "Q8_0" and exact, altered=ref.altered)
+
     @property
     def kind(self) -> str:
         return "+".join(self.kinds)
@@ -157,9 +164,8 @@ def carried_exactly(model, recipe: Recipe, caps: TargetCaps) -> set[str]:
     quant, out = recipe.matmul, set()
     for name, ref in model.weights.items():
         if ".layers." in name and len(ref.shape) == 2:
-            exact = ref.raw is not None
-            grid = SourceGrid.of(ref.dtype, exact=exact, codes=ref.dtype == "Q8_0" and exact, altered=ref.altered)
-            form = plan_weight(tuple(ref.shape), grid, quant, recipe.carry_source_blocks, caps, True)
+            form = plan_weight(tuple(ref.shape), SourceGrid.of_ref(ref, codes=True), quant, recipe.carry_source_blocks,
+                               caps, True)  # fmt: skip
             if form is not None and form.source in ("grid", "codes"):
                 out.add(name)
     return out
@@ -306,8 +312,7 @@ def estimate_weight_bytes(model, recipe: Recipe, caps: TargetCaps, statistics: b
             n = 4 * math.prod(shape)
             total, per_token = total + n, per_token + n
             continue
-        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, codes=ref.dtype == "Q8_0" and ref.raw is not None,
-                             altered=ref.altered)
+        grid = SourceGrid.of_ref(ref, codes=True)
         if name == EMBEDDING:
             form = plan_embedding(shape, grid, recipe.embedding, recipe.carry_source_blocks, caps)
             table = 4 * math.prod(shape) if form is None else form.nbytes(*shape)

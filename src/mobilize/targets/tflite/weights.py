@@ -90,7 +90,7 @@ class FcWeights:
         ref = self.ckpt[name]
         n, k = shape = ref.shape
         stats = statistics_for(self.statistics, name) if self.statistics is not None and self.searched else None
-        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, altered=ref.altered)
+        grid = SourceGrid.of_ref(ref)
         form = plan_weight(shape, grid, quant, self.recipe.carry_source_blocks, TFLITE_CAPS, stats is not None)
         if form is None:
             return g.weight(key, shape, F32, 4 * n * k, lambda: self._load(name))
@@ -211,7 +211,7 @@ class FcWeights:
     def _head_form(self) -> WeightForm | None:
         name = EMBEDDING if self.cfg.tie_word_embeddings else "lm_head.weight"
         ref = self.ckpt[name]
-        grid = SourceGrid.of(ref.dtype, exact=ref.raw is not None, altered=ref.altered)
+        grid = SourceGrid.of_ref(ref)
         has = self.statistics is not None and statistics_for(self.statistics, name) is not None
         return plan_weight(ref.shape, grid, self._head_quant(), self.recipe.carry_source_blocks, TFLITE_CAPS, has)
 
