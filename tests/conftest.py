@@ -42,7 +42,7 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 # order, so a long file collected last runs alone while the other core idles; longest first keeps both busy.
 HEAVY_FIRST = ("test_arm64_device.py", "test_gemma3_real.py", "test_hostile_corpus.py", "test_streaming.py",
                "test_integrity.py", "test_lora_real.py", "test_bench_suite.py", "test_lora_slots.py",
-               "test_llama_cpp_gguf.py", "test_lora.py", "test_eval.py",
+               "test_llama_cpp_gguf.py", "test_lora.py", "test_lora_gguf.py", "test_eval.py",
                "test_fit.py")  # fmt: skip  (by their --durations, 2026-12-05)
 
 

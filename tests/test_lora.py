@@ -122,6 +122,69 @@ def test_int8_merges_before_quantizing(tiny_hf, adapters, tmp_path):
     assert np.abs(ours - adapted).max() < 0.25 * np.abs(ours - base).max()
 
 
+@pytest.mark.parametrize(("fmt", "quant"), [("onnx", "int4-all-cal"), ("tflite", "int4")])
+def test_merged_package_is_the_base_package_but_the_adapted_weights(fmt, quant, tiny_hf, tmp_path):
+    """Calibrated (scales searched; on TFLite, inputs smoothed), a package with an adapter on q and v merged stores
+    every other tensor byte for byte as the base's package does: it is calibrated and smoothed on the base, so the
+    fine-tune's package and the base's running the adapter in slots differ only where the adapter acts."""
+    src = with_word_tokenizer(tiny_hf("llama"), tmp_path / "src", tmp_path / "text.txt", 10)
+    adapter = write_peft_adapter(src, tmp_path / "peft", peft_targets("llama", ["q_proj", "v_proj"]), r=4)
+    base = _tensors(_export(src, tmp_path / "base", fmt=fmt, quant=quant), fmt)
+    merged_pkg = _export(src, tmp_path / "merged", adapter, fmt=fmt, quant=quant)
+    merged = _tensors(merged_pkg, fmt)
+    calibration = json.loads((merged_pkg / "manifest.json").read_text())["build_report"]["calibration"]
+    assert calibration["used"] and "without the adapters" in calibration["model"]
+    if fmt == "tflite":
+        assert calibration["smoothing"]["alpha"] > 0
+    adapted = ("q_proj", "v_proj")  # (ONNX fuses the base's q, k and v: those names are the base's alone)
+    others = {n for n in base if not any(m in n for m in adapted)}
+    assert len(others) > 10 and others <= set(merged)
+    assert [n for n in sorted(others) if base[n] != merged[n]] == []
+    q = [n for n in merged if "layers.0.self_attn.q_proj" in n]
+    assert q and any(merged[n] != base.get(n) for n in q)
+
+
+def test_merged_gguf_package_keeps_the_base_layout(tiny_hf, tmp_path):
+    """A GGUF base with q, k and v in Q8_0 (int4 re-rounds them to 8-bit blocks of 128): with q and v merged, k
+    keeps its grid and they do not, yet all three are re-rounded alike, so the merged package packs them into one
+    MatMulNBits as the base does: the same tensor names, every tensor but the packed q/k/v byte for byte."""
+    from helpers import write_tiny_gguf
+
+    hf = tiny_hf("llama")
+    q8 = {f"attn_{p}.weight": "Q8_0" for p in "qkv"}
+    gguf = write_tiny_gguf(FAMILIES["llama"].tiny(), hf, tmp_path / "q8.gguf", quant=q8)
+    adapter = write_peft_adapter(hf, tmp_path / "peft", peft_targets("llama", ["q_proj", "v_proj"]), r=4)
+    base = _tensors(_export(gguf, tmp_path / "base", quant="int4"), "onnx")
+    merged = _tensors(_export(gguf, tmp_path / "merged", adapter, quant="int4"), "onnx")
+    assert set(merged) == set(base)
+    packed = {n for n in base if "q_proj+k_proj+v_proj" in n}
+    assert len(packed) >= 2 * FAMILIES["llama"].tiny().num_layers
+    assert [n for n in sorted(base) if n not in packed and base[n] != merged[n]] == []
+    assert all(base[n] != merged[n] for n in packed if n.endswith("qweight"))
+
+
+def _tensors(pkg: Path, fmt: str) -> dict[str, bytes]:
+    """A package's stored tensors by name: ONNX's initializers, TFLite's constant tensors (every signature's)."""
+    if fmt == "onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(str(pkg / "model.onnx"))
+        return {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    from ai_edge_litert import schema_py_generated as fb
+
+    data = (pkg / "model.tflite").read_bytes()
+    model = fb.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    out = {}
+    for graph in model.subgraphs:
+        for t in graph.tensors:
+            b = model.buffers[t.buffer] if t.buffer else None
+            if b is not None and (b.data is not None or b.size):
+                stored = bytes(b.data) if b.data is not None else data[b.offset : b.offset + b.size]
+                out[f"{graph.name.decode() if graph.name else ''}/{t.name.decode()}"] = stored
+    return out
+
+
 @pytest.mark.slow
 def test_eval_reference_applies_the_adapter(tiny_hf, adapters, tmp_path):
     """`mobilize eval` compares a merged package with the base plus the adapter (both references), and refuses an
@@ -234,16 +297,27 @@ def test_refused_in_one_line(case, needles, tiny_hf, adapters, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q5_0", "Q6_K", "Q8_0"])
-def test_merged_gguf_weights_keep_eight_bits(kind):
-    """A GGUF weight with a LoRA merged has its type but not its blocks (off the grid): the int4 recipe stores it at
-    8 bits in the source's blocks, never squeezed to 4 (the update's steps are smaller than a 4-bit step)."""
+@pytest.mark.parametrize("shape", [(1024, 640), (2048, 2560)])
+def test_merged_gguf_weights_keep_eight_bits(kind, shape):
+    """A GGUF weight with a LoRA merged has its type but not its blocks (off the grid): the int4 recipe stores it as
+    the base stores its type where that is 8-bit and re-rounded anyway (same kernel, same layout), and where the base
+    carries the grid exactly (a large Q4_K), at 8 bits in the grid's blocks: never squeezed to 4 (the update's steps
+    are smaller than a 4-bit step)."""
+    import dataclasses
+
     from mobilize.quant.plan import SourceGrid, plan_weight
     from mobilize.quant.recipes import RECIPES
     from mobilize.targets.onnx.caps import ONNX_CAPS
+    from mobilize.targets.tflite.caps import TFLITE_CAPS
 
     recipe = RECIPES["int4"]
-    merged = plan_weight((1024, 640), SourceGrid.of(kind, exact=False), recipe.matmul, True, ONNX_CAPS)
-    assert (merged.bits, merged.block_size, merged.source) == (8, SourceGrid.of(kind).block_size, "rounded")
-    assert "LoRA merged" in merged.note
-    carried = plan_weight((1024, 640), SourceGrid.of(kind), recipe.matmul, True, ONNX_CAPS)
-    assert "LoRA" not in carried.note  # (the base's own form is unchanged)
+    for caps in (ONNX_CAPS, TFLITE_CAPS):
+        merged = plan_weight(shape, SourceGrid.of(kind, exact=False), recipe.matmul, True, caps)
+        base = plan_weight(shape, SourceGrid.of(kind), recipe.matmul, True, caps)
+        assert "LoRA" not in base.note  # (the base's own form is unchanged)
+        assert merged.bits == 8 and merged.source == "rounded" and "LoRA merged" in merged.note
+        if base.source == "rounded":
+            assert dataclasses.replace(merged, note="") == dataclasses.replace(base, note="")
+        else:  # carried exactly in the base: its blocks (TFLite: per output channel, its only 8-bit form)
+            assert (base.bits, caps.name, kind) in ((4, "onnx", "Q4_K"), (4, "tflite", "Q4_K"))
+            assert merged.block_size == (SourceGrid.of(kind).block_size if caps.name == "onnx" else 0)

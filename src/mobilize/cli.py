@@ -104,7 +104,10 @@ def export(
         None, "--sign", help="Sign the manifest with this Ed25519 private key (OpenSSH format: ssh-keygen -t ed25519)."
     ),
     lora: list[str] = typer.Option(
-        [], "--lora", help="A PEFT LoRA adapter directory, merged into the weights before quantization (repeatable)."
+        [],
+        "--lora",
+        help="A PEFT LoRA adapter directory (or llama.cpp GGUF LoRA file), merged into the weights before "
+        "quantization (repeatable).",
     ),
     lora_slots: int = typer.Option(
         None, "--lora-slots", help="LoRA slots of this rank, their weights given at run time (mobilize adapter)."
@@ -318,14 +321,16 @@ def _say_device(spec: str, info: dict) -> None:
 
 @app.command(name="adapter")
 def adapter_(
-    adapter: Path = typer.Argument(..., help="A PEFT LoRA adapter directory (adapter_config.json + safetensors)."),
+    adapter: Path = typer.Argument(
+        ..., help="A PEFT LoRA adapter directory (adapter_config.json + safetensors), or a llama.cpp GGUF LoRA file."
+    ),
     package: Path = typer.Option(..., "--package", help="A package exported with --lora-slots."),
     out: Path = typer.Option(
         None, "--out", "-o", help="The adapter file (default: beside the package, named after the adapter)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing adapter file."),
 ) -> None:
-    """Convert a PEFT adapter for one package's LoRA slots: every tensor checked against them first."""
+    """Convert a PEFT (or GGUF) LoRA adapter for one package's LoRA slots: every tensor checked against them first."""
     from mobilize.package.adapter import convert
     from mobilize.package.verify import verify_package
 

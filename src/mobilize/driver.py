@@ -17,9 +17,7 @@ from mobilize import __version__
 from mobilize.errors import MobilizeError
 from mobilize.frontend.config import DecoderConfig
 from mobilize.frontend.loader import load_model, open_checkpoint
-from mobilize.frontend.lora import CONFIG as LORA_CONFIG
 from mobilize.frontend.lora import MAX_SLOT_RANK, Slots, apply_adapters, parse_targets
-from mobilize.frontend.lora import WEIGHTS as LORA_WEIGHTS
 from mobilize.frontend.tokenizer import (
     check_tokenizer,
     convert_in_background,
@@ -73,7 +71,7 @@ class ExportOptions:
     ignore_fit: bool = False  # write a package that does not fit the preset's device
     tokenizer_parity: bool = True  # the package's tokenizer against the runtime's own (GenAI's), at export
     sign: Path | None = None  # an OpenSSH private key: the manifest signed (manifest.json.sig)
-    lora: tuple[str, ...] = ()  # PEFT adapter directories, merged into the weights before quantization
+    lora: tuple[str, ...] = ()  # PEFT adapter directories or GGUF LoRA files, merged before quantization
     lora_slots: int | None = None  # the rank of LoRA slots whose weights are given at run time
     lora_targets: str = "q,v"  # the projections that get slots
 
@@ -138,9 +136,12 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
     ckpt = open_checkpoint(opts.source, opts.random_weights)
     sources = ckpt.files + ([opts.source] if os.path.lexists(opts.source) else []) + list(opts.lora)
     check_destination(out, opts.overwrite, sources)  # (an alias's files are known only now)
-    model = load_model(ckpt)
-    model, adapters = apply_adapters(model, list(opts.lora)) if opts.lora else (model, [])
-    read = ckpt.files + [str(Path(a.path) / name) for a in adapters for name in (LORA_CONFIG, LORA_WEIGHTS)]
+    # A package with adapters merged is planned as its base is: calibrated, its carried weights chosen and its
+    # inputs smoothed on the base, so it shares every tensor the adapters do not touch with the base's package
+    # (tests/test_lora.py; docs/lora.md)
+    base = load_model(ckpt)
+    model, adapters = apply_adapters(base, list(opts.lora)) if opts.lora else (base, [])
+    read = ckpt.files + [str(f) for a in adapters for f in a.files]
     read_state = fingerprint(read)
     tokenizer_ready = convert_in_background(ckpt)
     _check_memory(model)
@@ -174,24 +175,24 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             # The weights that use the statistics are quantized last, as they are written: calibrate in a child
             # process meanwhile (a split head only ranks channels: a shorter text does)
             max_tokens = None if searches_scales(recipe, target.caps) else RANKING_TOKENS
-            meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens, opts.lora)
+            meanwhile = CalibrationInBackground(opts.source, opts.random_weights, max_tokens)
 
             @functools.cache
             def calibrated() -> tuple[dict[str, np.ndarray], dict]:
                 if (result := meanwhile.result()) is not None:
                     return result
                 tokenizer_ready()  # the child failed: calibrate here (a conversion's error reported in one line)
-                return calibrate(model, ensure_tokenizer_json(model.ckpt), max_tokens)
+                return calibrate(base, ensure_tokenizer_json(model.ckpt), max_tokens)
 
             statistics = lambda: calibrated()[0]  # noqa: E731
 
         elif calibrating:
             tokenizer_files = tokenizer()
             phase("calibrating")
-            computed, calibration = calibrate(model, tmp / "tokenizer.json")
+            computed, calibration = calibrate(base, tmp / "tokenizer.json")
             if smoothing:  # (lazily: a layer's weights read for its factors, then as written)
-                carried = carried_exactly(model, recipe, target.caps)  # (those stay on their grid, unsmoothed)
-                model, computed, smoothed = smooth(model, computed, recipe.smooth_alpha, carried)
+                carried = carried_exactly(base, recipe, target.caps)  # (those stay on their grid, unsmoothed)
+                model, computed, smoothed = smooth(model, computed, recipe.smooth_alpha, carried, measured_on=base)
                 model = dataclasses.replace(model, smoothing=smoothed)
                 calibration = {**calibration, "smoothing": smoothed.record()}
             statistics = lambda: computed  # noqa: E731
@@ -201,6 +202,8 @@ def export(opts: ExportOptions, phase: Callable[[str], None] = lambda _: None) -
             calibration = calibrated()[1]
         if tokenizer_files is None:
             tokenizer_files = tokenizer()
+        if adapters and calibration.get("used"):
+            calibration = {**calibration, "model": "the base, without the adapters merged (as its own package)"}
         manifest = Manifest(
             mobilize_version=__version__,
             source=Source(model.ckpt.source, model.ckpt.format, tuple(a.record() for a in adapters)),

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mobilize.bench.lora_domain import EVAL_SEED, bulletins
 from mobilize.bench.train_lora import DEFAULT_OUT as ADAPTER
 from mobilize.targets.registry import runtime
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--bulletins", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=24, help="unseen bulletins whose openings prompt both packages")
     args = ap.parse_args()
     tail = "" if args.format == "onnx" else f"-{args.format}"
     args.out = args.out or ROOT / "bench" / "results" / f"gemma3-270m-lora{tail}.json"
@@ -80,6 +83,7 @@ def main() -> None:
     slots_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
     runner.activate(None)
     base_text = "".join(stream_greedy(slot_pkg, PROMPT, 32, runner=runner))
+    agreement = _agreement(Package.open(merged), slot_pkg, runner, args.prompts)
     genai_same = _genai_matches(slots, adapter_file, runner) if args.format == "onnx" else None
     decode = _decode_rounds(base, slots, adapter_file, args.rounds)
     result = {
@@ -96,11 +100,51 @@ def main() -> None:
             "slots_without_adapter": base_text,
             "merged_equals_slots": merged_text == slots_text,
         },  # fmt: skip
+        "greedy_32_many_prompts": agreement,
         "genai_adapters_match_runner": genai_same,
         "decode": decode,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _greedy_ids(runner, ids: list[int], n: int) -> list[int]:
+    out = [int(np.argmax(runner.prefill(ids)[-1]))]
+    while len(out) < n:
+        out.append(int(np.argmax(runner.decode(out[-1]))))
+    return out
+
+
+def _agreement(merged, slot_pkg, runner, n: int) -> dict:
+    """Greedy 32 tokens of the merged package and of the slots package with the adapter, from the openings of `n`
+    unseen bulletins (cut before the day, or after the first line: each next token a choice the domain's grammar
+    makes at random). Where the two part: the fp32 reference's (the adapter merged) margin between their two tokens,
+    teacher-forced on the common prefix."""
+    from mobilize.frontend.loader import load_model, open_checkpoint
+    from mobilize.frontend.lora import apply_adapters
+    from mobilize.model.numpy_runner import NumpyRunner
+
+    tok = slot_pkg.tokenizer()
+    reference = NumpyRunner(apply_adapters(load_model(open_checkpoint("gemma3-270m")), [ADAPTER])[0])
+    mine = merged.runner()
+    cases = []
+    for i, b in enumerate(bulletins(EVAL_SEED, n).split("\n\n")[:n]):
+        opening = b[: b.index(" on the") + len(" on the")] if i % 2 == 0 else b.split("\n")[0] + "\n"
+        ids = tok.encode(opening).ids
+        runner.activate(next(iter(runner.adapters)))
+        a, m = _greedy_ids(runner, ids, 32), _greedy_ids(mine, ids, 32)
+        case = {"prompt": opening, "equal": a == m}
+        if a != m:
+            at = next(j for j in range(32) if a[j] != m[j])
+            logits = reference.prefill(ids + a[:at])[-1]
+            case |= {"parts_at": at, "slots": tok.decode([a[at]]), "merged": tok.decode([m[at]]),
+                     "reference_margin": round(float(abs(logits[a[at]] - logits[m[at]])), 3),
+                     "reference_top1": tok.decode([int(np.argmax(logits))])}  # fmt: skip
+        cases.append(case)
+    equal = sum(c["equal"] for c in cases)
+    margins = [c["reference_margin"] for c in cases if not c["equal"]]
+    return {"prompts": len(cases), "equal_for_32_tokens": equal, "largest_reference_margin_where_they_part":
+            max(margins, default=None), "cases": cases}  # fmt: skip
 
 
 def _decode_rounds(base: Path, slots: Path, adapter_file: Path, rounds: int) -> dict:

@@ -174,12 +174,15 @@ _IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|rope_(freqs|factors_short|fact
 
 def canonical_name(ckpt: Checkpoint, name: str) -> str | None:
     """The Hugging Face name of a source tensor (None if the source's naming scheme has no such tensor)."""
-    if ckpt.format != "gguf":
-        return name
+    return gguf_canonical_name(ckpt.family, name) if ckpt.format == "gguf" else name
+
+
+def gguf_canonical_name(family: str, name: str) -> str | None:
+    """The Hugging Face name of a tensor llama.cpp names `name` in a model of this family (None: no such tensor)."""
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
     m = _GGUF_RE.match(name)
-    table = FAMILIES[ckpt.family].gguf_layer_names
+    table = FAMILIES[family].gguf_layer_names
     if m and m.group(2) in table:
         return f"model.layers.{m.group(1)}.{table[m.group(2)]}.{m.group(3)}"
     return None

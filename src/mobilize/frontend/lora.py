@@ -19,8 +19,9 @@ import numpy as np
 from mobilize.errors import CheckpointError
 from mobilize.frontend.config import expected_shapes, layer_weight_names
 from mobilize.frontend.families.registry import FAMILIES
-from mobilize.frontend.loader import fused_parts
+from mobilize.frontend.loader import fused_parts, gguf_canonical_name
 from mobilize.frontend.sources.base import TensorRef
+from mobilize.frontend.sources.gguf_file import GGUF_MAGIC, read_gguf
 from mobilize.frontend.sources.safetensors_file import read_safetensors
 from mobilize.manifest import LoraSlots
 from mobilize.safe_io import quoted, read_json, regular_file, sha256_file
@@ -88,11 +89,13 @@ class LoraPair:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     path: Path
-    sha256: str  # of adapter_model.safetensors: the manifest records it, eval checks it again
+    sha256: str  # of adapter_model.safetensors (a GGUF's: the file): the manifest records it, eval checks it again
     rank: int
     alpha: float
     rslora: bool
     pairs: tuple[LoraPair, ...]
+    files: tuple[Path, ...] = ()  # what was read
+    format: str = "peft"  # or "gguf": llama.cpp's LoRA file (convert_lora_to_gguf.py)
 
     def record(self) -> dict[str, Any]:
         """What the manifest says about an adapter merged into the package."""
@@ -100,15 +103,18 @@ class Adapter:
             "path": str(self.path), "sha256": self.sha256, "rank": self.rank, "alpha": self.alpha,
             "rslora": self.rslora, "modules": len(self.pairs),
             "targets": sorted({p.module.rsplit(".", 1)[-1] for p in self.pairs}),
-        }  # fmt: skip
+        } | ({"format": self.format} if self.format != "peft" else {})  # fmt: skip
 
 
 def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> Adapter:
-    """A PEFT LoRA directory, checked against a model's config and weight shapes (canonical names)."""
+    """A PEFT LoRA directory, or a llama.cpp GGUF LoRA file, checked against a model's config and weight shapes
+    (canonical names)."""
     root = Path(path)
+    if root.is_file() and _starts_with(root, GGUF_MAGIC):
+        return _read_gguf_adapter(root, cfg, shapes)
     if not root.is_dir():
         hint = f" (pass its directory, {quoted(root.parent)})" if root.name in (CONFIG, WEIGHTS) else ""
-        raise CheckpointError(f"--lora {quoted(root)}: not a PEFT adapter directory{hint}")
+        raise CheckpointError(f"--lora {quoted(root)}: not a PEFT adapter directory nor a GGUF LoRA file{hint}")
     where = f"adapter {quoted(root)}"
     conf = read_json(root / CONFIG, root=root) if (root / CONFIG).exists() else None
     if not isinstance(conf, dict):
@@ -179,38 +185,120 @@ def read_adapter(path: str | Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
                               f"{quoted(missing[0])}; the file does not match its config")  # fmt: skip
     pairs = []
     for module, ab in sorted(halves.items(), key=lambda kv: _order(kv[0])):
-        name = module + ".weight"
-        if name not in shapes:
-            raise CheckpointError(f"{where}: module {quoted(module)} is not a weight of this {cfg.family} model; "
-                                  "is the adapter for another architecture?")  # fmt: skip
+        _known_module(where, cfg, shapes, module)
         if module not in targets:
             raise CheckpointError(f"{where}: module {quoted(module)} has LoRA weights but its target_modules do not "
                                   "name it; the file does not match its config")  # fmt: skip
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{where}: module {quoted(module)} has lora_{''.join(ab)} but not its other half")
-        if module == "lm_head" and cfg.tie_word_embeddings or module == EMBEDDING and cfg.tie_word_embeddings:
-            raise CheckpointError(f"{where}: LoRA on {module} of a model whose head is tied to its embedding is not "
-                                  "supported (PEFT changes one of the two; merging would change both)")  # fmt: skip
         r = ranks[module]
         if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= _MAX_RANK:
             raise CheckpointError(f"{where}: rank_pattern gives {quoted(module)} the rank {r!r}: not a positive int")
-        a, b = ab["A"], ab["B"]
-        out, inp = shapes[name]
-        if module == EMBEDDING:
-            out, inp = inp, out  # lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]
-        if a.shape != (r, inp) or b.shape != (out, r):
-            raise CheckpointError(
-                f"{where}: module {quoted(module)}: A {list(a.shape)} and B {list(b.shape)} do not fit rank {r} on a "
-                f"weight of {list(shapes[name])} (expected A {[r, inp]}, B {[out, r]}); is it for another base model?"
-            )
         scale = alphas[module] / (math.sqrt(r) if rslora else r)
-        pairs += _split(cfg, LoraPair(module, a, b, scale))
+        pairs += _pair(where, cfg, shapes, module, ab["A"], ab["B"], r, scale)
+    return _adapter(where, root, (root / CONFIG, weights), rank, alpha, rslora, pairs)
+
+
+def _known_module(where: str, cfg, shapes: dict[str, tuple[int, ...]], module: str) -> None:
+    if module + ".weight" not in shapes:
+        raise CheckpointError(f"{where}: module {quoted(module)} is not a weight of this {cfg.family} model; "
+                              "is the adapter for another architecture?")  # fmt: skip
+    if module in ("lm_head", EMBEDDING) and cfg.tie_word_embeddings:
+        raise CheckpointError(f"{where}: LoRA on {module} of a model whose head is tied to its embedding is not "
+                              "supported (PEFT changes one of the two; merging would change both)")  # fmt: skip
+
+
+def _pair(where: str, cfg, shapes, module: str, a: TensorRef, b: TensorRef, r: int, scale: float) -> list[LoraPair]:
+    """One module's checked pair (a fused projection's: one per weight its rows hold)."""
+    out, inp = shapes[module + ".weight"]
+    if module == EMBEDDING:
+        out, inp = inp, out  # lora_embedding_A [r, vocab], lora_embedding_B [hidden, r]
+    if a.shape != (r, inp) or b.shape != (out, r):
+        raise CheckpointError(
+            f"{where}: module {quoted(module)}: A {list(a.shape)} and B {list(b.shape)} do not fit rank {r} on a "
+            f"weight of {list(shapes[module + '.weight'])} (expected A {[r, inp]}, B {[out, r]}); is it for another "
+            "base model?"
+        )
+    return _split(cfg, LoraPair(module, a, b, scale))
+
+
+def _adapter(where, path: Path, files, rank: int, alpha: float, rslora: bool, pairs, fmt: str = "peft") -> Adapter:
     if not pairs:
         raise CheckpointError(f"{where}: no LoRA weights for this model")
     if all(not p.b.load().any() or p.scale == 0 for p in pairs):
         raise CheckpointError(f"{where}: every lora_B is zero (or every scale): an untrained adapter, which would "
                               "change nothing")  # fmt: skip
-    return Adapter(root.resolve(), sha256_file(weights), rank, alpha, rslora, tuple(pairs))
+    digest = sha256_file(files[-1])  # the weights (a GGUF: the file)
+    return Adapter(path.resolve(), digest, rank, alpha, rslora, tuple(pairs), tuple(files), fmt)
+
+
+# llama.cpp's architecture names a family's adapters may carry besides its own (its converter writes Mistral as llama)
+_GGUF_ARCH_ALIASES = {"mistral": ("llama",)}
+_GGUF_PAIR = re.compile(r"(?P<weight>.+\.weight)\.lora_(?P<part>[ab])$")
+
+
+def _read_gguf_adapter(path: Path, cfg, shapes: dict[str, tuple[int, ...]]) -> Adapter:
+    """llama.cpp's LoRA file (convert_lora_to_gguf.py): `blk.N.attn_q.weight.lora_a` [rank, in] and `.lora_b`
+    [out, rank] under llama.cpp's tensor names and row order (q/k rows interleaved for llama), scaled as llama.cpp
+    scales them: adapter.lora.alpha / rank, or 1 where alpha is 0 (it stores no rsLoRA flag)."""
+    where = f"adapter {quoted(path)}"
+    meta, tensors = read_gguf(str(path))
+    kind, adapter_type = meta.get("general.type", "model"), meta.get("adapter.type")
+    if (kind, adapter_type) != ("adapter", "lora"):
+        what = f"a GGUF {str(kind)[:40]}" + (f" of type {str(adapter_type)[:40]!r}" if adapter_type else "")
+        raise CheckpointError(f"{where}: {what}, not a LoRA adapter (llama.cpp's LoRA files have general.type "
+                              "'adapter' and adapter.type 'lora')")  # fmt: skip
+    if "adapter.alora.invocation_tokens" in meta:
+        raise CheckpointError(f"{where}: an aLoRA (active only after its invocation tokens: a LoRA variant) is not "
+                              "supported")  # fmt: skip
+    arch, ours = meta.get("general.architecture"), FAMILIES[cfg.family]
+    if arch != ours.gguf_arch and arch not in _GGUF_ARCH_ALIASES.get(cfg.family, ()):
+        raise CheckpointError(f"{where}: made for a {str(arch)[:40]!r} model (general.architecture), not this "
+                              f"{cfg.family} one")  # fmt: skip
+    alpha = meta.get("adapter.lora.alpha", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise CheckpointError(f"{where}: adapter.lora.alpha {alpha!r} is not a finite number of zero or more")
+    linear = set(_modules(cfg)) - {EMBEDDING}
+    halves: dict[str, dict[str, TensorRef]] = {}
+    for key, ref in tensors.items():
+        m = _GGUF_PAIR.match(key)
+        weight = gguf_canonical_name(cfg.family, m.group("weight")) if m else None
+        if m is None:
+            raise CheckpointError(f"{where}: tensor {quoted(key)} is not a LoRA a or b matrix")
+        if weight is None:
+            raise CheckpointError(f"{where}: tensor {quoted(key)} is not on a weight of a {cfg.family} model")
+        module = weight.removesuffix(".weight")
+        if module == EMBEDDING:
+            raise CheckpointError(f"{where}: LoRA on the token embedding ({quoted(key)}) is not supported from GGUF")
+        if module not in linear:
+            raise CheckpointError(f"{where}: tensor {quoted(key)} is on {quoted(weight)}, not a linear layer a LoRA "
+                                  "adapts")  # fmt: skip
+        if len(ref.shape) != 2:
+            raise CheckpointError(f"{where}: tensor {quoted(key)} has shape {list(ref.shape)}, not a matrix")
+        halves.setdefault(module, {})[m.group("part")] = ref
+    fix, shapes = ours.gguf_fix, shapes | _fused_shapes(cfg, shapes)
+    pairs, ranks = [], set()
+    for module, ab in sorted(halves.items(), key=lambda kv: _order(kv[0])):
+        _known_module(where, cfg, shapes, module)
+        if set(ab) != {"a", "b"}:
+            raise CheckpointError(f"{where}: module {quoted(module)} has lora_{''.join(ab)} but not its other half")
+        a, b = ab["a"], ab["b"]
+        r = a.shape[0]
+        if not 0 < r <= _MAX_RANK:
+            raise CheckpointError(f"{where}: module {quoted(module)} has rank {r} (1 to {_MAX_RANK})")
+        name = module + ".weight"  # llama.cpp's row order -> transformers' (B's rows are the weight's)
+        b = dataclasses.replace(b, load=lambda b=b, name=name: fix(cfg, name, b.load().astype(np.float32)), raw=None)
+        ranks.add(r)
+        pairs += _pair(where, cfg, shapes, module, a, b, r, alpha / r if alpha else 1.0)
+    return _adapter(where, path, (path,), max(ranks, default=0), float(alpha), False, pairs, "gguf")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def merge(model, adapters: list[Adapter]):

@@ -14,7 +14,7 @@ from mobilize.errors import MobilizeError
 from mobilize.harness.accuracy import log_softmax
 from mobilize.harness.runner import greedy, score
 from mobilize.manifest import MANIFEST, FileEntry, Manifest
-from mobilize.safe_io import sha256_file
+from mobilize.safe_io import quoted, sha256_file
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "bench" / "data" / "river.txt"
 PROMPTS = ("The capital of France is", "Water boils at a temperature of", "Once upon a time, there was a")
@@ -62,6 +62,10 @@ def reference_runner(manifest: Manifest, reference: str, adapter: dict | None = 
         from mobilize.model.numpy_runner import NumpyRunner
 
         return NumpyRunner.for_source(str(source), adapters)
+    gguf = [a["path"] for a in adapters if a.get("format") == "gguf"]
+    if gguf:
+        raise MobilizeError(f"--reference transformers: the adapter {quoted(gguf[0])} is a llama.cpp GGUF LoRA, which "
+                            "peft cannot read; the numpy reference applies it")  # fmt: skip
     try:
         from mobilize.harness.reference import ReferenceRunner
 

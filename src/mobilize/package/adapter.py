@@ -72,7 +72,8 @@ def slot_tensors(package: Path, manifest: Manifest) -> dict[str, tuple[str, str,
 
 
 def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None = None, overwrite: bool = False):
-    """The PEFT adapter as the package format's adapter file; every pair checked against the package's slots."""
+    """The PEFT adapter (or llama.cpp GGUF LoRA) as the package format's adapter file; every pair checked against the
+    package's slots."""
     package = Path(package)
     manifest = Manifest.read(package)
     slots, modules = package_slots(package, manifest)
@@ -99,7 +100,9 @@ def convert(adapter_dir: str | Path, package: str | Path, out: str | Path | None
         tensors[file.slot_name(pair.module, "A")], tensors[file.slot_name(pair.module, "B")] = a, b
     for name, (_, _, shape) in slot_tensors(package, manifest).items():  # slots the adapter leaves alone: zeros of
         tensors.setdefault(name, np.zeros(shape, np.float32))  # the slot's rank (ONNX's slots share one dimension)
-    out = Path(out) if out is not None else package.parent / f"{Path(adapter_dir).resolve().name}{file.SUFFIX}"
+    named = Path(adapter_dir).resolve()
+    named = named.stem if adapter.format == "gguf" else named.name  # (a GGUF LoRA is a file: its name without .gguf)
+    out = Path(out) if out is not None else package.parent / f"{named}{file.SUFFIX}"
     if os.path.lexists(out) and not overwrite:
         raise MobilizeError(f"{quoted(out)} exists (pass --overwrite to replace it)")
     if out.is_dir() or out.is_symlink():

@@ -118,13 +118,14 @@ class CalibrationInBackground:
     """`calibrate` in a child process, on the other core while the export writes the weights that do not
     need it (a thread would share the interpreter lock with the writer: measured slower than not overlapping
     at all). The child opens the source itself; a GGUF's text is split by `fewest_pieces_tokenizer`, or, for
-    other vocabularies, by the tokenizer converted into the cache (converted there if need be)."""
+    other vocabularies, by the tokenizer converted into the cache (converted there if need be). The statistics are
+    the source's own, without adapters: a package with a LoRA merged is planned as its base is (driver.py)."""
 
-    def __init__(self, spec: str, random_weights: bool, max_tokens: int | None, lora: tuple[str, ...] = ()) -> None:
+    def __init__(self, spec: str, random_weights: bool, max_tokens: int | None) -> None:
         context = multiprocessing.get_context("spawn")  # a clean interpreter: none of the parent's threads, locks
         self._receive, send = context.Pipe(duplex=False)
         self._child = context.Process(
-            target=_calibrate_quietly, args=(spec, random_weights, max_tokens, lora, send), daemon=True
+            target=_calibrate_quietly, args=(spec, random_weights, max_tokens, send), daemon=True
         )
         with _single_threaded_blas():
             self._child.start()
@@ -167,7 +168,7 @@ def _single_threaded_blas():
                 os.environ[name] = value
 
 
-def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, lora: tuple[str, ...], send) -> None:
+def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, send) -> None:
     from mobilize.frontend.tokenizer import as_export_child, ensure_tokenizer_json
 
     as_export_child()
@@ -175,11 +176,7 @@ def _calibrate_quietly(spec: str, random_weights: bool, max_tokens: int | None, 
         from mobilize.frontend.loader import load_model, open_checkpoint
 
         ckpt = open_checkpoint(spec, random_weights)
-        model = load_model(ckpt)
-        if lora:  # the statistics of the model that is exported: the adapters merged
-            from mobilize.frontend.lora import apply_adapters
-
-            model = apply_adapters(model, list(lora))[0]
-        send.send(calibrate(model, fewest_pieces_tokenizer(ckpt) or ensure_tokenizer_json(ckpt), max_tokens))
+        tokenizer = fewest_pieces_tokenizer(ckpt) or ensure_tokenizer_json(ckpt)
+        send.send(calibrate(load_model(ckpt), tokenizer, max_tokens))
     except BaseException:
         os._exit(1)  # the parent calibrates again and reports the error itself

@@ -223,14 +223,20 @@ def plan_weight(
                           statistics if calibrated is None else calibrated, note=note)  # fmt: skip
 
     if g is not None and not g.exact and q.carry_wider:
-        # a source type without its blocks: a weight with a LoRA merged in (or smoothed), off the grid the base was
-        # carried on.
-        # 8 bits in the source's own blocks, asymmetric: re-rounded coarser it loses the update's small steps
-        # (measured on the real adapter: 8-bit blocks of 128 gave +5.4% perplexity over PEFT's reference on its
-        # domain, the base kept exactly plus the update +2.9%)
+        # a source type without its blocks: a weight with a LoRA merged in (or smoothed), off its grid. Stored as
+        # the base stores its type where that is re-rounded anyway (the same kernel and layout: ONNX Runtime
+        # quantizes a MatMulNBits input per block of the weight's, so another block size is other rounding of the
+        # activations); where the base carries the grid exactly, 8 bits in the grid's blocks, asymmetric (a target
+        # without 8-bit blocks: per output channel). At 4 bits the update's steps are lost: +15.5% perplexity over
+        # PEFT's reference on the real adapter's domain (docs/lora.md)
+        why = g.altered or "a LoRA merged"
+        as_base = dataclasses.replace(g, exact=True, altered="", codes=g.kinds == ("Q8_0",))  # (as the base reads it)
+        base = plan_weight(shape, as_base, q, carry_source_blocks, caps, statistics)
+        if base is not None and base.source == "rounded" and base.bits == 8:
+            return dataclasses.replace(base, note=f"{g.kind} with {why}: stored as its type is ({base.note})")
         form = rounded(8, g.block_size, False, "-", calibrated=False)  # (its note said below, with the form)
         how = f"8-bit blocks of {form.block_size}" if form.block_size else "8-bit per output channel"
-        return dataclasses.replace(form, note=f"{g.kind} with {g.altered or 'a LoRA merged'}: {how}")
+        return dataclasses.replace(form, note=f"{g.kind} with {why}: {how}")
     if g is not None and g.bits > q.bits:  # a wider source grid (5-8 bits) under a 4-bit recipe
         if not q.carry_wider:
             note = f"source grid has {g.bits} bits: re-rounded to {q.bits}"

@@ -86,10 +86,13 @@ class Smoothing:
 
 
 def smooth(model: LoadedModel, statistics: Mapping[str, np.ndarray], alpha: float = ALPHA,
-           carried: frozenset[str] | set[str] = frozenset()):  # fmt: skip
+           carried: frozenset[str] | set[str] = frozenset(), measured_on: LoadedModel | None = None):  # fmt: skip
     """(the model with smoothed weights, still lazy; its statistics as the smoothed weights see them; the Smoothing).
-    `carried`: weights the target keeps exactly on their source's grid; a group touching one is left as it is."""
+    `carried`: weights the target keeps exactly on their source's grid; a group touching one is left as it is.
+    `measured_on`: the model whose weights' column maxima set the factors (a LoRA's base: the merged package's
+    factors, and so its norms, are the base package's; any factors keep the product exact)."""
     cfg, weights = model.config, model.weights
+    measured_weights = (measured_on or model).weights
     groups = cfg.num_heads // cfg.num_kv_heads
 
     def touched(i: int, group: str) -> list[str]:
@@ -109,7 +112,7 @@ def smooth(model: LoadedModel, statistics: Mapping[str, np.ndarray], alpha: floa
     @functools.cache
     def factors(i: int) -> dict[str, np.ndarray]:
         a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        load = lambda name: weights[name].load()  # noqa: E731
+        load = lambda name: measured_weights[name].load()  # noqa: E731
         out = {}
         if active[i, "qkv"]:
             out["qkv"] = _factor(statistics[a + "q_proj.weight"], [load(a + p + "_proj.weight") for p in "qkv"], alpha)

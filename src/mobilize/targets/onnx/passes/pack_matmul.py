@@ -8,6 +8,10 @@ parts whose grids differ are left unpacked rather than re-rounded.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -17,9 +21,10 @@ from mobilize.targets.onnx.passes.report import ReportingPass
 
 class PackMatMulPass(ReportingPass):
     runs_after = ("FuseGroupQueryAttentionPass", "FuseStdAttentionPass")  # packed q/k/v feed the fused attention
-    def __init__(self, carry_blocks: bool = False):
+    def __init__(self, carry_blocks: bool = False, plan: Callable[[ir.Value, int, int], Any] | None = None):
         super().__init__()
         self.carry_blocks = carry_blocks
+        self.plan = plan  # (weight, n, k) -> its WeightForm (quant/plan.py), to see when packing re-rounds nothing
         self._name = "pack_matmul"
 
     def run(self, model: ir.Model) -> bool:
@@ -43,8 +48,11 @@ class PackMatMulPass(ReportingPass):
         grids = [w.meta.get("block_grid") for w in weights]
         forms = {w.meta.get("block_form") for w in weights}
         if self.carry_blocks and any(grids) and (not all(grids) or len(forms) != 1):
-            self.report.reject("parts have different source block formats (packing would re-round them)")
-            return
+            if not self._rounded_alike(weights):
+                self.report.reject("parts have different source block formats (packing would re-round them)")
+                return
+            grids = [None] * len(weights)  # every part re-rounded to one form anyway (a merged LoRA's q and v beside
+            # the base's k): packed as the base packs them, its grids dropped
         names = [w.name or "?" for w in weights]
         name = _packed_name(names)
         sizes = [int(w.shape[1]) for w in weights]
@@ -75,6 +83,16 @@ class PackMatMulPass(ReportingPass):
             replace_output(graph, old.outputs[0], new)
         self.report.matched += 1
         self.report.details.append({"packed": names, "sizes": sizes})
+
+
+    def _rounded_alike(self, weights: list[ir.Value]) -> bool:
+        """Whether the planner re-rounds every part to one form (its note aside), so that packing changes no value."""
+        if self.plan is None or None in {w.meta.get("block_form") for w in weights}:
+            return False
+        planned = [self.plan(w, int(w.shape[1]), int(w.shape[0])) for w in weights]
+        if any(f is None or f.source != "rounded" or f.split is not None for f in planned):
+            return False
+        return len({dataclasses.replace(f, note="", declined=False) for f in planned}) == 1
 
 
 def _const_weight(node: ir.Node) -> ir.Value | None:
