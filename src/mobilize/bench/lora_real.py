@@ -108,13 +108,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def _greedy_ids(runner, ids: list[int], n: int) -> list[int]:
-    out = [int(np.argmax(runner.prefill(ids)[-1]))]
-    while len(out) < n:
-        out.append(int(np.argmax(runner.decode(out[-1]))))
-    return out
-
-
 def _agreement(merged, slot_pkg, runner, n: int) -> dict:
     """Greedy 32 tokens of the merged package and of the slots package with the adapter, from the openings of `n`
     unseen bulletins (cut before the day, or after the first line: each next token a choice the domain's grammar
@@ -122,17 +115,18 @@ def _agreement(merged, slot_pkg, runner, n: int) -> dict:
     teacher-forced on the common prefix."""
     from mobilize.frontend.loader import load_model, open_checkpoint
     from mobilize.frontend.lora import apply_adapters
+    from mobilize.harness.runner import greedy
     from mobilize.model.numpy_runner import NumpyRunner
 
     tok = slot_pkg.tokenizer()
     reference = NumpyRunner(apply_adapters(load_model(open_checkpoint("gemma3-270m")), [ADAPTER])[0])
     mine = merged.runner()
+    runner.activate(next(iter(runner.adapters)))
     cases = []
     for i, b in enumerate(bulletins(EVAL_SEED, n).split("\n\n")[:n]):
         opening = b[: b.index(" on the") + len(" on the")] if i % 2 == 0 else b.split("\n")[0] + "\n"
         ids = tok.encode(opening).ids
-        runner.activate(next(iter(runner.adapters)))
-        a, m = _greedy_ids(runner, ids, 32), _greedy_ids(mine, ids, 32)
+        a, m = greedy(runner, ids, 32), greedy(mine, ids, 32)
         case = {"prompt": opening, "equal": a == m}
         if a != m:
             at = next(j for j in range(32) if a[j] != m[j])

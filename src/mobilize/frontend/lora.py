@@ -262,9 +262,9 @@ def _read_gguf_adapter(path: Path, cfg, shapes: dict[str, tuple[int, ...]]) -> A
     halves: dict[str, dict[str, TensorRef]] = {}
     for key, ref in tensors.items():
         m = _GGUF_PAIR.match(key)
-        weight = gguf_canonical_name(cfg.family, m.group("weight")) if m else None
         if m is None:
             raise CheckpointError(f"{where}: tensor {quoted(key)} is not a LoRA a or b matrix")
+        weight = gguf_canonical_name(cfg.family, m.group("weight"))
         if weight is None:
             raise CheckpointError(f"{where}: tensor {quoted(key)} is not on a weight of a {cfg.family} model")
         module = weight.removesuffix(".weight")

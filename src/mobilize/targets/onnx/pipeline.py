@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from mobilize.errors import MobilizeError
 from mobilize.quant.calibrate import statistics_for
-from mobilize.quant.plan import head_quant, plan_weight, quant_for, searches_scales
+from mobilize.quant.plan import head_quant, quant_for, searches_scales
 from mobilize.quant.recipes import RECIPES, Recipe, WeightQuant
 from mobilize.targets.onnx.caps import ONNX_CAPS
 from mobilize.targets.onnx.passes.cleanup import CleanupPass
@@ -17,7 +17,6 @@ from mobilize.targets.onnx.passes.fuse_attention import FuseGroupQueryAttentionP
 from mobilize.targets.onnx.passes.fuse_attention_std import FuseStdAttentionPass
 from mobilize.targets.onnx.passes.fuse_rmsnorm import FuseRMSNormPass
 from mobilize.targets.onnx.passes.fuse_rotary import FuseRotaryPass
-from mobilize.targets.onnx.passes.graph import source_grid
 from mobilize.targets.onnx.passes.kv_cache import StaticKVCachePass
 from mobilize.targets.onnx.passes.kv_dtype import KVCacheFloat16Pass
 from mobilize.targets.onnx.passes.pack_matmul import PackMatMulPass
@@ -60,21 +59,19 @@ def onnx_passes(
         passes += [FuseGroupQueryAttentionPass(), StaticKVCachePass(max_seq_len)]
         if kv_dtype == "float16":
             passes.append(KVCacheFloat16Pass())
-    def planned(weight, n: int, k: int):  # a packed part's storage, as the quantize pass below will plan it
-        return plan_weight((n, k), source_grid(weight), recipe.matmul, recipe.carry_source_blocks, ONNX_CAPS,
-                           statistics is not None)  # fmt: skip
-
-    passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks, plan=planned))
     # phase: quantize
     importance = None
     if statistics is not None:
         importance = lambda name: statistics_for(statistics(), name)  # noqa: E731
     searched = importance if searches_scales(recipe, ONNX_CAPS) else None  # a split head ranks by its own
+    matmul = _matmul_pass(recipe, recipe.matmul, importance=searched) if recipe.matmul is not None else None
+    # (packing asks the quantize pass how it will store each part: parts re-rounded alike pack whatever their grids)
+    passes.append(PackMatMulPass(carry_blocks=recipe.carry_source_blocks, plan=matmul.plan if matmul else None))
     head = head_quant(recipe, ONNX_CAPS, statistics is not None)
     if head is not None:
         passes.append(_matmul_pass(recipe, head, weights=_is_head, label="[head]", importance=importance))
-    if recipe.matmul is not None:
-        passes.append(_matmul_pass(recipe, recipe.matmul, importance=searched))
+    if matmul is not None:
+        passes.append(matmul)
     if (e := quant_for(recipe, "embedding", ONNX_CAPS)) is not None:  # after the head: a tied table is no longer
         # shared when replaced
         passes.append(QuantizeGatherPass(e, carry_source_blocks=recipe.carry_source_blocks,

@@ -24,7 +24,7 @@ class PackMatMulPass(ReportingPass):
     def __init__(self, carry_blocks: bool = False, plan: Callable[[ir.Value, int, int], Any] | None = None):
         super().__init__()
         self.carry_blocks = carry_blocks
-        self.plan = plan  # (weight, n, k) -> its WeightForm (quant/plan.py), to see when packing re-rounds nothing
+        self.plan = plan  # (weight, n, k) -> its WeightForm (the quantize pass's): when packing re-rounds nothing
         self._name = "pack_matmul"
 
     def run(self, model: ir.Model) -> bool:
@@ -83,7 +83,6 @@ class PackMatMulPass(ReportingPass):
             replace_output(graph, old.outputs[0], new)
         self.report.matched += 1
         self.report.details.append({"packed": names, "sizes": sizes})
-
 
     def _rounded_alike(self, weights: list[ir.Value]) -> bool:
         """Whether the planner re-rounds every part to one form (its note aside), so that packing changes no value."""
